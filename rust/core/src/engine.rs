@@ -1,0 +1,401 @@
+//! The validation path of DESIGN.md section 3, steps 1 to 6, in one call: size and
+//! structure, verified-token cache, Ed25519 `verify_strict`, claims, sender constraint
+//! (DPoP or certificate) and replay. Step 7 (session and revocation state) belongs to the
+//! caller's store. Also signs new access tokens.
+
+use crate::b64;
+use crate::cache::{CachedToken, VerifiedTokenCache};
+use crate::claims::{is_scope_token, AccessClaims, Confirmation, MAX_LIFETIME_SECS};
+use crate::dpop::{self, DpopConfig};
+use crate::error::{reject, Error, Reason, Rejection};
+use crate::json;
+use crate::jws::{self, str_member};
+use crate::keys::{verify_ed25519, KeySet};
+use crate::replay::{ReplayCache, ReplayConfig, Seen};
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, RwLock};
+use subtle::ConstantTimeEq;
+
+/// Leeway is for clock skew, not for policy: it may not exceed this.
+pub const MAX_LEEWAY_SECS: u64 = 60;
+/// Header parameters that must never be honoured (RFC 8725 section 3.10 and DESIGN.md).
+const FORBIDDEN_HEADER: [&str; 9] = [
+    "jku", "x5u", "jwk", "crit", "b64", "cty", "x5c", "x5t", "x5t#S256",
+];
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub issuer: String,
+    pub leeway_secs: u64,
+    pub dpop: DpopConfig,
+    pub token_cache_capacity: usize,
+    pub replay: ReplayConfig,
+}
+
+impl EngineConfig {
+    pub fn new(issuer: impl Into<String>) -> Self {
+        EngineConfig {
+            issuer: issuer.into(),
+            leeway_secs: 5,
+            dpop: DpopConfig::default(),
+            token_cache_capacity: 100_000,
+            replay: ReplayConfig::default(),
+        }
+    }
+}
+
+/// One validation request; the fields of `ValidateTokenRequest` the engine needs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ValidateRequest<'a> {
+    pub token: &'a [u8],
+    pub audience: &'a str,
+    pub dpop_proof: Option<&'a [u8]>,
+    pub http_method: Option<&'a str>,
+    pub http_uri: Option<&'a str>,
+    pub cert_thumbprint: Option<&'a str>,
+}
+
+pub struct IssueRequest<'a> {
+    pub client_id: &'a str,
+    pub audience: &'a str,
+    pub session_id: &'a str,
+    pub scopes: &'a [String],
+    pub ttl_secs: u64,
+    pub cnf: Option<Confirmation>,
+    pub once: bool,
+}
+
+pub struct Engine {
+    keys: Arc<RwLock<KeySet>>,
+    cfg: EngineConfig,
+    cache: VerifiedTokenCache,
+    replay: ReplayCache,
+}
+
+/// 128 random bits, base64url: for `jti` and session ids.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    b64::encode(&bytes)
+}
+
+fn replay_key(domain: &str, scope: &str, jti: &str) -> [u8; 32] {
+    // Length-prefixed parts, so ("ab", "c") and ("a", "bc") never collide.
+    let mut h = Sha256::new();
+    for part in [domain, scope, jti] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+impl Engine {
+    pub fn new(keys: Arc<RwLock<KeySet>>, cfg: EngineConfig) -> Result<Self, Error> {
+        if cfg.issuer.is_empty() {
+            return Err(Error::InvalidArgument("issuer must not be empty".into()));
+        }
+        if cfg.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(Error::InvalidArgument(format!(
+                "leeway must be at most {MAX_LEEWAY_SECS} seconds"
+            )));
+        }
+        if cfg.dpop.max_age_secs == 0 || cfg.dpop.max_age_secs > 600 {
+            return Err(Error::InvalidArgument(
+                "DPoP proof max age must be 1 to 600 seconds".into(),
+            ));
+        }
+        if cfg.replay.capacity == 0 || !(cfg.replay.fp_rate > 0.0 && cfg.replay.fp_rate < 0.5) {
+            return Err(Error::InvalidArgument(
+                "replay capacity must be positive and fp rate in (0, 0.5)".into(),
+            ));
+        }
+        let mut replay = cfg.replay;
+        replay.window_secs = replay
+            .window_secs
+            .max(cfg.dpop.window_secs() + cfg.dpop.leeway_secs);
+        let cache = VerifiedTokenCache::new(cfg.token_cache_capacity);
+        Ok(Engine {
+            keys,
+            cache,
+            replay: ReplayCache::new(replay),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn keys(&self) -> &Arc<RwLock<KeySet>> {
+        &self.keys
+    }
+
+    pub fn replay_cache(&self) -> &ReplayCache {
+        &self.replay
+    }
+
+    pub fn token_cache(&self) -> &VerifiedTokenCache {
+        &self.cache
+    }
+
+    /// Signs a new access token with the active key. Returns the token and its claims.
+    pub fn issue(&self, req: &IssueRequest, now: u64) -> Result<(String, AccessClaims), Error> {
+        let arg = |m: &str| Err(Error::InvalidArgument(m.into()));
+        if req.ttl_secs == 0 || req.ttl_secs > MAX_LIFETIME_SECS {
+            return arg("ttl_seconds must be 1 to 3600");
+        }
+        for (name, value) in [
+            ("client_id", req.client_id),
+            ("audience", req.audience),
+            ("session_id", req.session_id),
+        ] {
+            if value.is_empty() || value.len() > 1024 {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} must be 1 to 1024 bytes"
+                )));
+            }
+        }
+        if let Some(bad) = req.scopes.iter().find(|s| !is_scope_token(s)) {
+            return Err(Error::InvalidArgument(format!(
+                "scope {:?} is not a valid scope token",
+                truncate(bad)
+            )));
+        }
+        let claims = AccessClaims {
+            iss: self.cfg.issuer.clone(),
+            sub: req.client_id.to_owned(),
+            client_id: req.client_id.to_owned(),
+            aud: req.audience.to_owned(),
+            sid: req.session_id.to_owned(),
+            jti: random_id(),
+            iat: now,
+            nbf: now,
+            exp: now + req.ttl_secs,
+            scope: req.scopes.join(" "),
+            cnf: req.cnf.clone(),
+            once: req.once,
+        };
+        let token = self.sign(&claims)?;
+        Ok((token, claims))
+    }
+
+    /// Signs any claim set as an `at+jwt` with the active key (tests use it for variants).
+    pub fn sign(&self, claims: &impl serde::Serialize) -> Result<String, Error> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let kid = keys
+            .active_kid()
+            .ok_or_else(|| Error::InvalidArgument("the key set is empty".into()))?;
+        let header = serde_json::json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid});
+        let payload =
+            serde_json::to_vec(claims).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let mut token = b64::encode(header.to_string().as_bytes());
+        token.push('.');
+        token.push_str(&b64::encode(&payload));
+        let (_, sig) = keys.sign(token.as_bytes())?;
+        token.push('.');
+        token.push_str(&b64::encode(&sig));
+        Ok(token)
+    }
+
+    /// Steps 1 to 6 of the validation path. `now` is Unix seconds.
+    pub fn validate(
+        &self,
+        req: &ValidateRequest,
+        now: u64,
+    ) -> Result<Arc<AccessClaims>, Rejection> {
+        let claims = self.verified_claims(req.token, now)?;
+        self.check_request(&claims, req, now)?;
+        Ok(claims)
+    }
+
+    /// Many validations in one call (the same checks, in order).
+    pub fn validate_batch(
+        &self,
+        reqs: &[ValidateRequest],
+        now: u64,
+    ) -> Vec<Result<Arc<AccessClaims>, Rejection>> {
+        reqs.iter().map(|r| self.validate(r, now)).collect()
+    }
+
+    /// Structure, header, signature and claim shape: from the cache or checked now.
+    fn verified_claims(&self, token: &[u8], now: u64) -> Result<Arc<AccessClaims>, Rejection> {
+        if token.len() > jws::MAX_COMPACT_BYTES {
+            return Err(reject(
+                Reason::TooLarge,
+                format!("token is larger than {} bytes", jws::MAX_COMPACT_BYTES),
+            ));
+        }
+        let cache_key: [u8; 32] = Sha256::digest(token).into();
+        if let Some(hit) = self.cache.get(&cache_key, now, self.cfg.leeway_secs) {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            if keys.verifying_key(&hit.kid).is_some() {
+                return Ok(hit.claims);
+            }
+        }
+        let compact = jws::parse(token, "token", Reason::Malformed)?;
+        let h = &compact.header;
+        if str_member(h, "alg", "token header", Reason::UnsupportedAlgorithm)? != "EdDSA" {
+            return Err(reject(
+                Reason::UnsupportedAlgorithm,
+                "token 'alg' is not EdDSA",
+            ));
+        }
+        if let Some(name) = h
+            .keys()
+            .find(|k| !matches!(k.as_str(), "alg" | "typ" | "kid"))
+        {
+            let detail = if FORBIDDEN_HEADER.contains(&name.as_str()) {
+                format!("token header parameter '{name}' is not allowed")
+            } else {
+                format!(
+                    "token header parameter '{}' is not supported",
+                    truncate(name)
+                )
+            };
+            return Err(reject(Reason::Malformed, detail));
+        }
+        if str_member(h, "typ", "token header", Reason::Malformed)? != "at+jwt" {
+            return Err(reject(Reason::Malformed, "token 'typ' is not at+jwt"));
+        }
+        let kid = str_member(h, "kid", "token header", Reason::Malformed)?;
+        let key = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .verifying_key(kid)
+            .ok_or_else(|| {
+                reject(
+                    Reason::UnknownKey,
+                    "token 'kid' is not a key of this broker",
+                )
+            })?;
+        verify_ed25519(&key, compact.signing_input, &compact.signature)?;
+        let payload = json::parse_object(&compact.payload)
+            .map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
+        let claims = Arc::new(AccessClaims::from_json(&payload)?);
+        self.cache.insert(
+            cache_key,
+            CachedToken {
+                claims: claims.clone(),
+                kid: Arc::from(kid),
+            },
+        );
+        Ok(claims)
+    }
+
+    /// Everything that depends on the request or the clock: run on every call.
+    fn check_request(
+        &self,
+        claims: &AccessClaims,
+        req: &ValidateRequest,
+        now: u64,
+    ) -> Result<(), Rejection> {
+        let leeway = self.cfg.leeway_secs;
+        if now >= claims.exp.saturating_add(leeway) {
+            return Err(reject(Reason::Expired, "token has expired"));
+        }
+        if claims.nbf > now + leeway || claims.iat > now + leeway {
+            return Err(reject(Reason::NotYetValid, "token is not valid yet"));
+        }
+        if claims.iss != self.cfg.issuer {
+            return Err(reject(
+                Reason::WrongIssuer,
+                "token was issued by another issuer",
+            ));
+        }
+        if req.audience.is_empty() {
+            return Err(reject(
+                Reason::WrongAudience,
+                "no audience given to validate for",
+            ));
+        }
+        if claims.aud != req.audience {
+            return Err(reject(
+                Reason::WrongAudience,
+                "token was issued for another audience",
+            ));
+        }
+        match &claims.cnf {
+            Some(Confirmation::DpopJkt(jkt)) => self.check_dpop(jkt, req, now)?,
+            Some(Confirmation::CertThumbprint(x5t)) => match req.cert_thumbprint {
+                Some(presented) if bool::from(presented.as_bytes().ct_eq(x5t.as_bytes())) => {}
+                Some(_) => {
+                    return Err(reject(
+                        Reason::BindingMismatch,
+                        "client certificate does not match the token",
+                    ))
+                }
+                None => {
+                    return Err(reject(
+                        Reason::BindingMismatch,
+                        "token is bound to a client certificate; none presented",
+                    ))
+                }
+            },
+            None => {}
+        }
+        if claims.once {
+            let key = replay_key("once", &claims.iss, &claims.jti);
+            self.record(
+                &key,
+                claims.exp + leeway,
+                now,
+                "single-use token was already used",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn check_dpop(&self, jkt: &str, req: &ValidateRequest, now: u64) -> Result<(), Rejection> {
+        let proof = match req.dpop_proof {
+            Some(p) if !p.is_empty() => p,
+            _ => {
+                return Err(reject(
+                    Reason::ProofMissing,
+                    "token is DPoP-bound; no DPoP proof presented",
+                ))
+            }
+        };
+        let (method, uri) = match (req.http_method, req.http_uri) {
+            (Some(m), Some(u)) if !m.is_empty() && !u.is_empty() => (m, u),
+            _ => {
+                return Err(reject(
+                    Reason::Malformed,
+                    "a DPoP proof needs the request's http_method and http_uri",
+                ))
+            }
+        };
+        let verified = dpop::verify_proof(proof, method, uri, req.token, now, &self.cfg.dpop)?;
+        if !bool::from(verified.jkt.as_bytes().ct_eq(jkt.as_bytes())) {
+            return Err(reject(
+                Reason::BindingMismatch,
+                "DPoP proof key is not the key the token is bound to",
+            ));
+        }
+        let key = replay_key("dpop", &verified.jkt, &verified.jti);
+        let until = verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs;
+        self.record(&key, until, now, "DPoP proof was already used")
+    }
+
+    fn record(
+        &self,
+        key: &[u8; 32],
+        until: u64,
+        now: u64,
+        replayed: &'static str,
+    ) -> Result<(), Rejection> {
+        match self.replay.check_and_record(key, until, now) {
+            Seen::New => Ok(()),
+            Seen::Replayed => Err(reject(Reason::Replayed, replayed)),
+            Seen::Full => Err(reject(
+                Reason::ReplayCacheFull,
+                "replay cache is full; request refused",
+            )),
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(32).collect()
+}
