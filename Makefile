@@ -1,0 +1,62 @@
+# One Makefile for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# The machine's own CPU features (AVX2/AVX-512 for curve25519-dalek's SIMD backend, SHA-NI).
+export RUSTFLAGS ?= -C target-cpu=native
+export TOKENBROKER_TESTDATA ?= $(abspath $(CURDIR)/../shared/testdata)
+
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
+PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
+
+.PHONY: help venv build run test test-rust test-python lint fmt redis clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.5,<2" $$($(PY) scripts/deps.py dev)
+	@touch $@
+
+venv: $(VENV)/.installed ## Create the virtualenv with every dependency
+
+$(VENV)/.built: $(VENV)/.installed $(RUST_SOURCES) pyproject.toml
+	$(VENV)/bin/maturin develop --release --quiet
+	@touch $@
+
+build: $(VENV)/.built ## Build the Rust extension (release) into the venv
+
+run: build ## Build, then run the embedded broker demo
+	$(PY) -m tokenbroker.demo
+
+redis: ## Install Debian's redis-server when missing (needs root)
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+test-rust: ## Rust tests
+	cargo test --workspace --exclude tokenbroker-py
+
+test-python: build ## Python tests
+	$(PY) -m pytest
+
+test: test-rust test-python ## Build, then run the Rust and Python suites
+
+lint: build ## ruff, mypy, stubtest, clippy, rustfmt
+	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff format --check python tests
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest tokenbroker._core
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo fmt --all --check
+
+fmt: ## Format Rust and Python
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests
+	$(VENV)/bin/ruff check --fix python tests
+
+clean: ## Remove build output and the venv
+	rm -rf target $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,348 @@
+"""`Broker`: issues short-lived, session- and audience-bound tokens and validates them.
+
+Validation is one Rust call (structure, signature, claims, DPoP or certificate binding,
+replay) followed by one store check (session, revocation), then the scope check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from tokenbroker import _core
+from tokenbroker.errors import InvalidArgumentError
+from tokenbroker.keyring import Keyring
+from tokenbroker.models import IssuedToken, Session, SessionLimit, Validation
+from tokenbroker.reason import BY_NUMBER, Reason
+from tokenbroker.store.base import Store
+from tokenbroker.store.memory import MemoryStore
+
+MAX_TTL_SECONDS = int(_core.MAX_LIFETIME_SECONDS)
+
+_STATE_DETAILS = {
+    Reason.SESSION_UNKNOWN: "session is unknown, expired or not this client's for this audience",
+    Reason.SESSION_REVOKED: "session was revoked",
+    Reason.CLIENT_REVOKED: "every session of this client was revoked",
+    Reason.TOKEN_REVOKED: "token was revoked",
+    Reason.REPLAYED: "proof or single-use token was already used (seen by another replica)",
+}
+
+
+def _text(value: object) -> str | None:
+    """A token or proof as text, or None when it cannot be one."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+class Broker:
+    """The token broker, embedded. Thread-safe; asyncio callers use the `a*` twins."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        issuer: str,
+        store: Store | None = None,
+        default_ttl_seconds: int = 300,
+        session_ttl_seconds: int = 8 * 3600,
+        session_limit: SessionLimit | None = None,
+        leeway_seconds: int = 5,
+        dpop_max_age_seconds: int = 60,
+        token_cache_capacity: int = 100_000,
+        replay_capacity: int = 1_000_000,
+        replay_fp_rate: float = 0.001,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(keyring, Keyring):
+            raise InvalidArgumentError("keyring must be a tokenbroker.Keyring")
+        if not 1 <= default_ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidArgumentError(f"default_ttl_seconds must be 1 to {MAX_TTL_SECONDS}")
+        if session_ttl_seconds < 1:
+            raise InvalidArgumentError("session_ttl_seconds must be positive")
+        self.keyring = keyring
+        self.issuer = issuer
+        self.store: Store = store if store is not None else MemoryStore()
+        self.default_ttl_seconds = default_ttl_seconds
+        self.session_ttl_seconds = session_ttl_seconds
+        self.session_limit = session_limit or SessionLimit()
+        self._leeway = leeway_seconds
+        self._clock = clock
+        self._engine = _core.Engine(
+            keyring._keys,
+            issuer,
+            leeway_seconds=leeway_seconds,
+            dpop_max_age_seconds=dpop_max_age_seconds,
+            token_cache_capacity=token_cache_capacity,
+            replay_capacity=replay_capacity,
+            replay_fp_rate=replay_fp_rate,
+        )
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # -- issuance -------------------------------------------------------------------
+
+    def _issue_args(self, ttl_seconds: int | None, scopes: Iterable[str], audience: str) -> tuple[int, list[str]]:
+        ttl = self.default_ttl_seconds if ttl_seconds is None or ttl_seconds == 0 else ttl_seconds
+        if not 1 <= ttl <= MAX_TTL_SECONDS:
+            raise InvalidArgumentError(f"ttl_seconds must be 1 to {MAX_TTL_SECONDS}")
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        if not audience:
+            raise InvalidArgumentError("audience (the MCP server's resource URI) is required")
+        return ttl, list(dict.fromkeys(scopes))
+
+    def _sign(
+        self,
+        session: Session,
+        client_id: str,
+        audience: str,
+        scopes: list[str],
+        ttl: int,
+        dpop_jkt: str | None,
+        cert_thumbprint: str | None,
+        once: bool,
+        now: int,
+    ) -> IssuedToken:
+        ttl = min(ttl, session.expires_at - now)
+        if ttl < 1:
+            from tokenbroker.errors import SessionNotFoundError
+
+            raise SessionNotFoundError(f"session {session.session_id!r} has expired")
+        signed = self._engine.issue(
+            client_id=client_id,
+            audience=audience,
+            session_id=session.session_id,
+            scopes=scopes,
+            ttl_seconds=ttl,
+            dpop_jkt=dpop_jkt or None,
+            cert_thumbprint=cert_thumbprint or None,
+            once=once,
+            now=now,
+        )
+        return IssuedToken(
+            access_token=signed.access_token,
+            token_type="DPoP" if dpop_jkt else "Bearer",
+            expires_at=signed.expires_at,
+            session_id=session.session_id,
+            scopes=tuple(scopes),
+            jti=signed.jti,
+        )
+
+    def issue(
+        self,
+        *,
+        client_id: str,
+        audience: str,
+        scopes: Iterable[str] = (),
+        ttl_seconds: int | None = None,
+        session_id: str | None = None,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
+        once: bool = False,
+        client_ip: str | None = None,
+        session_limit: SessionLimit | None = None,
+    ) -> IssuedToken:
+        """Issues a token bound to `audience` and to a session: `session_id` continues a
+        live session of this client, None opens a new one under the session limit.
+
+        Raises `InvalidArgumentError`, `SessionNotFoundError`, `SessionLimitExceededError`
+        or `StoreUnavailableError`. The caller has already authenticated the client."""
+        if not client_id:
+            raise InvalidArgumentError("client_id is required")
+        ttl, scope_list = self._issue_args(ttl_seconds, scopes, audience)
+        now = self._now()
+        session = self.store.open_session(
+            client_id=client_id,
+            audience=audience,
+            session_id=session_id or None,
+            ttl_seconds=self.session_ttl_seconds,
+            limit=session_limit or self.session_limit,
+            client_ip=client_ip or "",
+            now=now,
+        )
+        return self._sign(session, client_id, audience, scope_list, ttl, dpop_jkt, cert_thumbprint, once, now)
+
+    async def aissue(
+        self,
+        *,
+        client_id: str,
+        audience: str,
+        scopes: Iterable[str] = (),
+        ttl_seconds: int | None = None,
+        session_id: str | None = None,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
+        once: bool = False,
+        client_ip: str | None = None,
+        session_limit: SessionLimit | None = None,
+    ) -> IssuedToken:
+        """The asyncio twin of `issue`."""
+        if not client_id:
+            raise InvalidArgumentError("client_id is required")
+        ttl, scope_list = self._issue_args(ttl_seconds, scopes, audience)
+        now = self._now()
+        session = await self.store.aopen_session(
+            client_id=client_id,
+            audience=audience,
+            session_id=session_id or None,
+            ttl_seconds=self.session_ttl_seconds,
+            limit=session_limit or self.session_limit,
+            client_ip=client_ip or "",
+            now=now,
+        )
+        return self._sign(session, client_id, audience, scope_list, ttl, dpop_jkt, cert_thumbprint, once, now)
+
+    # -- validation -----------------------------------------------------------------
+
+    def _verdict(
+        self,
+        token: object,
+        audience: str,
+        dpop_proof: object,
+        http_method: str | None,
+        http_uri: str | None,
+        cert_thumbprint: str | None,
+        now: int,
+    ) -> Any:
+        text = _text(token)
+        if text is None:
+            return Reason.MALFORMED, "token is not ASCII text"
+        proof = _text(dpop_proof) if dpop_proof is not None else None
+        if dpop_proof is not None and proof is None:
+            return Reason.PROOF_INVALID, "DPoP proof is not ASCII text"
+        return self._engine.validate(
+            text, audience or "", proof or None, http_method or None, http_uri or None, cert_thumbprint or None, now
+        )
+
+    @staticmethod
+    def _answer(verdict: Any, state: Reason, required_scopes: Sequence[str], request_id: str) -> Validation:
+        if state is not Reason.OK:
+            return Validation.rejected(state, _STATE_DETAILS.get(state, state.name.lower()), request_id)
+        scopes = tuple(verdict.scope.split())
+        if required_scopes and not set(required_scopes).issubset(scopes):
+            missing = " ".join(sorted(set(required_scopes) - set(scopes)))[:200]
+            return Validation.rejected(Reason.INSUFFICIENT_SCOPE, f"token lacks scope: {missing}", request_id)
+        return Validation(
+            True,
+            Reason.OK,
+            "",
+            verdict.client_id,
+            verdict.subject,
+            verdict.session_id,
+            verdict.audience,
+            scopes,
+            verdict.expires_at,
+            verdict.jti,
+            verdict.issuer,
+            request_id,
+        )
+
+    def validate(
+        self,
+        token: str,
+        *,
+        audience: str,
+        dpop_proof: str | None = None,
+        http_method: str | None = None,
+        http_uri: str | None = None,
+        cert_thumbprint: str | None = None,
+        client_ip: str | None = None,
+        required_scopes: Sequence[str] = (),
+        request_id: str = "",
+    ) -> Validation:
+        """Validates `token` for the caller's own `audience`. Never raises for a bad token:
+        the answer is a `Validation` with a `Reason`. Raises `StoreUnavailableError` when
+        the state store is down (fail closed)."""
+        now = self._now()
+        verdict = self._verdict(token, audience, dpop_proof, http_method, http_uri, cert_thumbprint, now)
+        if isinstance(verdict, tuple):
+            return Validation.rejected(verdict[0], verdict[1], request_id)
+        if not verdict.ok:
+            return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+        state = self.store.check_token(
+            client_id=verdict.client_id,
+            session_id=verdict.session_id,
+            audience=verdict.audience,
+            jti=verdict.jti,
+            client_ip=client_ip or "",
+            replay=(),
+            now=now,
+        )
+        return self._answer(verdict, state, required_scopes, request_id)
+
+    async def avalidate(
+        self,
+        token: str,
+        *,
+        audience: str,
+        dpop_proof: str | None = None,
+        http_method: str | None = None,
+        http_uri: str | None = None,
+        cert_thumbprint: str | None = None,
+        client_ip: str | None = None,
+        required_scopes: Sequence[str] = (),
+        request_id: str = "",
+    ) -> Validation:
+        """The asyncio twin of `validate`."""
+        now = self._now()
+        verdict = self._verdict(token, audience, dpop_proof, http_method, http_uri, cert_thumbprint, now)
+        if isinstance(verdict, tuple):
+            return Validation.rejected(verdict[0], verdict[1], request_id)
+        if not verdict.ok:
+            return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+        state = await self.store.acheck_token(
+            client_id=verdict.client_id,
+            session_id=verdict.session_id,
+            audience=verdict.audience,
+            jti=verdict.jti,
+            client_ip=client_ip or "",
+            replay=(),
+            now=now,
+        )
+        return self._answer(verdict, state, required_scopes, request_id)
+
+    # -- revocation and sessions ----------------------------------------------------
+
+    def revoke_session(self, session_id: str) -> int:
+        """Revokes a session and every token issued in it; returns how many were revoked."""
+        return self.store.revoke_session(session_id, now=self._now())
+
+    def revoke_client(self, client_id: str) -> int:
+        """Revokes every live session of a client; returns how many."""
+        return self.store.revoke_client(client_id, now=self._now())
+
+    def revoke_token(self, jti: str) -> int:
+        """Revokes one token by its `jti`; returns 1 if newly revoked, 0 if it already was."""
+        now = self._now()
+        return self.store.revoke_token(jti, until=now + MAX_TTL_SECONDS + self._leeway, now=now)
+
+    def sessions(self, client_id: str) -> list[Session]:
+        """The client's live sessions."""
+        return self.store.sessions(client_id, now=self._now())
+
+    async def arevoke_session(self, session_id: str) -> int:
+        return await self.store.arevoke_session(session_id, now=self._now())
+
+    async def arevoke_client(self, client_id: str) -> int:
+        return await self.store.arevoke_client(client_id, now=self._now())
+
+    async def arevoke_token(self, jti: str) -> int:
+        now = self._now()
+        return await self.store.arevoke_token(jti, until=now + MAX_TTL_SECONDS + self._leeway, now=now)
+
+    async def asessions(self, client_id: str) -> list[Session]:
+        return await self.store.asessions(client_id, now=self._now())
+
+    def jwks(self) -> dict[str, Any]:
+        """The public JWKS to publish for resource servers and standard JWT libraries."""
+        return self.keyring.jwks()
+
+    def __repr__(self) -> str:
+        return f"Broker(issuer={self.issuer!r}, store={type(self.store).__name__})"
