@@ -20,7 +20,7 @@ help: ## Show this help
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.5,<2" $$($(PY) scripts/deps.py dev)
+	$(PY) -m pip install -q "maturin>=1.5,<2" $$($(PY) scripts/deps.py dev mcp)
 	@touch $@
 
 venv: $(VENV)/.installed ## Create the virtualenv with every dependency
@@ -40,7 +40,7 @@ redis: ## Install Debian's redis-server when missing (needs root)
 test-rust: ## Rust tests
 	cargo test --workspace --exclude tokenbroker-py
 
-test-python: build ## Python tests
+test-python: build redis ## Python tests (starts its own redis-server processes)
 	$(PY) -m pytest
 
 test: test-rust test-python ## Build, then run the Rust and Python suites

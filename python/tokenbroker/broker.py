@@ -272,7 +272,7 @@ class Broker:
             audience=verdict.audience,
             jti=verdict.jti,
             client_ip=client_ip or "",
-            replay=(),
+            replay=tuple(verdict.replay),
             now=now,
         )
         return self._answer(verdict, state, required_scopes, request_id)
@@ -303,7 +303,7 @@ class Broker:
             audience=verdict.audience,
             jti=verdict.jti,
             client_ip=client_ip or "",
-            replay=(),
+            replay=tuple(verdict.replay),
             now=now,
         )
         return self._answer(verdict, state, required_scopes, request_id)

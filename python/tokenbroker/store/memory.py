@@ -124,6 +124,14 @@ class MemoryStore:
                 record.last_ip = client_ip
             return Reason.OK
 
+    def remember(self, key: str, *, until: int, now: int) -> bool:
+        with self._lock:
+            self._maybe_purge(now)
+            if self._replay.get(key, 0) > now:
+                return False
+            self._replay[key] = until
+            return True
+
     # -- revocation -----------------------------------------------------------------
 
     def revoke_session(self, session_id: str, *, now: int) -> int:
@@ -212,6 +220,9 @@ class MemoryStore:
             replay=replay,
             now=now,
         )
+
+    async def aremember(self, key: str, *, until: int, now: int) -> bool:
+        return self.remember(key, until=until, now=now)
 
     async def arevoke_session(self, session_id: str, *, now: int) -> int:
         return self.revoke_session(session_id, now=now)

@@ -19,9 +19,7 @@ pub struct VerifiedTokenCache {
 
 impl VerifiedTokenCache {
     pub fn new(capacity: usize) -> Self {
-        VerifiedTokenCache {
-            entries: quick_cache::sync::Cache::new(capacity.max(1)),
-        }
+        VerifiedTokenCache { entries: quick_cache::sync::Cache::new(capacity.max(1)) }
     }
 
     /// A live entry; expired ones are dropped on sight.

@@ -47,12 +47,8 @@ fn malformed(detail: impl Into<std::borrow::Cow<'static, str>>) -> Rejection {
 fn string(map: &Map<String, Value>, name: &'static str) -> Result<String, Rejection> {
     match map.get(name) {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => Ok(s.clone()),
-        Some(Value::String(_)) => Err(malformed(format!(
-            "claim '{name}' is empty or longer than 1024 bytes"
-        ))),
-        Some(Value::Array(_)) if name == "aud" => {
-            Err(malformed("claim 'aud' must be one string, not an array"))
-        }
+        Some(Value::String(_)) => Err(malformed(format!("claim '{name}' is empty or longer than 1024 bytes"))),
+        Some(Value::Array(_)) if name == "aud" => Err(malformed("claim 'aud' must be one string, not an array")),
         Some(_) => Err(malformed(format!("claim '{name}' is not a string"))),
         None => Err(malformed(format!("claim '{name}' is missing"))),
     }
@@ -63,9 +59,7 @@ fn time(map: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, Rej
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(t) if t < MAX_TIME => Ok(Some(t)),
-            _ => Err(malformed(format!(
-                "claim '{name}' is not an integer time in range"
-            ))),
+            _ => Err(malformed(format!("claim '{name}' is not an integer time in range"))),
         },
         Some(_) => Err(malformed(format!("claim '{name}' is not a number"))),
     }
@@ -73,9 +67,7 @@ fn time(map: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, Rej
 
 /// RFC 6749 section 3.3 scope-token characters.
 pub fn is_scope_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+    !s.is_empty() && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
 impl AccessClaims {
@@ -87,17 +79,13 @@ impl AccessClaims {
         }
         let jti = string(map, "jti")?;
         if jti.len() < 16 {
-            return Err(malformed(
-                "claim 'jti' is shorter than 16 characters (128 random bits)",
-            ));
+            return Err(malformed("claim 'jti' is shorter than 16 characters (128 random bits)"));
         }
         let iat = time(map, "iat")?.ok_or_else(|| malformed("claim 'iat' is missing"))?;
         let exp = time(map, "exp")?.ok_or_else(|| malformed("claim 'exp' is missing"))?;
         let nbf = time(map, "nbf")?.unwrap_or(iat);
         if exp <= iat || exp - iat > MAX_LIFETIME_SECS {
-            return Err(malformed(format!(
-                "token lifetime must be 1 to {MAX_LIFETIME_SECS} seconds"
-            )));
+            return Err(malformed(format!("token lifetime must be 1 to {MAX_LIFETIME_SECS} seconds")));
         }
         if nbf >= exp {
             return Err(malformed("claim 'nbf' is not before 'exp'"));
@@ -105,11 +93,7 @@ impl AccessClaims {
         let scope = match map.get("scope") {
             None => String::new(),
             Some(Value::String(s)) if s.is_empty() || s.split(' ').all(is_scope_token) => s.clone(),
-            Some(_) => {
-                return Err(malformed(
-                    "claim 'scope' is not a space-separated list of scope tokens",
-                ))
-            }
+            Some(_) => return Err(malformed("claim 'scope' is not a space-separated list of scope tokens")),
         };
         let cnf = match map.get("cnf") {
             None => None,
@@ -144,19 +128,13 @@ impl AccessClaims {
 
 fn confirmation(c: &Map<String, Value>) -> Result<Confirmation, Rejection> {
     let thumb = |v: &Value| match v {
-        Value::String(s) if s.len() == 43 && crate::b64::decode(s.as_bytes()).is_some() => {
-            Ok(s.clone())
-        }
-        _ => Err(malformed(
-            "'cnf' thumbprint is not a base64url SHA-256 digest",
-        )),
+        Value::String(s) if s.len() == 43 && crate::b64::decode(s.as_bytes()).is_some() => Ok(s.clone()),
+        _ => Err(malformed("'cnf' thumbprint is not a base64url SHA-256 digest")),
     };
     match (c.len(), c.get("jkt"), c.get("x5t#S256")) {
         (1, Some(j), None) => Ok(Confirmation::DpopJkt(thumb(j)?)),
         (1, None, Some(x)) => Ok(Confirmation::CertThumbprint(thumb(x)?)),
-        _ => Err(malformed(
-            "'cnf' must hold exactly one of 'jkt' or 'x5t#S256'",
-        )),
+        _ => Err(malformed("'cnf' must hold exactly one of 'jkt' or 'x5t#S256'")),
     }
 }
 
@@ -195,30 +173,19 @@ mod tests {
             ("scope", json!("a  b")),
             ("scope", json!(["a"])),
             ("cnf", json!({"jkt": "x"})),
-            (
-                "cnf",
-                json!({"jkt": "0".repeat(43), "x5t#S256": "0".repeat(43)}),
-            ),
+            ("cnf", json!({"jkt": "0".repeat(43), "x5t#S256": "0".repeat(43)})),
             ("once", json!("true")),
             ("iss", json!("")),
         ];
         for (name, value) in cases {
             let mut v = base();
             v[name] = value.clone();
-            assert_eq!(
-                parse(v).unwrap_err().reason,
-                Reason::Malformed,
-                "{name} = {value}"
-            );
+            assert_eq!(parse(v).unwrap_err().reason, Reason::Malformed, "{name} = {value}");
         }
         for name in ["iss", "sub", "client_id", "aud", "sid", "jti", "iat", "exp"] {
             let mut v = base();
             v.as_object_mut().unwrap().remove(name);
-            assert_eq!(
-                parse(v).unwrap_err().reason,
-                Reason::Malformed,
-                "missing {name}"
-            );
+            assert_eq!(parse(v).unwrap_err().reason, Reason::Malformed, "missing {name}");
         }
     }
 }

@@ -20,10 +20,7 @@ pub struct DpopConfig {
 
 impl Default for DpopConfig {
     fn default() -> Self {
-        DpopConfig {
-            max_age_secs: 60,
-            leeway_secs: 5,
-        }
+        DpopConfig { max_age_secs: 60, leeway_secs: 5 }
     }
 }
 
@@ -61,11 +58,7 @@ fn public_key(jwk: &Map<String, Value>, alg: &str) -> Result<(ProofKey, String),
         let s = str_member(jwk, name, "proof jwk", Reason::ProofInvalid)?;
         b64::decode(s.as_bytes())
             .filter(|v| v.len() == len)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "proof jwk '{name}' is not {len} bytes of base64url"
-                ))
-            })
+            .ok_or_else(|| invalid(format!("proof jwk '{name}' is not {len} bytes of base64url")))
     };
     let kty = str_member(jwk, "kty", "proof jwk", Reason::ProofInvalid)?;
     let crv = jwk.get("crv").and_then(Value::as_str).unwrap_or("");
@@ -81,17 +74,14 @@ fn public_key(jwk: &Map<String, Value>, alg: &str) -> Result<(ProofKey, String),
         }
         ("ES256", "EC", "P-256") => {
             let (x, y) = (coord("x", 32)?, coord("y", 32)?);
-            let field =
-                |v: &[u8]| p256::FieldBytes::from(<[u8; 32]>::try_from(v).expect("32 bytes"));
+            let field = |v: &[u8]| p256::FieldBytes::from(<[u8; 32]>::try_from(v).expect("32 bytes"));
             let point = p256::EncodedPoint::from_affine_coordinates(&field(&x), &field(&y), false);
             let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point)
                 .map_err(|_| invalid("proof jwk is not a P-256 point"))?;
             Ok((ProofKey::P256(Box::new(key)), ec_thumbprint(&x, &y)))
         }
         ("EdDSA" | "ES256", "oct", _) => Err(invalid("proof jwk is a symmetric key")),
-        _ => Err(invalid(
-            "proof jwk does not match its 'alg' (EdDSA with OKP Ed25519, ES256 with EC P-256)",
-        )),
+        _ => Err(invalid("proof jwk does not match its 'alg' (EdDSA with OKP Ed25519, ES256 with EC P-256)")),
     }
 }
 
@@ -130,14 +120,8 @@ pub fn verify_proof(
     if alg != "EdDSA" && alg != "ES256" {
         return Err(invalid("proof 'alg' is not EdDSA or ES256"));
     }
-    if let Some(name) = h
-        .keys()
-        .find(|k| !matches!(k.as_str(), "typ" | "alg" | "jwk"))
-    {
-        return Err(invalid(format!(
-            "proof header parameter '{}' is not allowed",
-            truncate(name)
-        )));
+    if let Some(name) = h.keys().find(|k| !matches!(k.as_str(), "typ" | "alg" | "jwk")) {
+        return Err(invalid(format!("proof header parameter '{}' is not allowed", truncate(name))));
     }
     let jwk = match h.get("jwk") {
         Some(Value::Object(j)) => j,
@@ -150,12 +134,10 @@ pub fn verify_proof(
         ProofKey::P256(k) => {
             let sig = p256::ecdsa::Signature::from_slice(&compact.signature)
                 .map_err(|_| invalid("proof signature is not a 64-byte ES256 signature"))?;
-            k.verify(compact.signing_input, &sig)
-                .map_err(|_| invalid("proof signature does not verify"))?
+            k.verify(compact.signing_input, &sig).map_err(|_| invalid("proof signature does not verify"))?
         }
     }
-    let claims =
-        json::parse_object(&compact.payload).map_err(|e| invalid(format!("proof claims: {e}")))?;
+    let claims = json::parse_object(&compact.payload).map_err(|e| invalid(format!("proof claims: {e}")))?;
     let jti = str_member(&claims, "jti", "proof claim", Reason::ProofInvalid)?;
     if jti.is_empty() || jti.len() > 256 {
         return Err(invalid("proof 'jti' must be 1 to 256 characters"));
@@ -166,18 +148,11 @@ pub fn verify_proof(
     let htu = str_member(&claims, "htu", "proof claim", Reason::ProofInvalid)?;
     match (normalize_htu(htu), normalize_htu(http_uri)) {
         (Some(a), Some(b)) if a == b => {}
-        (_, None) => {
-            return Err(reject(
-                Reason::Malformed,
-                "the request URI is not an absolute http(s) URI",
-            ))
-        }
+        (_, None) => return Err(reject(Reason::Malformed, "the request URI is not an absolute http(s) URI")),
         _ => return Err(invalid("proof 'htu' does not match the request URI")),
     }
-    let iat = claims
-        .get("iat")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| invalid("proof 'iat' is missing or not an integer"))?;
+    let iat =
+        claims.get("iat").and_then(Value::as_u64).ok_or_else(|| invalid("proof 'iat' is missing or not an integer"))?;
     if iat > now + cfg.leeway_secs {
         return Err(invalid("proof 'iat' is in the future"));
     }
@@ -185,17 +160,10 @@ pub fn verify_proof(
         return Err(invalid("proof is too old"));
     }
     let ath = str_member(&claims, "ath", "proof claim", Reason::ProofInvalid)?;
-    if !bool::from(
-        ath.as_bytes()
-            .ct_eq(access_token_hash(access_token).as_bytes()),
-    ) {
+    if !bool::from(ath.as_bytes().ct_eq(access_token_hash(access_token).as_bytes())) {
         return Err(invalid("proof 'ath' does not match the access token"));
     }
-    Ok(VerifiedProof {
-        jkt,
-        jti: jti.to_owned(),
-        iat,
-    })
+    Ok(VerifiedProof { jkt, jti: jti.to_owned(), iat })
 }
 
 /// Header names come from the attacker: keep details one short line.
@@ -239,11 +207,7 @@ impl ProofSigner {
     fn from_signing_key(key: ed25519_dalek::SigningKey) -> Self {
         let x = key.verifying_key().to_bytes();
         let jwk = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": b64::encode(&x)});
-        ProofSigner {
-            jkt: okp_thumbprint(&x),
-            key,
-            jwk,
-        }
+        ProofSigner { jkt: okp_thumbprint(&x), key, jwk }
     }
 
     /// RFC 7638 thumbprint: the `dpop_jkt` to bind tokens to.
@@ -261,19 +225,11 @@ impl ProofSigner {
 
     /// A proof for one request: fresh `jti`, `htm`, `htu` (query and fragment dropped),
     /// `iat`, and `ath` when an access token is given.
-    pub fn sign(
-        &self,
-        http_method: &str,
-        http_uri: &str,
-        access_token: Option<&[u8]>,
-        iat: u64,
-        jti: &str,
-    ) -> String {
+    pub fn sign(&self, http_method: &str, http_uri: &str, access_token: Option<&[u8]>, iat: u64, jti: &str) -> String {
         use ed25519_dalek::Signer;
         let header = serde_json::json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": self.jwk});
         let htu = normalize_htu(http_uri).unwrap_or_else(|| http_uri.to_owned());
-        let mut claims =
-            serde_json::json!({"jti": jti, "htm": http_method, "htu": htu, "iat": iat});
+        let mut claims = serde_json::json!({"jti": jti, "htm": http_method, "htu": htu, "iat": iat});
         if let Some(token) = access_token {
             claims["ath"] = Value::String(access_token_hash(token));
         }

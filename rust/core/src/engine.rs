@@ -20,9 +20,7 @@ use subtle::ConstantTimeEq;
 /// Leeway is for clock skew, not for policy: it may not exceed this.
 pub const MAX_LEEWAY_SECS: u64 = 60;
 /// Header parameters that must never be honoured (RFC 8725 section 3.10 and DESIGN.md).
-const FORBIDDEN_HEADER: [&str; 9] = [
-    "jku", "x5u", "jwk", "crit", "b64", "cty", "x5c", "x5t", "x5t#S256",
-];
+const FORBIDDEN_HEADER: [&str; 9] = ["jku", "x5u", "jwk", "crit", "b64", "cty", "x5c", "x5t", "x5t#S256"];
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -66,6 +64,22 @@ pub struct IssueRequest<'a> {
     pub once: bool,
 }
 
+/// A replay record the state store must also set if absent (the cross-replica authority):
+/// the SHA-256 key of the signed `jti` and the Unix time after which it may be forgotten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayRecord {
+    pub key: [u8; 32],
+    pub until: u64,
+}
+
+/// A token that passed steps 1 to 6, with the replay records step 7 must set.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub claims: Arc<AccessClaims>,
+    /// At most two: the DPoP proof's and a single-use token's.
+    pub replay: Vec<ReplayRecord>,
+}
+
 pub struct Engine {
     keys: Arc<RwLock<KeySet>>,
     cfg: EngineConfig,
@@ -96,31 +110,18 @@ impl Engine {
             return Err(Error::InvalidArgument("issuer must not be empty".into()));
         }
         if cfg.leeway_secs > MAX_LEEWAY_SECS {
-            return Err(Error::InvalidArgument(format!(
-                "leeway must be at most {MAX_LEEWAY_SECS} seconds"
-            )));
+            return Err(Error::InvalidArgument(format!("leeway must be at most {MAX_LEEWAY_SECS} seconds")));
         }
         if cfg.dpop.max_age_secs == 0 || cfg.dpop.max_age_secs > 600 {
-            return Err(Error::InvalidArgument(
-                "DPoP proof max age must be 1 to 600 seconds".into(),
-            ));
+            return Err(Error::InvalidArgument("DPoP proof max age must be 1 to 600 seconds".into()));
         }
         if cfg.replay.capacity == 0 || !(cfg.replay.fp_rate > 0.0 && cfg.replay.fp_rate < 0.5) {
-            return Err(Error::InvalidArgument(
-                "replay capacity must be positive and fp rate in (0, 0.5)".into(),
-            ));
+            return Err(Error::InvalidArgument("replay capacity must be positive and fp rate in (0, 0.5)".into()));
         }
         let mut replay = cfg.replay;
-        replay.window_secs = replay
-            .window_secs
-            .max(cfg.dpop.window_secs() + cfg.dpop.leeway_secs);
+        replay.window_secs = replay.window_secs.max(cfg.dpop.window_secs() + cfg.dpop.leeway_secs);
         let cache = VerifiedTokenCache::new(cfg.token_cache_capacity);
-        Ok(Engine {
-            keys,
-            cache,
-            replay: ReplayCache::new(replay),
-            cfg,
-        })
+        Ok(Engine { keys, cache, replay: ReplayCache::new(replay), cfg })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -145,22 +146,14 @@ impl Engine {
         if req.ttl_secs == 0 || req.ttl_secs > MAX_LIFETIME_SECS {
             return arg("ttl_seconds must be 1 to 3600");
         }
-        for (name, value) in [
-            ("client_id", req.client_id),
-            ("audience", req.audience),
-            ("session_id", req.session_id),
-        ] {
+        for (name, value) in [("client_id", req.client_id), ("audience", req.audience), ("session_id", req.session_id)]
+        {
             if value.is_empty() || value.len() > 1024 {
-                return Err(Error::InvalidArgument(format!(
-                    "{name} must be 1 to 1024 bytes"
-                )));
+                return Err(Error::InvalidArgument(format!("{name} must be 1 to 1024 bytes")));
             }
         }
         if let Some(bad) = req.scopes.iter().find(|s| !is_scope_token(s)) {
-            return Err(Error::InvalidArgument(format!(
-                "scope {:?} is not a valid scope token",
-                truncate(bad)
-            )));
+            return Err(Error::InvalidArgument(format!("scope {:?} is not a valid scope token", truncate(bad))));
         }
         let claims = AccessClaims {
             iss: self.cfg.issuer.clone(),
@@ -183,12 +176,9 @@ impl Engine {
     /// Signs any claim set as an `at+jwt` with the active key (tests use it for variants).
     pub fn sign(&self, claims: &impl serde::Serialize) -> Result<String, Error> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let kid = keys
-            .active_kid()
-            .ok_or_else(|| Error::InvalidArgument("the key set is empty".into()))?;
+        let kid = keys.active_kid().ok_or_else(|| Error::InvalidArgument("the key set is empty".into()))?;
         let header = serde_json::json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid});
-        let payload =
-            serde_json::to_vec(claims).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let payload = serde_json::to_vec(claims).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let mut token = b64::encode(header.to_string().as_bytes());
         token.push('.');
         token.push_str(&b64::encode(&payload));
@@ -199,32 +189,22 @@ impl Engine {
     }
 
     /// Steps 1 to 6 of the validation path. `now` is Unix seconds.
-    pub fn validate(
-        &self,
-        req: &ValidateRequest,
-        now: u64,
-    ) -> Result<Arc<AccessClaims>, Rejection> {
+    pub fn validate(&self, req: &ValidateRequest, now: u64) -> Result<Validated, Rejection> {
         let claims = self.verified_claims(req.token, now)?;
-        self.check_request(&claims, req, now)?;
-        Ok(claims)
+        let mut replay = Vec::new();
+        self.check_request(&claims, req, now, &mut replay)?;
+        Ok(Validated { claims, replay })
     }
 
     /// Many validations in one call (the same checks, in order).
-    pub fn validate_batch(
-        &self,
-        reqs: &[ValidateRequest],
-        now: u64,
-    ) -> Vec<Result<Arc<AccessClaims>, Rejection>> {
+    pub fn validate_batch(&self, reqs: &[ValidateRequest], now: u64) -> Vec<Result<Validated, Rejection>> {
         reqs.iter().map(|r| self.validate(r, now)).collect()
     }
 
     /// Structure, header, signature and claim shape: from the cache or checked now.
     fn verified_claims(&self, token: &[u8], now: u64) -> Result<Arc<AccessClaims>, Rejection> {
         if token.len() > jws::MAX_COMPACT_BYTES {
-            return Err(reject(
-                Reason::TooLarge,
-                format!("token is larger than {} bytes", jws::MAX_COMPACT_BYTES),
-            ));
+            return Err(reject(Reason::TooLarge, format!("token is larger than {} bytes", jws::MAX_COMPACT_BYTES)));
         }
         let cache_key: [u8; 32] = Sha256::digest(token).into();
         if let Some(hit) = self.cache.get(&cache_key, now, self.cfg.leeway_secs) {
@@ -236,22 +216,13 @@ impl Engine {
         let compact = jws::parse(token, "token", Reason::Malformed)?;
         let h = &compact.header;
         if str_member(h, "alg", "token header", Reason::UnsupportedAlgorithm)? != "EdDSA" {
-            return Err(reject(
-                Reason::UnsupportedAlgorithm,
-                "token 'alg' is not EdDSA",
-            ));
+            return Err(reject(Reason::UnsupportedAlgorithm, "token 'alg' is not EdDSA"));
         }
-        if let Some(name) = h
-            .keys()
-            .find(|k| !matches!(k.as_str(), "alg" | "typ" | "kid"))
-        {
+        if let Some(name) = h.keys().find(|k| !matches!(k.as_str(), "alg" | "typ" | "kid")) {
             let detail = if FORBIDDEN_HEADER.contains(&name.as_str()) {
                 format!("token header parameter '{name}' is not allowed")
             } else {
-                format!(
-                    "token header parameter '{}' is not supported",
-                    truncate(name)
-                )
+                format!("token header parameter '{}' is not supported", truncate(name))
             };
             return Err(reject(Reason::Malformed, detail));
         }
@@ -264,23 +235,12 @@ impl Engine {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .verifying_key(kid)
-            .ok_or_else(|| {
-                reject(
-                    Reason::UnknownKey,
-                    "token 'kid' is not a key of this broker",
-                )
-            })?;
+            .ok_or_else(|| reject(Reason::UnknownKey, "token 'kid' is not a key of this broker"))?;
         verify_ed25519(&key, compact.signing_input, &compact.signature)?;
         let payload = json::parse_object(&compact.payload)
             .map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
         let claims = Arc::new(AccessClaims::from_json(&payload)?);
-        self.cache.insert(
-            cache_key,
-            CachedToken {
-                claims: claims.clone(),
-                kid: Arc::from(kid),
-            },
-        );
+        self.cache.insert(cache_key, CachedToken { claims: claims.clone(), kid: Arc::from(kid) });
         Ok(claims)
     }
 
@@ -290,6 +250,7 @@ impl Engine {
         claims: &AccessClaims,
         req: &ValidateRequest,
         now: u64,
+        replay: &mut Vec<ReplayRecord>,
     ) -> Result<(), Rejection> {
         let leeway = self.cfg.leeway_secs;
         if now >= claims.exp.saturating_add(leeway) {
@@ -299,33 +260,19 @@ impl Engine {
             return Err(reject(Reason::NotYetValid, "token is not valid yet"));
         }
         if claims.iss != self.cfg.issuer {
-            return Err(reject(
-                Reason::WrongIssuer,
-                "token was issued by another issuer",
-            ));
+            return Err(reject(Reason::WrongIssuer, "token was issued by another issuer"));
         }
         if req.audience.is_empty() {
-            return Err(reject(
-                Reason::WrongAudience,
-                "no audience given to validate for",
-            ));
+            return Err(reject(Reason::WrongAudience, "no audience given to validate for"));
         }
         if claims.aud != req.audience {
-            return Err(reject(
-                Reason::WrongAudience,
-                "token was issued for another audience",
-            ));
+            return Err(reject(Reason::WrongAudience, "token was issued for another audience"));
         }
         match &claims.cnf {
-            Some(Confirmation::DpopJkt(jkt)) => self.check_dpop(jkt, req, now)?,
+            Some(Confirmation::DpopJkt(jkt)) => replay.push(self.check_dpop(jkt, req, now)?),
             Some(Confirmation::CertThumbprint(x5t)) => match req.cert_thumbprint {
                 Some(presented) if bool::from(presented.as_bytes().ct_eq(x5t.as_bytes())) => {}
-                Some(_) => {
-                    return Err(reject(
-                        Reason::BindingMismatch,
-                        "client certificate does not match the token",
-                    ))
-                }
+                Some(_) => return Err(reject(Reason::BindingMismatch, "client certificate does not match the token")),
                 None => {
                     return Err(reject(
                         Reason::BindingMismatch,
@@ -336,62 +283,39 @@ impl Engine {
             None => {}
         }
         if claims.once {
-            let key = replay_key("once", &claims.iss, &claims.jti);
-            self.record(
-                &key,
-                claims.exp + leeway,
-                now,
-                "single-use token was already used",
-            )?;
+            let record = ReplayRecord { key: replay_key("once", &claims.iss, &claims.jti), until: claims.exp + leeway };
+            self.record(&record, now, "single-use token was already used")?;
+            replay.push(record);
         }
         Ok(())
     }
 
-    fn check_dpop(&self, jkt: &str, req: &ValidateRequest, now: u64) -> Result<(), Rejection> {
+    fn check_dpop(&self, jkt: &str, req: &ValidateRequest, now: u64) -> Result<ReplayRecord, Rejection> {
         let proof = match req.dpop_proof {
             Some(p) if !p.is_empty() => p,
-            _ => {
-                return Err(reject(
-                    Reason::ProofMissing,
-                    "token is DPoP-bound; no DPoP proof presented",
-                ))
-            }
+            _ => return Err(reject(Reason::ProofMissing, "token is DPoP-bound; no DPoP proof presented")),
         };
         let (method, uri) = match (req.http_method, req.http_uri) {
             (Some(m), Some(u)) if !m.is_empty() && !u.is_empty() => (m, u),
-            _ => {
-                return Err(reject(
-                    Reason::Malformed,
-                    "a DPoP proof needs the request's http_method and http_uri",
-                ))
-            }
+            _ => return Err(reject(Reason::Malformed, "a DPoP proof needs the request's http_method and http_uri")),
         };
         let verified = dpop::verify_proof(proof, method, uri, req.token, now, &self.cfg.dpop)?;
         if !bool::from(verified.jkt.as_bytes().ct_eq(jkt.as_bytes())) {
-            return Err(reject(
-                Reason::BindingMismatch,
-                "DPoP proof key is not the key the token is bound to",
-            ));
+            return Err(reject(Reason::BindingMismatch, "DPoP proof key is not the key the token is bound to"));
         }
-        let key = replay_key("dpop", &verified.jkt, &verified.jti);
-        let until = verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs;
-        self.record(&key, until, now, "DPoP proof was already used")
+        let record = ReplayRecord {
+            key: replay_key("dpop", &verified.jkt, &verified.jti),
+            until: verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs,
+        };
+        self.record(&record, now, "DPoP proof was already used")?;
+        Ok(record)
     }
 
-    fn record(
-        &self,
-        key: &[u8; 32],
-        until: u64,
-        now: u64,
-        replayed: &'static str,
-    ) -> Result<(), Rejection> {
-        match self.replay.check_and_record(key, until, now) {
+    fn record(&self, record: &ReplayRecord, now: u64, replayed: &'static str) -> Result<(), Rejection> {
+        match self.replay.check_and_record(&record.key, record.until, now) {
             Seen::New => Ok(()),
             Seen::Replayed => Err(reject(Reason::Replayed, replayed)),
-            Seen::Full => Err(reject(
-                Reason::ReplayCacheFull,
-                "replay cache is full; request refused",
-            )),
+            Seen::Full => Err(reject(Reason::ReplayCacheFull, "replay cache is full; request refused")),
         }
     }
 }

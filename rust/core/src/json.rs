@@ -46,9 +46,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("non-finite number"))
+        Number::from_f64(v).map(Value::Number).ok_or_else(|| E::custom("non-finite number"))
     }
 
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
@@ -96,18 +94,9 @@ mod tests {
 
     #[test]
     fn rejects_duplicates_at_any_depth_and_through_escapes() {
-        assert_eq!(
-            parse_object(br#"{"a":1,"a":2}"#),
-            Err("duplicate member name")
-        );
-        assert_eq!(
-            parse_object(br#"{"x":{"a":1,"a":2}}"#),
-            Err("duplicate member name")
-        );
-        assert_eq!(
-            parse_object(br#"{"a":1,"\u0061":2}"#),
-            Err("duplicate member name")
-        );
+        assert_eq!(parse_object(br#"{"a":1,"a":2}"#), Err("duplicate member name"));
+        assert_eq!(parse_object(br#"{"x":{"a":1,"a":2}}"#), Err("duplicate member name"));
+        assert_eq!(parse_object(br#"{"a":1,"\u0061":2}"#), Err("duplicate member name"));
     }
 
     #[test]

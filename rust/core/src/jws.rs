@@ -19,70 +19,28 @@ pub struct Compact<'a> {
 
 /// Splits and decodes a compact JWS. `what` names it in details ("token", "proof") and
 /// `malformed` is the reason for a structural fault.
-pub fn parse<'a>(
-    input: &'a [u8],
-    what: &'static str,
-    malformed: Reason,
-) -> Result<Compact<'a>, Rejection> {
+pub fn parse<'a>(input: &'a [u8], what: &'static str, malformed: Reason) -> Result<Compact<'a>, Rejection> {
     if input.len() > MAX_COMPACT_BYTES {
-        let reason = if malformed == Reason::Malformed {
-            Reason::TooLarge
-        } else {
-            malformed
-        };
-        return Err(reject(
-            reason,
-            format!("{what} is larger than {MAX_COMPACT_BYTES} bytes"),
-        ));
+        let reason = if malformed == Reason::Malformed { Reason::TooLarge } else { malformed };
+        return Err(reject(reason, format!("{what} is larger than {MAX_COMPACT_BYTES} bytes")));
     }
-    let mut dots = input
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'.')
-        .map(|(i, _)| i);
+    let mut dots = input.iter().enumerate().filter(|(_, b)| **b == b'.').map(|(i, _)| i);
     let (first, second) = match (dots.next(), dots.next(), dots.next()) {
         (Some(a), Some(b), None) => (a, b),
-        _ => {
-            return Err(reject(
-                malformed,
-                format!("{what} is not a compact JWS of three segments"),
-            ))
-        }
+        _ => return Err(reject(malformed, format!("{what} is not a compact JWS of three segments"))),
     };
-    let (h, p, s) = (
-        &input[..first],
-        &input[first + 1..second],
-        &input[second + 1..],
-    );
+    let (h, p, s) = (&input[..first], &input[first + 1..second], &input[second + 1..]);
     if h.is_empty() || p.is_empty() || s.is_empty() {
         return Err(reject(malformed, format!("{what} has an empty segment")));
     }
-    let header_bytes = b64::decode(h).ok_or_else(|| {
-        reject(
-            malformed,
-            format!("{what} header is not canonical base64url"),
-        )
-    })?;
-    let payload = b64::decode(p).ok_or_else(|| {
-        reject(
-            malformed,
-            format!("{what} payload is not canonical base64url"),
-        )
-    })?;
-    let signature = b64::decode(s).ok_or_else(|| {
-        reject(
-            malformed,
-            format!("{what} signature is not canonical base64url"),
-        )
-    })?;
-    let header = json::parse_object(&header_bytes)
-        .map_err(|e| reject(malformed, format!("{what} header: {e}")))?;
-    Ok(Compact {
-        signing_input: &input[..second],
-        header,
-        payload,
-        signature,
-    })
+    let header_bytes =
+        b64::decode(h).ok_or_else(|| reject(malformed, format!("{what} header is not canonical base64url")))?;
+    let payload =
+        b64::decode(p).ok_or_else(|| reject(malformed, format!("{what} payload is not canonical base64url")))?;
+    let signature =
+        b64::decode(s).ok_or_else(|| reject(malformed, format!("{what} signature is not canonical base64url")))?;
+    let header = json::parse_object(&header_bytes).map_err(|e| reject(malformed, format!("{what} header: {e}")))?;
+    Ok(Compact { signing_input: &input[..second], header, payload, signature })
 }
 
 /// Returns the member as a string, or a rejection naming it.
@@ -113,26 +71,10 @@ mod tests {
 
     #[test]
     fn rejects_wrong_shapes() {
-        for bad in [
-            &b"a.b"[..],
-            b"a.b.c.d",
-            b"..",
-            b"eyJhIjoxfQ..eQ",
-            b"eyJhIjoxfQ.eA.eQ=",
-            b"eyJhIjoxfQ.eA.e Q",
-        ] {
-            assert_eq!(
-                parse(bad, "token", Reason::Malformed).err().unwrap().reason,
-                Reason::Malformed
-            );
+        for bad in [&b"a.b"[..], b"a.b.c.d", b"..", b"eyJhIjoxfQ..eQ", b"eyJhIjoxfQ.eA.eQ=", b"eyJhIjoxfQ.eA.e Q"] {
+            assert_eq!(parse(bad, "token", Reason::Malformed).err().unwrap().reason, Reason::Malformed);
         }
         let big = vec![b'a'; MAX_COMPACT_BYTES + 1];
-        assert_eq!(
-            parse(&big, "token", Reason::Malformed)
-                .err()
-                .unwrap()
-                .reason,
-            Reason::TooLarge
-        );
+        assert_eq!(parse(&big, "token", Reason::Malformed).err().unwrap().reason, Reason::TooLarge);
     }
 }

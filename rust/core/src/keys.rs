@@ -29,16 +29,13 @@ impl Default for KeySet {
 
 impl KeySet {
     pub fn new() -> Self {
-        KeySet {
-            entries: Vec::new(),
-        }
+        KeySet { entries: Vec::new() }
     }
 
     /// A new random key, made active; returns its kid (the RFC 7638 thumbprint).
     pub fn generate(&mut self) -> String {
         let signing = SigningKey::generate(&mut OsRng);
-        self.insert(signing, None)
-            .expect("a freshly generated key is never weak")
+        self.insert(signing, None).expect("a freshly generated key is never weak")
     }
 
     /// Adds a PKCS#8 PEM Ed25519 private key and makes it active.
@@ -52,11 +49,7 @@ impl KeySet {
     pub fn add_jwk(&mut self, jwk: &str) -> Result<String, Error> {
         let bad = |m: &str| Error::InvalidKey(format!("JWK: {m}"));
         let map = crate::json::parse_object(jwk.as_bytes()).map_err(bad)?;
-        let field = |n: &str| {
-            map.get(n)
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(&format!("'{n}' missing")))
-        };
+        let field = |n: &str| map.get(n).and_then(Value::as_str).ok_or_else(|| bad(&format!("'{n}' missing")));
         if field("kty")? != "OKP" || field("crv")? != "Ed25519" {
             return Err(bad("not an OKP Ed25519 key"));
         }
@@ -79,16 +72,10 @@ impl KeySet {
         }
         let kid = kid.unwrap_or_else(|| okp_thumbprint(verifying.as_bytes()));
         if kid.is_empty() || kid.len() > 128 {
-            return Err(Error::InvalidArgument(
-                "kid must be 1 to 128 characters".into(),
-            ));
+            return Err(Error::InvalidArgument("kid must be 1 to 128 characters".into()));
         }
         self.entries.retain(|e| e.kid != kid);
-        self.entries.push(Entry {
-            kid: kid.clone(),
-            signing,
-            verifying,
-        });
+        self.entries.push(Entry { kid: kid.clone(), signing, verifying });
         Ok(kid)
     }
 
@@ -100,9 +87,7 @@ impl KeySet {
     /// Removes a key: tokens it signed stop validating (`UNKNOWN_KEY`).
     pub fn retire(&mut self, kid: &str) -> Result<(), Error> {
         if self.active_kid() == Some(kid) {
-            return Err(Error::InvalidArgument(
-                "cannot retire the active signing key; rotate first".into(),
-            ));
+            return Err(Error::InvalidArgument("cannot retire the active signing key; rotate first".into()));
         }
         let before = self.entries.len();
         self.entries.retain(|e| e.kid != kid);
@@ -134,17 +119,12 @@ impl KeySet {
 
     /// Signs with the active key; returns (kid, signature).
     pub fn sign(&self, message: &[u8]) -> Result<(String, [u8; 64]), Error> {
-        let e = self
-            .entries
-            .last()
-            .ok_or_else(|| Error::InvalidArgument("the key set is empty".into()))?;
+        let e = self.entries.last().ok_or_else(|| Error::InvalidArgument("the key set is empty".into()))?;
         Ok((e.kid.clone(), e.signing.sign(message).to_bytes()))
     }
 
     pub fn private_pem(&self, kid: &str) -> Result<String, Error> {
-        let e = self
-            .entry(kid)
-            .ok_or_else(|| Error::UnknownKeyId(kid.into()))?;
+        let e = self.entry(kid).ok_or_else(|| Error::UnknownKeyId(kid.into()))?;
         let pem = e
             .signing
             .to_pkcs8_pem(Default::default())
@@ -154,9 +134,7 @@ impl KeySet {
 
     /// The key as a JWK; with `private`, including `d`.
     pub fn jwk(&self, kid: &str, private: bool) -> Result<Value, Error> {
-        let e = self
-            .entry(kid)
-            .ok_or_else(|| Error::UnknownKeyId(kid.into()))?;
+        let e = self.entry(kid).ok_or_else(|| Error::UnknownKeyId(kid.into()))?;
         let mut jwk = json!({
             "kty": "OKP", "crv": "Ed25519", "x": b64::encode(e.verifying.as_bytes()),
             "kid": e.kid, "alg": "EdDSA", "use": "sig",
@@ -169,45 +147,28 @@ impl KeySet {
 
     /// The public JWKS of every key that can still verify, newest first.
     pub fn jwks(&self) -> Value {
-        let keys: Vec<Value> = self
-            .entries
-            .iter()
-            .rev()
-            .map(|e| self.jwk(&e.kid, false).expect("kid from the set"))
-            .collect();
+        let keys: Vec<Value> =
+            self.entries.iter().rev().map(|e| self.jwk(&e.kid, false).expect("kid from the set")).collect();
         json!({ "keys": keys })
     }
 }
 
 /// Ed25519 `verify_strict`: rejects non-canonical S and R, small-order R and keys.
-pub fn verify_ed25519(
-    key: &VerifyingKey,
-    message: &[u8],
-    signature: &[u8],
-) -> Result<(), Rejection> {
-    let sig: [u8; 64] = signature
-        .try_into()
-        .map_err(|_| reject(Reason::BadSignature, "signature is not 64 bytes"))?;
+pub fn verify_ed25519(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> Result<(), Rejection> {
+    let sig: [u8; 64] = signature.try_into().map_err(|_| reject(Reason::BadSignature, "signature is not 64 bytes"))?;
     key.verify_strict(message, &Signature::from_bytes(&sig))
         .map_err(|_| reject(Reason::BadSignature, "signature does not verify"))
 }
 
 /// RFC 7638 thumbprint of an Ed25519 public key: base64url(SHA-256 of the canonical JWK).
 pub fn okp_thumbprint(x: &[u8]) -> String {
-    let canonical = format!(
-        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
-        b64::encode(x)
-    );
+    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, b64::encode(x));
     b64::encode(&Sha256::digest(canonical.as_bytes()))
 }
 
 /// RFC 7638 thumbprint of a P-256 public key.
 pub fn ec_thumbprint(x: &[u8], y: &[u8]) -> String {
-    let canonical = format!(
-        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-        b64::encode(x),
-        b64::encode(y)
-    );
+    let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#, b64::encode(x), b64::encode(y));
     b64::encode(&Sha256::digest(canonical.as_bytes()))
 }
 
@@ -221,9 +182,7 @@ pub fn jwk_thumbprint(jwk: &Map<String, Value>) -> Result<String, Error> {
             .ok_or_else(|| bad(&format!("'{n}' missing or not base64url")))
     };
     match jwk.get("kty").and_then(Value::as_str) {
-        Some("OKP") if jwk.get("crv").and_then(Value::as_str) == Some("Ed25519") => {
-            Ok(okp_thumbprint(&get("x")?))
-        }
+        Some("OKP") if jwk.get("crv").and_then(Value::as_str) == Some("Ed25519") => Ok(okp_thumbprint(&get("x")?)),
         Some("EC") if jwk.get("crv").and_then(Value::as_str) == Some("P-256") => {
             Ok(ec_thumbprint(&get("x")?, &get("y")?))
         }
@@ -239,10 +198,7 @@ mod tests {
     fn rfc8037_thumbprint_known_answer() {
         // RFC 8037 Appendix A.3.
         let x = b64::decode(b"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo").unwrap();
-        assert_eq!(
-            okp_thumbprint(&x),
-            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
-        );
+        assert_eq!(okp_thumbprint(&x), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
     }
 
     #[test]

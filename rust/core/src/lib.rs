@@ -13,5 +13,5 @@ pub mod jws;
 pub mod keys;
 pub mod replay;
 
-pub use engine::{Engine, EngineConfig, IssueRequest, ValidateRequest};
+pub use engine::{Engine, EngineConfig, IssueRequest, ReplayRecord, ValidateRequest, Validated};
 pub use error::{Error, Reason, Rejection};

@@ -29,11 +29,7 @@ pub struct ReplayConfig {
 
 impl Default for ReplayConfig {
     fn default() -> Self {
-        ReplayConfig {
-            capacity: 1_000_000,
-            fp_rate: 0.001,
-            window_secs: 65,
-        }
+        ReplayConfig { capacity: 1_000_000, fp_rate: 0.001, window_secs: 65 }
     }
 }
 
@@ -70,13 +66,9 @@ impl RotatingBloom {
         let bits = (-(capacity as f64) * p.ln() / (ln2 * ln2)).ceil() as u64;
         let words = bits.div_ceil(64).max(1);
         let bit_count = words * 64;
-        let hashes = ((bit_count as f64 / capacity as f64) * ln2)
-            .round()
-            .clamp(1.0, 32.0) as u32;
-        let generation = || Generation {
-            epoch: AtomicU64::new(u64::MAX),
-            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-        };
+        let hashes = ((bit_count as f64 / capacity as f64) * ln2).round().clamp(1.0, 32.0) as u32;
+        let generation =
+            || Generation { epoch: AtomicU64::new(u64::MAX), bits: (0..words).map(|_| AtomicU64::new(0)).collect() };
         RotatingBloom {
             generations: [generation(), generation()],
             rotation: RwLock::new(()),
@@ -124,9 +116,7 @@ impl RotatingBloom {
         [epoch, epoch.wrapping_sub(1)].iter().any(|&e| {
             let g = &self.generations[(e as usize) % GENERATIONS];
             g.epoch.load(Ordering::Acquire) == e
-                && self.positions(key).all(|p| {
-                    g.bits[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) != 0
-                })
+                && self.positions(key).all(|p| g.bits[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) != 0)
         })
     }
 
@@ -171,10 +161,7 @@ impl ReplayCache {
         let exact_capacity = cfg.capacity.saturating_mul(GENERATIONS);
         ReplayCache {
             bloom: RotatingBloom::new(cfg.capacity, cfg.fp_rate, cfg.window_secs),
-            exact: Mutex::new(ExactRecord {
-                expiries: HashMap::new(),
-                no_purge_before: 0,
-            }),
+            exact: Mutex::new(ExactRecord { expiries: HashMap::new(), no_purge_before: 0 }),
             exact_capacity,
             bloom_maybe: AtomicU64::new(0),
             bloom_false_positives: AtomicU64::new(0),
@@ -220,18 +207,11 @@ impl ReplayCache {
 
     /// (bloom "maybe seen" answers, of which false positives settled by the exact record).
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.bloom_maybe.load(Ordering::Relaxed),
-            self.bloom_false_positives.load(Ordering::Relaxed),
-        )
+        (self.bloom_maybe.load(Ordering::Relaxed), self.bloom_false_positives.load(Ordering::Relaxed))
     }
 
     pub fn len(&self) -> usize {
-        self.exact
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .expiries
-            .len()
+        self.exact.lock().unwrap_or_else(|e| e.into_inner()).expiries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -245,20 +225,12 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     fn key(i: u64, salt: &str) -> [u8; 32] {
-        Sha256::new()
-            .chain_update(salt)
-            .chain_update(i.to_le_bytes())
-            .finalize()
-            .into()
+        Sha256::new().chain_update(salt).chain_update(i.to_le_bytes()).finalize().into()
     }
 
     #[test]
     fn same_key_twice_is_a_replay_new_key_is_not() {
-        let c = ReplayCache::new(ReplayConfig {
-            capacity: 100,
-            fp_rate: 0.01,
-            window_secs: 60,
-        });
+        let c = ReplayCache::new(ReplayConfig { capacity: 100, fp_rate: 0.01, window_secs: 60 });
         assert_eq!(c.check_and_record(&key(1, "a"), 1060, 1000), Seen::New);
         assert_eq!(c.check_and_record(&key(1, "a"), 1060, 1001), Seen::Replayed);
         assert_eq!(c.check_and_record(&key(2, "a"), 1060, 1001), Seen::New);
@@ -268,25 +240,13 @@ mod tests {
 
     #[test]
     fn full_record_refuses_rather_than_evicts() {
-        let c = ReplayCache::new(ReplayConfig {
-            capacity: 2,
-            fp_rate: 0.01,
-            window_secs: 60,
-        });
+        let c = ReplayCache::new(ReplayConfig { capacity: 2, fp_rate: 0.01, window_secs: 60 });
         for i in 0..4 {
             assert_eq!(c.check_and_record(&key(i, "f"), 2000, 1000), Seen::New);
         }
         assert_eq!(c.check_and_record(&key(9, "f"), 2000, 1000), Seen::Full);
-        assert_eq!(
-            c.check_and_record(&key(0, "f"), 2000, 1000),
-            Seen::Replayed,
-            "live entries kept"
-        );
-        assert_eq!(
-            c.check_and_record(&key(9, "f"), 3000, 2001),
-            Seen::New,
-            "expired entries purged"
-        );
+        assert_eq!(c.check_and_record(&key(0, "f"), 2000, 1000), Seen::Replayed, "live entries kept");
+        assert_eq!(c.check_and_record(&key(9, "f"), 3000, 2001), Seen::New, "expired entries purged");
     }
 
     #[test]
@@ -297,18 +257,10 @@ mod tests {
                 bloom.check_and_insert(&key(i, "member"), 1000);
             }
             let probes = 400_000u64;
-            let false_positives = (0..probes)
-                .filter(|&i| bloom.might_contain(&key(i, "stranger"), 1000))
-                .count();
+            let false_positives = (0..probes).filter(|&i| bloom.might_contain(&key(i, "stranger"), 1000)).count();
             let measured = false_positives as f64 / probes as f64;
-            assert!(
-                measured <= fp_rate,
-                "capacity {capacity}: measured {measured} > bound {fp_rate}"
-            );
-            assert!(
-                (0..capacity as u64).all(|i| bloom.might_contain(&key(i, "member"), 1000)),
-                "no false negatives"
-            );
+            assert!(measured <= fp_rate, "capacity {capacity}: measured {measured} > bound {fp_rate}");
+            assert!((0..capacity as u64).all(|i| bloom.might_contain(&key(i, "member"), 1000)), "no false negatives");
         }
     }
 
@@ -326,14 +278,8 @@ mod tests {
     fn rotation_forgets_after_two_windows() {
         let bloom = RotatingBloom::new(1000, 0.01, 10);
         assert!(!bloom.check_and_insert(&key(1, "r"), 100));
-        assert!(
-            bloom.check_and_insert(&key(1, "r"), 115),
-            "previous generation still consulted"
-        );
+        assert!(bloom.check_and_insert(&key(1, "r"), 115), "previous generation still consulted");
         assert!(!bloom.check_and_insert(&key(2, "r"), 130));
-        assert!(
-            !bloom.check_and_insert(&key(1, "r"), 150),
-            "two windows later it is gone"
-        );
+        assert!(!bloom.check_and_insert(&key(1, "r"), 150), "two windows later it is gone");
     }
 }

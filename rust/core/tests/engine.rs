@@ -15,11 +15,7 @@ const NOW: u64 = 1_800_000_000;
 fn engine() -> Engine {
     let mut keys = KeySet::new();
     keys.generate();
-    Engine::new(
-        Arc::new(RwLock::new(keys)),
-        EngineConfig::new("https://broker.example"),
-    )
-    .unwrap()
+    Engine::new(Arc::new(RwLock::new(keys)), EngineConfig::new("https://broker.example")).unwrap()
 }
 
 fn issue(e: &Engine, cnf: Option<Confirmation>, once: bool) -> String {
@@ -37,40 +33,21 @@ fn issue(e: &Engine, cnf: Option<Confirmation>, once: bool) -> String {
 }
 
 fn validate(e: &Engine, token: &str, now: u64) -> Result<(), Reason> {
-    e.validate(
-        &ValidateRequest {
-            token: token.as_bytes(),
-            audience: AUD,
-            ..Default::default()
-        },
-        now,
-    )
-    .map(|_| ())
-    .map_err(|r| r.reason)
+    e.validate(&ValidateRequest { token: token.as_bytes(), audience: AUD, ..Default::default() }, now)
+        .map(|_| ())
+        .map_err(|r| r.reason)
 }
 
 #[test]
 fn rfc8037_a4_known_answer() {
     // RFC 8037 Appendix A.1 key, A.4 signature over A.4's JWS signing input.
-    let d: [u8; 32] = b64::decode(b"nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let d: [u8; 32] = b64::decode(b"nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A").unwrap().try_into().unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&d);
-    assert_eq!(
-        b64::encode(key.verifying_key().as_bytes()),
-        "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
-    );
+    assert_eq!(b64::encode(key.verifying_key().as_bytes()), "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo");
     let input = b"eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc";
-    let expected =
-        "hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg";
+    let expected = "hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg";
     assert_eq!(b64::encode(&key.sign(input).to_bytes()), expected);
-    verify_ed25519(
-        &key.verifying_key(),
-        input,
-        &b64::decode(expected.as_bytes()).unwrap(),
-    )
-    .unwrap();
+    verify_ed25519(&key.verifying_key(), input, &b64::decode(expected.as_bytes()).unwrap()).unwrap();
 }
 
 #[test]
@@ -81,14 +58,8 @@ fn issued_token_validates_and_expires() {
     assert_eq!(validate(&e, &t, NOW), Ok(()), "cached path");
     assert_eq!(validate(&e, &t, NOW + 300 + 5), Err(Reason::Expired));
     assert_eq!(validate(&e, &t, NOW - 60), Err(Reason::NotYetValid));
-    let other = e.validate(
-        &ValidateRequest {
-            token: t.as_bytes(),
-            audience: "https://other/mcp",
-            ..Default::default()
-        },
-        NOW,
-    );
+    let other =
+        e.validate(&ValidateRequest { token: t.as_bytes(), audience: "https://other/mcp", ..Default::default() }, NOW);
     assert_eq!(other.unwrap_err().reason, Reason::WrongAudience);
 }
 
@@ -105,10 +76,7 @@ fn every_single_byte_change_is_rejected() {
             let mut m = bytes.to_vec();
             m[i] = replacement;
             let m = String::from_utf8_lossy(&m).into_owned();
-            assert!(
-                validate(&e, &m, NOW).is_err(),
-                "byte {i} -> {replacement} accepted"
-            );
+            assert!(validate(&e, &m, NOW).is_err(), "byte {i} -> {replacement} accepted");
         }
     }
 }
@@ -124,10 +92,7 @@ fn a_token_from_another_key_or_issuer_is_rejected() {
     let shared = Arc::new(RwLock::new(keys));
     let c = Engine::new(shared.clone(), EngineConfig::new("https://c")).unwrap();
     let d = Engine::new(shared, EngineConfig::new("https://d")).unwrap();
-    assert_eq!(
-        validate(&d, &issue(&c, None, false), NOW),
-        Err(Reason::WrongIssuer)
-    );
+    assert_eq!(validate(&d, &issue(&c, None, false), NOW), Err(Reason::WrongIssuer));
 }
 
 #[test]
@@ -137,21 +102,14 @@ fn retired_key_stops_validating_even_from_cache() {
     assert_eq!(validate(&e, &t, NOW), Ok(()));
     let old = e.keys().read().unwrap().active_kid().unwrap().to_owned();
     e.keys().write().unwrap().rotate();
-    assert_eq!(
-        validate(&e, &t, NOW),
-        Ok(()),
-        "rotation keeps the previous key"
-    );
+    assert_eq!(validate(&e, &t, NOW), Ok(()), "rotation keeps the previous key");
     e.keys().write().unwrap().retire(&old).unwrap();
     assert_eq!(validate(&e, &t, NOW), Err(Reason::UnknownKey));
 }
 
 fn resign(e: &Engine, header: Value, claims: Value) -> String {
-    let input = format!(
-        "{}.{}",
-        b64::encode(header.to_string().as_bytes()),
-        b64::encode(claims.to_string().as_bytes())
-    );
+    let input =
+        format!("{}.{}", b64::encode(header.to_string().as_bytes()), b64::encode(claims.to_string().as_bytes()));
     let (_, sig) = e.keys().read().unwrap().sign(input.as_bytes()).unwrap();
     format!("{input}.{}", b64::encode(&sig))
 }
@@ -167,37 +125,16 @@ fn header_variants_are_rejected_with_their_reason() {
     let kid = e.keys().read().unwrap().active_kid().unwrap().to_owned();
     let claims = claims_of(&t);
     let good = json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid});
-    assert_eq!(
-        validate(&e, &resign(&e, good.clone(), claims.clone()), NOW),
-        Ok(())
-    );
+    assert_eq!(validate(&e, &resign(&e, good.clone(), claims.clone()), NOW), Ok(()));
     let mut cases = vec![
-        (
-            json!({"alg": "none", "typ": "at+jwt", "kid": kid}),
-            Reason::UnsupportedAlgorithm,
-        ),
-        (
-            json!({"alg": "HS256", "typ": "at+jwt", "kid": kid}),
-            Reason::UnsupportedAlgorithm,
-        ),
-        (
-            json!({"alg": "Ed25519", "typ": "at+jwt", "kid": kid}),
-            Reason::UnsupportedAlgorithm,
-        ),
-        (
-            json!({"typ": "at+jwt", "kid": kid}),
-            Reason::UnsupportedAlgorithm,
-        ),
-        (
-            json!({"alg": "EdDSA", "typ": "JWT", "kid": kid}),
-            Reason::Malformed,
-        ),
+        (json!({"alg": "none", "typ": "at+jwt", "kid": kid}), Reason::UnsupportedAlgorithm),
+        (json!({"alg": "HS256", "typ": "at+jwt", "kid": kid}), Reason::UnsupportedAlgorithm),
+        (json!({"alg": "Ed25519", "typ": "at+jwt", "kid": kid}), Reason::UnsupportedAlgorithm),
+        (json!({"typ": "at+jwt", "kid": kid}), Reason::UnsupportedAlgorithm),
+        (json!({"alg": "EdDSA", "typ": "JWT", "kid": kid}), Reason::Malformed),
         (json!({"alg": "EdDSA", "kid": kid}), Reason::Malformed),
         (json!({"alg": "EdDSA", "typ": "at+jwt"}), Reason::Malformed),
-        (
-            json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "nope"}),
-            Reason::UnknownKey,
-        ),
+        (json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "nope"}), Reason::UnknownKey),
     ];
     for forbidden in ["jku", "x5u", "jwk", "crit", "b64", "cty"] {
         let mut h = good.clone();
@@ -205,11 +142,7 @@ fn header_variants_are_rejected_with_their_reason() {
         cases.push((h, Reason::Malformed));
     }
     for (header, reason) in cases {
-        assert_eq!(
-            validate(&e, &resign(&e, header.clone(), claims.clone()), NOW),
-            Err(reason),
-            "{header}"
-        );
+        assert_eq!(validate(&e, &resign(&e, header.clone(), claims.clone()), NOW), Err(reason), "{header}");
     }
 }
 
@@ -235,48 +168,19 @@ fn dpop_bound_token_needs_a_fresh_proof_from_the_bound_key() {
         .map_err(|r| r.reason)
     };
     let p1 = client.sign("POST", uri, Some(t.as_bytes()), NOW, "proof-1");
-    assert_eq!(
-        req(Some(&p1), "POST", "https://MCP.example.com:443/mcp?x=1"),
-        Ok(())
-    );
+    assert_eq!(req(Some(&p1), "POST", "https://MCP.example.com:443/mcp?x=1"), Ok(()));
     assert_eq!(req(Some(&p1), "POST", uri), Err(Reason::Replayed));
     assert_eq!(req(None, "POST", uri), Err(Reason::ProofMissing));
     let p2 = client.sign("GET", uri, Some(t.as_bytes()), NOW, "proof-2");
-    assert_eq!(
-        req(Some(&p2), "POST", uri),
-        Err(Reason::ProofInvalid),
-        "htm"
-    );
-    let p3 = client.sign(
-        "POST",
-        "https://evil.example/mcp",
-        Some(t.as_bytes()),
-        NOW,
-        "proof-3",
-    );
-    assert_eq!(
-        req(Some(&p3), "POST", uri),
-        Err(Reason::ProofInvalid),
-        "htu"
-    );
+    assert_eq!(req(Some(&p2), "POST", uri), Err(Reason::ProofInvalid), "htm");
+    let p3 = client.sign("POST", "https://evil.example/mcp", Some(t.as_bytes()), NOW, "proof-3");
+    assert_eq!(req(Some(&p3), "POST", uri), Err(Reason::ProofInvalid), "htu");
     let p4 = client.sign("POST", uri, Some(b"another token"), NOW, "proof-4");
-    assert_eq!(
-        req(Some(&p4), "POST", uri),
-        Err(Reason::ProofInvalid),
-        "ath"
-    );
+    assert_eq!(req(Some(&p4), "POST", uri), Err(Reason::ProofInvalid), "ath");
     let p5 = client.sign("POST", uri, Some(t.as_bytes()), NOW - 120, "proof-5");
-    assert_eq!(
-        req(Some(&p5), "POST", uri),
-        Err(Reason::ProofInvalid),
-        "old iat"
-    );
+    assert_eq!(req(Some(&p5), "POST", uri), Err(Reason::ProofInvalid), "old iat");
     let p6 = client.sign("POST", uri, Some(t.as_bytes()), NOW + 60, "proof-6");
-    assert_eq!(
-        req(Some(&p6), "POST", uri),
-        Err(Reason::ProofInvalid),
-        "future iat"
-    );
+    assert_eq!(req(Some(&p6), "POST", uri), Err(Reason::ProofInvalid), "future iat");
     let thief = ProofSigner::generate();
     let p7 = thief.sign("POST", uri, Some(t.as_bytes()), NOW, "proof-7");
     assert_eq!(req(Some(&p7), "POST", uri), Err(Reason::BindingMismatch));
@@ -292,10 +196,7 @@ fn es256_proof(
 ) -> (String, String) {
     use p256::ecdsa::signature::Signer as _;
     let point = key.verifying_key().to_encoded_point(false);
-    let (x, y) = (
-        b64::encode(point.x().unwrap()),
-        b64::encode(point.y().unwrap()),
-    );
+    let (x, y) = (b64::encode(point.x().unwrap()), b64::encode(point.y().unwrap()));
     let mut jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y});
     if let Some((k, v)) = jwk_extra {
         jwk[k] = json!(v);
@@ -303,18 +204,12 @@ fn es256_proof(
     let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
     let claims = json!({"jti": format!("es-{}", rand_jti()), "htm": "POST", "htu": uri, "iat": NOW,
                         "ath": tokenbroker_core::dpop::access_token_hash(token.as_bytes())});
-    let input = format!(
-        "{}.{}",
-        b64::encode(header.to_string().as_bytes()),
-        b64::encode(claims.to_string().as_bytes())
-    );
+    let input =
+        format!("{}.{}", b64::encode(header.to_string().as_bytes()), b64::encode(claims.to_string().as_bytes()));
     let sig: p256::ecdsa::Signature = key.sign(input.as_bytes());
     (
         format!("{input}.{}", b64::encode(&sig.to_bytes())),
-        tokenbroker_core::keys::ec_thumbprint(
-            &b64::decode(x.as_bytes()).unwrap(),
-            &b64::decode(y.as_bytes()).unwrap(),
-        ),
+        tokenbroker_core::keys::ec_thumbprint(&b64::decode(x.as_bytes()).unwrap(), &b64::decode(y.as_bytes()).unwrap()),
     )
 }
 
@@ -345,10 +240,7 @@ fn es256_proofs_verify_and_private_keys_in_jwk_are_rejected() {
         .map_err(|r| r.reason)
     };
     assert_eq!(check(&es256_proof(&key, None, &t, uri).0), Ok(()));
-    assert_eq!(
-        check(&es256_proof(&key, Some(("d", "AAAA")), &t, uri).0),
-        Err(Reason::ProofInvalid)
-    );
+    assert_eq!(check(&es256_proof(&key, Some(("d", "AAAA")), &t, uri).0), Err(Reason::ProofInvalid));
 }
 
 #[test]
@@ -358,22 +250,14 @@ fn certificate_bound_token_needs_the_certificate() {
     let t = issue(&e, Some(Confirmation::CertThumbprint(x5t.clone())), false);
     let check = |cert: Option<&str>| {
         e.validate(
-            &ValidateRequest {
-                token: t.as_bytes(),
-                audience: AUD,
-                cert_thumbprint: cert,
-                ..Default::default()
-            },
+            &ValidateRequest { token: t.as_bytes(), audience: AUD, cert_thumbprint: cert, ..Default::default() },
             NOW,
         )
         .map(|_| ())
         .map_err(|r| r.reason)
     };
     assert_eq!(check(Some(&x5t)), Ok(()));
-    assert_eq!(
-        check(Some(&b64::encode(&[8u8; 32]))),
-        Err(Reason::BindingMismatch)
-    );
+    assert_eq!(check(Some(&b64::encode(&[8u8; 32]))), Err(Reason::BindingMismatch));
     assert_eq!(check(None), Err(Reason::BindingMismatch));
 }
 

@@ -11,7 +11,10 @@ use tokenbroker_core::claims::{AccessClaims, Confirmation};
 use tokenbroker_core::dpop::{DpopConfig, ProofSigner as CoreProofSigner};
 use tokenbroker_core::keys::KeySet as CoreKeySet;
 use tokenbroker_core::replay::ReplayConfig;
-use tokenbroker_core::{Engine as CoreEngine, EngineConfig, Error, IssueRequest, Reason, Rejection, ValidateRequest};
+use tokenbroker_core::{
+    Engine as CoreEngine, EngineConfig, Error, IssueRequest, Reason, Rejection, ReplayRecord, ValidateRequest,
+    Validated,
+};
 
 pyo3::import_exception!(tokenbroker.errors, InvalidKeyError);
 pyo3::import_exception!(tokenbroker.errors, UnknownKeyIdError);
@@ -117,13 +120,14 @@ struct Verdict {
     reason: Reason,
     detail: String,
     claims: Option<Arc<AccessClaims>>,
+    replay: Vec<ReplayRecord>,
 }
 
 impl Verdict {
-    fn from_result(result: Result<Arc<AccessClaims>, Rejection>) -> Self {
+    fn from_result(result: Result<Validated, Rejection>) -> Self {
         match result {
-            Ok(claims) => Verdict { reason: Reason::Ok, detail: String::new(), claims: Some(claims) },
-            Err(r) => Verdict { reason: r.reason, detail: r.detail.into_owned(), claims: None },
+            Ok(v) => Verdict { reason: Reason::Ok, detail: String::new(), claims: Some(v.claims), replay: v.replay },
+            Err(r) => Verdict { reason: r.reason, detail: r.detail.into_owned(), claims: None, replay: Vec::new() },
         }
     }
 
@@ -209,6 +213,12 @@ impl Verdict {
         }
     }
 
+    /// Replay records the state store must set if absent: (hex key, forget after).
+    #[getter]
+    fn replay(&self) -> Vec<(String, u64)> {
+        self.replay.iter().map(|r| (hex(&r.key), r.until)).collect()
+    }
+
     fn __repr__(&self) -> String {
         format!("Verdict(reason={}, detail={:?})", self.reason.name(), self.detail)
     }
@@ -276,7 +286,9 @@ impl Engine {
     ) -> CoreResult<SignedToken> {
         let cnf = match (dpop_jkt, cert_thumbprint) {
             (Some(_), Some(_)) => {
-                return Err(Error::InvalidArgument("a token binds to a DPoP key or a certificate, not both".into()).into())
+                return Err(
+                    Error::InvalidArgument("a token binds to a DPoP key or a certificate, not both".into()).into()
+                )
             }
             (Some(j), None) => Some(Confirmation::DpopJkt(check_thumbprint(j, "dpop_jkt")?)),
             (None, Some(x)) => Some(Confirmation::CertThumbprint(check_thumbprint(x, "cert_thumbprint")?)),
@@ -284,7 +296,13 @@ impl Engine {
         };
         let req = IssueRequest { client_id, audience, session_id, scopes: &scopes, ttl_secs: ttl_seconds, cnf, once };
         let (access_token, claims) = self.inner.issue(&req, now.unwrap_or_else(unix_now))?;
-        Ok(SignedToken { access_token, jti: claims.jti, issued_at: claims.iat, expires_at: claims.exp, scope: claims.scope })
+        Ok(SignedToken {
+            access_token,
+            jti: claims.jti,
+            issued_at: claims.iat,
+            expires_at: claims.exp,
+            scope: claims.scope,
+        })
     }
 
     /// Steps 1 to 6 of the validation path; never raises for a bad token.
@@ -354,6 +372,10 @@ impl Engine {
             ],
         )
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn check_thumbprint(value: String, name: &str) -> Result<String, PyCoreError> {

@@ -1,0 +1,64 @@
+"""Who may do what: the registered MCP clients (who may get tokens) and the registered MCP
+servers (who may validate them, for which audiences). Shared contract between the
+registry implementation, issuance and the gRPC service."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from tokenbroker.models import LimitPolicy, SessionLimit
+
+
+class ClientStatus(enum.StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """A registered MCP client. It authenticates with a `private_key_jwt` assertion (RFC
+    7523) signed by `public_jwk` (OKP Ed25519 or EC P-256) or with a client secret, of
+    which only `secret_hash` is stored."""
+
+    client_id: str
+    status: ClientStatus = ClientStatus.PENDING
+    public_jwk: dict[str, Any] | None = None
+    secret_hash: str | None = None
+    allowed_audiences: tuple[str, ...] = ()
+    allowed_scopes: tuple[str, ...] = ()
+    max_sessions: int = 10
+    limit_policy: LimitPolicy = LimitPolicy.REJECT
+    allowed_cidrs: tuple[str, ...] = ()  # empty: any source address
+
+    @property
+    def session_limit(self) -> SessionLimit:
+        return SessionLimit(self.max_sessions, self.limit_policy)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """A registered MCP server (a caller of ValidateToken). It proves itself with an API
+    key in metadata (only `api_key_hash` is stored) or with its mTLS client certificate
+    (`cert_thumbprint`, base64url SHA-256 of the DER). `admin` callers may also revoke and
+    list sessions."""
+
+    server_id: str
+    audiences: tuple[str, ...] = ()
+    api_key_hash: str | None = None
+    cert_thumbprint: str | None = None
+    admin: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Registry(Protocol):
+    def client(self, client_id: str) -> ClientRecord | None: ...
+
+    def server_by_api_key(self, api_key: str) -> ServerRecord | None:
+        """The server whose key this is (compared in constant time), or None."""
+        ...
+
+    def server_by_cert(self, cert_thumbprint: str) -> ServerRecord | None: ...
