@@ -123,10 +123,12 @@ impl KeySet {
         Ok((e.kid.clone(), e.signing.sign(message).to_bytes()))
     }
 
+    /// PKCS#8 v1 PEM (RFC 8410 without the optional public key): the form OpenSSL,
+    /// pyca/cryptography and every JOSE library read.
     pub fn private_pem(&self, kid: &str) -> Result<String, Error> {
         let e = self.entry(kid).ok_or_else(|| Error::UnknownKeyId(kid.into()))?;
-        let pem = e
-            .signing
+        let bytes = ed25519_dalek::pkcs8::KeypairBytes { secret_key: e.signing.to_bytes(), public_key: None };
+        let pem = bytes
             .to_pkcs8_pem(Default::default())
             .map_err(|_| Error::InvalidKey("cannot encode the key as PKCS#8".into()))?;
         Ok(pem.to_string())
