@@ -10,8 +10,9 @@ use crate::dpop::{self, DpopConfig};
 use crate::error::{reject, Error, Reason, Rejection};
 use crate::json;
 use crate::jws::{self, str_member};
-use crate::keys::{verify_ed25519, KeySet};
+use crate::keys::{verify_batch_strict, verify_ed25519, KeySet};
 use crate::replay::{ReplayCache, ReplayConfig, Seen};
+use ed25519_dalek::VerifyingKey;
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, RwLock};
@@ -78,6 +79,21 @@ pub struct Validated {
     pub claims: Arc<AccessClaims>,
     /// At most two: the DPoP proof's and a single-use token's.
     pub replay: Vec<ReplayRecord>,
+}
+
+/// A token parsed up to its signature check.
+struct Unverified {
+    cache_key: [u8; 32],
+    kid: Arc<str>,
+    key: VerifyingKey,
+    signing_input_len: usize,
+    payload: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+enum Lookup {
+    Cached(Arc<AccessClaims>),
+    Parsed(Unverified),
 }
 
 pub struct Engine {
@@ -196,13 +212,54 @@ impl Engine {
         Ok(Validated { claims, replay })
     }
 
-    /// Many validations in one call (the same checks, in order).
+    /// Many validations in one call: the same checks and answers as `validate`, with the
+    /// signatures of uncached tokens verified together (`verify_batch_strict`).
     pub fn validate_batch(&self, reqs: &[ValidateRequest], now: u64) -> Vec<Result<Validated, Rejection>> {
-        reqs.iter().map(|r| self.validate(r, now)).collect()
+        let mut claims: Vec<Option<Result<Arc<AccessClaims>, Rejection>>> = Vec::with_capacity(reqs.len());
+        let mut pending: Vec<(usize, Unverified)> = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            match self.cached_or_parsed(req.token, now) {
+                Ok(Lookup::Cached(c)) => claims.push(Some(Ok(c))),
+                Ok(Lookup::Parsed(u)) => {
+                    claims.push(None);
+                    pending.push((i, u));
+                }
+                Err(r) => claims.push(Some(Err(r))),
+            }
+        }
+        let items: Vec<(&VerifyingKey, &[u8], &[u8])> = pending
+            .iter()
+            .map(|(i, u)| (&u.key, &reqs[*i].token[..u.signing_input_len], u.signature.as_slice()))
+            .collect();
+        let verified = verify_batch_strict(&items);
+        for ((i, u), outcome) in pending.into_iter().zip(verified) {
+            claims[i] = Some(outcome.and_then(|()| self.accept(u)));
+        }
+        claims
+            .into_iter()
+            .zip(reqs)
+            .map(|(c, req)| {
+                let claims = c.expect("every request answered")?;
+                let mut replay = Vec::new();
+                self.check_request(&claims, req, now, &mut replay)?;
+                Ok(Validated { claims, replay })
+            })
+            .collect()
     }
 
     /// Structure, header, signature and claim shape: from the cache or checked now.
     fn verified_claims(&self, token: &[u8], now: u64) -> Result<Arc<AccessClaims>, Rejection> {
+        match self.cached_or_parsed(token, now)? {
+            Lookup::Cached(claims) => Ok(claims),
+            Lookup::Parsed(u) => {
+                verify_ed25519(&u.key, &token[..u.signing_input_len], &u.signature)?;
+                self.accept(u)
+            }
+        }
+    }
+
+    /// A cache hit, or the token parsed up to (not including) its signature check.
+    fn cached_or_parsed(&self, token: &[u8], now: u64) -> Result<Lookup, Rejection> {
         if token.len() > jws::MAX_COMPACT_BYTES {
             return Err(reject(Reason::TooLarge, format!("token is larger than {} bytes", jws::MAX_COMPACT_BYTES)));
         }
@@ -210,7 +267,7 @@ impl Engine {
         if let Some(hit) = self.cache.get(&cache_key, now, self.cfg.leeway_secs) {
             let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
             if keys.verifying_key(&hit.kid).is_some() {
-                return Ok(hit.claims);
+                return Ok(Lookup::Cached(hit.claims));
             }
         }
         let compact = jws::parse(token, "token", Reason::Malformed)?;
@@ -236,11 +293,22 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .verifying_key(kid)
             .ok_or_else(|| reject(Reason::UnknownKey, "token 'kid' is not a key of this broker"))?;
-        verify_ed25519(&key, compact.signing_input, &compact.signature)?;
-        let payload = json::parse_object(&compact.payload)
-            .map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
+        Ok(Lookup::Parsed(Unverified {
+            cache_key,
+            kid: Arc::from(kid),
+            key,
+            signing_input_len: compact.signing_input.len(),
+            payload: compact.payload,
+            signature: compact.signature,
+        }))
+    }
+
+    /// After the signature verified: the claims' shape, then into the cache.
+    fn accept(&self, u: Unverified) -> Result<Arc<AccessClaims>, Rejection> {
+        let payload =
+            json::parse_object(&u.payload).map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
         let claims = Arc::new(AccessClaims::from_json(&payload)?);
-        self.cache.insert(cache_key, CachedToken { claims: claims.clone(), kid: Arc::from(kid) });
+        self.cache.insert(u.cache_key, CachedToken { claims: claims.clone(), kid: u.kid });
         Ok(claims)
     }
 

@@ -162,6 +162,54 @@ pub fn verify_ed25519(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> R
         .map_err(|_| reject(Reason::BadSignature, "signature does not verify"))
 }
 
+/// Minimum batch size for which `verify_batch_strict` uses batch verification.
+pub const BATCH_THRESHOLD: usize = 4;
+
+/// The per-signature checks `verify_strict` makes that the batch equation does not:
+/// canonical S (< L), canonical R encoding, R not of small order.
+fn strict_precheck(signature: &[u8; 64]) -> bool {
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+    use curve25519_dalek::scalar::Scalar;
+    let (r, s) = signature.split_at(32);
+    let s_ok: bool = Scalar::from_canonical_bytes(s.try_into().expect("32 bytes")).is_some().into();
+    let r_bytes = CompressedEdwardsY(r.try_into().expect("32 bytes"));
+    let r_ok = r_bytes.decompress().is_some_and(|p| !p.is_small_order() && p.compress() == r_bytes);
+    s_ok && r_ok
+}
+
+/// Verifies many Ed25519 signatures, each with `verify_strict` semantics. Batch
+/// verification (random linear combination, one multiscalar multiplication) runs first
+/// when the batch is large enough; any signature that fails the strict pre-checks, and
+/// every signature of a batch that does not verify as a whole, is verified alone. Keys
+/// are the broker's own (never weak), so a batch pass agrees with `verify_strict`:
+/// the remaining difference between the equations needs the private key to exploit.
+pub fn verify_batch_strict(items: &[(&VerifyingKey, &[u8], &[u8])]) -> Vec<Result<(), Rejection>> {
+    let mut results: Vec<Option<Result<(), Rejection>>> = vec![None; items.len()];
+    let mut batch: Vec<usize> = Vec::with_capacity(items.len());
+    for (i, (key, message, signature)) in items.iter().enumerate() {
+        match <[u8; 64]>::try_from(*signature) {
+            Ok(sig) if strict_precheck(&sig) && !key.is_weak() => batch.push(i),
+            _ => results[i] = Some(verify_ed25519(key, message, signature)),
+        }
+    }
+    if batch.len() >= BATCH_THRESHOLD {
+        let messages: Vec<&[u8]> = batch.iter().map(|&i| items[i].1).collect();
+        let signatures: Vec<Signature> =
+            batch.iter().map(|&i| Signature::from_bytes(items[i].2.try_into().expect("checked length"))).collect();
+        let keys: Vec<VerifyingKey> = batch.iter().map(|&i| *items[i].0).collect();
+        if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+            for &i in &batch {
+                results[i] = Some(Ok(()));
+            }
+        }
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| verify_ed25519(items[i].0, items[i].1, items[i].2)))
+        .collect()
+}
+
 /// RFC 7638 thumbprint of an Ed25519 public key: base64url(SHA-256 of the canonical JWK).
 pub fn okp_thumbprint(x: &[u8]) -> String {
     let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, b64::encode(x));

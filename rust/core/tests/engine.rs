@@ -268,3 +268,29 @@ fn single_use_token_validates_once() {
     assert_eq!(validate(&e, &t, NOW), Ok(()));
     assert_eq!(validate(&e, &t, NOW + 1), Err(Reason::Replayed));
 }
+
+#[test]
+fn batch_answers_equal_single_answers() {
+    let e = engine();
+    let other = engine();
+    let good: Vec<String> = (0..6).map(|_| issue(&e, None, false)).collect();
+    let foreign = issue(&other, None, false);
+    let mut forged = good[0].clone();
+    forged.replace_range(forged.len() - 3..forged.len() - 2, if forged.ends_with("A") { "B" } else { "A" });
+    let mut tokens: Vec<&str> = good.iter().map(String::as_str).collect();
+    tokens.extend([foreign.as_str(), forged.as_str(), "not.a.token"]);
+    let reqs: Vec<ValidateRequest> =
+        tokens.iter().map(|t| ValidateRequest { token: t.as_bytes(), audience: AUD, ..Default::default() }).collect();
+    let fresh = engine_with_keys_of(&e);
+    let batch: Vec<Result<(), Reason>> =
+        fresh.validate_batch(&reqs, NOW).into_iter().map(|r| r.map(|_| ()).map_err(|r| r.reason)).collect();
+    let single: Vec<Result<(), Reason>> = tokens.iter().map(|t| validate(&engine_with_keys_of(&e), t, NOW)).collect();
+    assert_eq!(batch, single);
+    assert_eq!(batch[..6], vec![Ok(()); 6][..]);
+    assert_eq!(batch[6], Err(Reason::UnknownKey));
+    assert!(batch[7].is_err());
+}
+
+fn engine_with_keys_of(e: &Engine) -> Engine {
+    Engine::new(e.keys().clone(), EngineConfig::new("https://broker.example")).unwrap()
+}

@@ -48,3 +48,33 @@ fn all_wycheproof_ed25519_vectors_give_the_expected_result() {
     assert_eq!(checked, doc["numberOfTests"].as_u64().unwrap() as usize);
     assert_eq!((checked, valid, invalid), (151, 88, 63));
 }
+
+#[test]
+fn batch_verification_agrees_with_verify_strict_on_every_vector() {
+    use ed25519_dalek::{Signer, SigningKey};
+    use tokenbroker_core::keys::verify_batch_strict;
+    let text = std::fs::read_to_string(testdata("wycheproof_ed25519_test.json")).expect("testdata");
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let signer = SigningKey::from_bytes(&[7u8; 32]);
+    let good_key = signer.verifying_key();
+    let good: Vec<(Vec<u8>, [u8; 64])> =
+        (0..5u8).map(|i| (vec![i; 10], signer.sign(&[i; 10]).to_bytes())).collect();
+    let mut checked = 0;
+    for group in doc["testGroups"].as_array().unwrap() {
+        let pk: [u8; 32] = hex::decode(group["publicKey"]["pk"].as_str().unwrap()).unwrap().try_into().unwrap();
+        let Ok(key) = VerifyingKey::from_bytes(&pk) else { continue };
+        for case in group["tests"].as_array().unwrap() {
+            let msg = hex::decode(case["msg"].as_str().unwrap()).unwrap();
+            let sig = hex::decode(case["sig"].as_str().unwrap()).unwrap();
+            let mut items: Vec<(&VerifyingKey, &[u8], &[u8])> =
+                good.iter().map(|(m, s)| (&good_key, m.as_slice(), s.as_slice())).collect();
+            items.insert(2, (&key, &msg, &sig));
+            let results = verify_batch_strict(&items);
+            let expected = case["result"].as_str().unwrap() == "valid";
+            assert_eq!(results[2].is_ok(), expected, "tcId {} in a batch", case["tcId"]);
+            assert!(results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()), "tcId {} spoiled the batch", case["tcId"]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 151);
+}
