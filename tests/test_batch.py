@@ -2,8 +2,9 @@
 
 import asyncio
 
-from support.brokers import AUDIENCE, OTHER_AUDIENCE, make_broker
 from tokenbroker import Keyring, ProofSigner, Reason
+
+from support.brokers import AUDIENCE, OTHER_AUDIENCE, make_broker
 
 
 def _requests(broker, clock):
@@ -52,3 +53,17 @@ def test_async_batch_matches():
     broker, clock = make_broker(session_limit=None)
     answers = asyncio.run(broker.avalidate_batch(_requests(broker, clock)))
     assert [a.reason for a in answers] == [Reason.OK] * 8 + EXPECTED_TAIL
+
+
+def test_batch_on_redis_gives_the_same_answers(redis_server):
+    from tokenbroker import RedisStore
+
+    store = RedisStore.from_url(redis_server.url)
+    try:
+        broker, clock = make_broker(store=store, session_limit=None)
+        answers = broker.validate_batch(_requests(broker, clock))
+        assert [a.reason for a in answers] == [Reason.OK] * 8 + EXPECTED_TAIL
+        answers = asyncio.run(broker.avalidate_batch(_requests(broker, clock)))
+        assert [a.reason for a in answers] == [Reason.OK] * 8 + EXPECTED_TAIL
+    finally:
+        store.close()

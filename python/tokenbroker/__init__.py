@@ -7,7 +7,7 @@ from tokenbroker.broker import Broker
 from tokenbroker.keyring import Keyring
 from tokenbroker.models import IssuedToken, LimitPolicy, Session, SessionLimit, Validation
 from tokenbroker.reason import Reason
-from tokenbroker.store import MemoryStore
+from tokenbroker.store import MemoryStore, RedisStore
 
 __all__ = [
     "Broker",
@@ -17,6 +17,7 @@ __all__ = [
     "MemoryStore",
     "ProofSigner",
     "Reason",
+    "RedisStore",
     "Session",
     "SessionLimit",
     "Validation",

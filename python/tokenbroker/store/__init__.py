@@ -2,5 +2,6 @@
 
 from tokenbroker.store.base import ReplayRecord, Store
 from tokenbroker.store.memory import MemoryStore
+from tokenbroker.store.redis import RedisStore
 
-__all__ = ["MemoryStore", "ReplayRecord", "Store"]
+__all__ = ["MemoryStore", "RedisStore", "ReplayRecord", "Store"]

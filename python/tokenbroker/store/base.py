@@ -3,7 +3,8 @@ The broker knows only this interface, never a backend's commands."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from tokenbroker.models import Session, SessionLimit
 from tokenbroker.reason import Reason
@@ -49,6 +50,11 @@ class Store(Protocol):
         session's activity. Returns `Reason.OK` or the reason to refuse."""
         ...
 
+    def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
+        """`check_token` for many requests (mappings of its keyword arguments), in order;
+        a networked store sends them together (one round trip for N)."""
+        ...
+
     def remember(self, key: str, *, until: int, now: int) -> bool:
         """Sets `key` if absent until `until`: True the first time, False while it is
         remembered. For single-use values outside validation (client assertion jtis)."""
@@ -85,6 +91,8 @@ class Store(Protocol):
         replay: tuple[ReplayRecord, ...],
         now: int,
     ) -> Reason: ...
+
+    async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]: ...
 
     async def aremember(self, key: str, *, until: int, now: int) -> bool: ...
 

@@ -4,7 +4,9 @@ Thread-safe; memory is bounded by the session limits and by the token lifetime."
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tokenbroker import _core
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
@@ -32,7 +34,13 @@ class _SessionRecord:
 
     def public(self) -> Session:
         return Session(
-            self.session_id, self.client_id, self.audience, self.created_at, self.expires_at, self.last_seen_at, self.last_ip
+            self.session_id,
+            self.client_id,
+            self.audience,
+            self.created_at,
+            self.expires_at,
+            self.last_seen_at,
+            self.last_ip,
         )
 
 
@@ -132,6 +140,9 @@ class MemoryStore:
             self._replay[key] = until
             return True
 
+    def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
+        return [self.check_token(**r) for r in requests]
+
     # -- revocation -----------------------------------------------------------------
 
     def revoke_session(self, session_id: str, *, now: int) -> int:
@@ -220,6 +231,9 @@ class MemoryStore:
             replay=replay,
             now=now,
         )
+
+    async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
+        return self.check_tokens(requests)
 
     async def aremember(self, key: str, *, until: int, now: int) -> bool:
         return self.remember(key, until=until, now=now)

@@ -1,0 +1,41 @@
+"""Shared fixtures: real redis-server processes (see tests/support/redis_servers.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from support.redis_servers import REDIS_CLI, REDIS_SERVER, RedisCluster, RedisServer
+
+
+def _require_redis() -> None:
+    if not (shutil.which(REDIS_SERVER) and shutil.which(REDIS_CLI)):
+        message = "redis-server and redis-cli are not installed (`make redis` installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a missing dependency is a failure, never a skip
+        pytest.skip(message)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh, empty redis-server of this test alone: kill it, restart it at will."""
+    _require_redis()
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster shared by the whole run: tests isolate by key prefix."""
+    _require_redis()
+    cluster = RedisCluster(size=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

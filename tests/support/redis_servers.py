@@ -1,0 +1,216 @@
+"""Real redis-server processes for tests: a standalone server and a three-master Redis
+Cluster, on free 127.0.0.1 ports, in temporary directories, never persisting to disk.
+
+Plain helpers (no pytest): `RedisServer.start()`, `.stop()`, `.kill()` (SIGKILL),
+`.restart()` (same port, empty data); `RedisCluster.start()`, `.stop()`. Every process
+started here is also stopped at interpreter exit, whatever happened to the tests."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+HOST = "127.0.0.1"
+
+_live: set[RedisServer] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _command(port: int, *args: str, timeout: float = 0.5) -> bytes:
+    """Sends one inline command and returns the raw reply (b"" when nobody answers)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.sendall((" ".join(args) + "\r\n").encode())
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            if reply.startswith(b"$"):  # bulk string: read the rest
+                size = int(reply[1 : reply.index(b"\r\n")])
+                while len(reply) < reply.index(b"\r\n") + 2 + size + 2:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+            return reply
+    except OSError:
+        return b""
+
+
+@dataclass(eq=False)
+class RedisServer:
+    """One redis-server process. `port` stays the same across `restart()`."""
+
+    port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()
+    directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tb-redis-")))
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Starts the server and waits until it answers PING."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            REDIS_SERVER,
+            "--bind",
+            HOST,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            *self.extra_args,
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _live.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited: {self.log_tail()}")
+            if _command(self.port, "PING").startswith(b"+PONG"):
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes at once, as in a crash (a paused one too)."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+            self.process = None
+        _live.discard(self)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing (a hung Redis)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stops the server (nothing to save: SIGKILL) and removes its directory."""
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """Kills the server (if running) and starts a fresh, empty one on the same port."""
+        self.kill()
+        return self.start(timeout)
+
+    def info(self, section: str = "") -> dict[str, str]:
+        """INFO as a dict (a raw socket, so it never shares a client under test)."""
+        raw = _command(self.port, "INFO", *([section] if section else []), timeout=2.0)
+        body = raw.split(b"\r\n", 1)[1] if raw.startswith(b"$") else b""
+        pairs = (line.split(":", 1) for line in body.decode().splitlines() if ":" in line)
+        return {k: v for k, v in pairs}
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.directory / "redis.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass(eq=False)
+class RedisCluster:
+    """A Redis Cluster of `size` masters, no replicas, all on loopback."""
+
+    size: int = 3
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        for _ in range(self.size):
+            node = RedisServer()
+            node.extra_args = (
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node.directory / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                str(free_port()),
+            )
+            self.nodes.append(node.start())
+        try:
+            addresses = [n.address for n in self.nodes]
+            subprocess.run(
+                [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
+            )
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Waits until every node reports cluster_state:ok."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in _command(n.port, "CLUSTER", "INFO") for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+
+
+@atexit.register
+def _stop_everything() -> None:
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            server.stop()
