@@ -5,9 +5,10 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from tokenbroker import ProofSigner, Reason, _core
+
 from support import jose
 from support.brokers import AUDIENCE, make_broker
-from tokenbroker import ProofSigner, Reason, _core
 
 URI = AUDIENCE
 

@@ -7,8 +7,9 @@ from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet as JoseKeySet
 from joserfc.jwk import OKPKey
 
-from support.brokers import AUDIENCE, ISSUER, make_broker
 from tokenbroker import Reason, _core
+
+from support.brokers import AUDIENCE, ISSUER, make_broker
 
 
 def test_our_tokens_verify_in_pyjwt_with_our_jwks():
@@ -82,7 +83,10 @@ def test_pyjwt_token_without_typ_is_not_an_access_token():
     broker, _ = make_broker()
     session = broker.issue(client_id="agent", audience=AUDIENCE).session_id
     token = jwt.encode(
-        _pyjwt_claims(broker, session), broker.keyring.to_pem(), algorithm="EdDSA", headers={"kid": broker.keyring.active_kid}
+        _pyjwt_claims(broker, session),
+        broker.keyring.to_pem(),
+        algorithm="EdDSA",
+        headers={"kid": broker.keyring.active_kid},
     )
     result = broker.validate(token, audience=AUDIENCE)
     assert (result.valid, result.reason) == (False, Reason.MALFORMED)

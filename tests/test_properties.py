@@ -3,9 +3,10 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tokenbroker import ProofSigner
+
 from support import jose
 from support.brokers import AUDIENCE, make_broker
-from tokenbroker import ProofSigner
 
 BROKER, _ = make_broker()
 ISSUED = BROKER.issue(client_id="agent", audience=AUDIENCE)

@@ -4,9 +4,10 @@ import asyncio
 
 import pytest
 
-from support.brokers import AUDIENCE, OTHER_AUDIENCE, make_broker
 from tokenbroker import Reason, SessionLimit
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
+
+from support.brokers import AUDIENCE, OTHER_AUDIENCE, make_broker
 
 
 def test_issue_opens_a_session_and_continuing_it_keeps_the_id():

@@ -2,6 +2,20 @@
 
 from typing import final
 
+__all__ = [
+    "MAX_LIFETIME_SECONDS",
+    "MAX_TOKEN_BYTES",
+    "Engine",
+    "KeySet",
+    "ProofSigner",
+    "SignedToken",
+    "Verdict",
+    "jwk_thumbprint",
+    "normalize_htu",
+    "random_id",
+    "reason_names",
+]
+
 MAX_TOKEN_BYTES: int
 MAX_LIFETIME_SECONDS: int
 

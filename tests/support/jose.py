@@ -44,7 +44,12 @@ def sign_es256(key: ec.EllipticCurvePrivateKey, header: bytes, payload: bytes) -
 
 def ec_public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
     numbers = key.public_key().public_numbers()
-    return {"kty": "EC", "crv": "P-256", "x": b64(numbers.x.to_bytes(32, "big")), "y": b64(numbers.y.to_bytes(32, "big"))}
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": b64(numbers.x.to_bytes(32, "big")),
+        "y": b64(numbers.y.to_bytes(32, "big")),
+    }
 
 
 def okp_public_jwk(key: ed25519.Ed25519PrivateKey) -> dict[str, str]:

@@ -171,23 +171,6 @@ fn truncate(s: &str) -> String {
     s.chars().take(32).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn htu_normalisation() {
-        assert_eq!(
-            normalize_htu("HTTPS://Server.Example.COM:443/a/../mcp?x=1#f").unwrap(),
-            "https://server.example.com/mcp"
-        );
-        assert_eq!(normalize_htu("http://h:80/"), normalize_htu("http://h/"));
-        assert_ne!(normalize_htu("http://h:8080/"), normalize_htu("http://h/"));
-        assert!(normalize_htu("ftp://h/").is_none());
-        assert!(normalize_htu("/relative").is_none());
-    }
-}
-
 /// The client side of DPoP: an Ed25519 key that signs one proof per request.
 pub struct ProofSigner {
     key: ed25519_dalek::SigningKey,
@@ -240,5 +223,22 @@ impl ProofSigner {
         proof.push('.');
         proof.push_str(&b64::encode(&sig.to_bytes()));
         proof
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn htu_normalisation() {
+        assert_eq!(
+            normalize_htu("HTTPS://Server.Example.COM:443/a/../mcp?x=1#f").unwrap(),
+            "https://server.example.com/mcp"
+        );
+        assert_eq!(normalize_htu("http://h:80/"), normalize_htu("http://h/"));
+        assert_ne!(normalize_htu("http://h:8080/"), normalize_htu("http://h/"));
+        assert!(normalize_htu("ftp://h/").is_none());
+        assert!(normalize_htu("/relative").is_none());
     }
 }

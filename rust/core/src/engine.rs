@@ -93,7 +93,7 @@ struct Unverified {
 
 enum Lookup {
     Cached(Arc<AccessClaims>),
-    Parsed(Unverified),
+    Parsed(Box<Unverified>),
 }
 
 pub struct Engine {
@@ -216,7 +216,7 @@ impl Engine {
     /// signatures of uncached tokens verified together (`verify_batch_strict`).
     pub fn validate_batch(&self, reqs: &[ValidateRequest], now: u64) -> Vec<Result<Validated, Rejection>> {
         let mut claims: Vec<Option<Result<Arc<AccessClaims>, Rejection>>> = Vec::with_capacity(reqs.len());
-        let mut pending: Vec<(usize, Unverified)> = Vec::new();
+        let mut pending: Vec<(usize, Box<Unverified>)> = Vec::new();
         for (i, req) in reqs.iter().enumerate() {
             match self.cached_or_parsed(req.token, now) {
                 Ok(Lookup::Cached(c)) => claims.push(Some(Ok(c))),
@@ -293,18 +293,18 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .verifying_key(kid)
             .ok_or_else(|| reject(Reason::UnknownKey, "token 'kid' is not a key of this broker"))?;
-        Ok(Lookup::Parsed(Unverified {
+        Ok(Lookup::Parsed(Box::new(Unverified {
             cache_key,
             kid: Arc::from(kid),
             key,
             signing_input_len: compact.signing_input.len(),
             payload: compact.payload,
             signature: compact.signature,
-        }))
+        })))
     }
 
     /// After the signature verified: the claims' shape, then into the cache.
-    fn accept(&self, u: Unverified) -> Result<Arc<AccessClaims>, Rejection> {
+    fn accept(&self, u: Box<Unverified>) -> Result<Arc<AccessClaims>, Rejection> {
         let payload =
             json::parse_object(&u.payload).map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
         let claims = Arc::new(AccessClaims::from_json(&payload)?);

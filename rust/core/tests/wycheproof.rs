@@ -57,8 +57,7 @@ fn batch_verification_agrees_with_verify_strict_on_every_vector() {
     let doc: Value = serde_json::from_str(&text).unwrap();
     let signer = SigningKey::from_bytes(&[7u8; 32]);
     let good_key = signer.verifying_key();
-    let good: Vec<(Vec<u8>, [u8; 64])> =
-        (0..5u8).map(|i| (vec![i; 10], signer.sign(&[i; 10]).to_bytes())).collect();
+    let good: Vec<(Vec<u8>, [u8; 64])> = (0..5u8).map(|i| (vec![i; 10], signer.sign(&[i; 10]).to_bytes())).collect();
     let mut checked = 0;
     for group in doc["testGroups"].as_array().unwrap() {
         let pk: [u8; 32] = hex::decode(group["publicKey"]["pk"].as_str().unwrap()).unwrap().try_into().unwrap();
@@ -72,7 +71,11 @@ fn batch_verification_agrees_with_verify_strict_on_every_vector() {
             let results = verify_batch_strict(&items);
             let expected = case["result"].as_str().unwrap() == "valid";
             assert_eq!(results[2].is_ok(), expected, "tcId {} in a batch", case["tcId"]);
-            assert!(results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()), "tcId {} spoiled the batch", case["tcId"]);
+            assert!(
+                results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()),
+                "tcId {} spoiled the batch",
+                case["tcId"]
+            );
             checked += 1;
         }
     }
