@@ -12,7 +12,7 @@ export TOKENBROKER_TESTDATA ?= $(abspath $(CURDIR)/../shared/testdata)
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
 PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
 
-.PHONY: help venv build run test test-rust test-python lint fmt redis clean
+.PHONY: help venv build run test test-rust test-python lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ build: $(VENV)/.built ## Build the Rust extension (release) into the venv
 
 run: build ## Build, then run the embedded broker demo
 	$(PY) -m tokenbroker.demo
+
+proto: ## Regenerate python/tokenbroker/v1 from proto/tokenbroker/v1/broker.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=python --pyi_out=python --grpc_python_out=python proto/tokenbroker/v1/broker.proto
 
 redis: ## Install Debian's redis-server when missing (needs root)
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }

@@ -312,24 +312,24 @@ class Broker:
         """Validates many tokens: one engine call (signatures batch-verified, the GIL
         released) and one store call (pipelined: one round trip for the batch). Each
         request holds `validate`'s keyword arguments plus `token`; answers keep the order."""
-        now, reqs, verdicts, checks = self._batch_prepare(requests)
+        reqs, verdicts, checks = self._batch_prepare(requests)
         states = self.store.check_tokens([args for _, args in checks]) if checks else []
         return self._batch_answers(reqs, verdicts, checks, states)
 
     async def avalidate_batch(self, requests: Iterable[Mapping[str, Any]]) -> list[Validation]:
         """The asyncio twin of `validate_batch`."""
-        now, reqs, verdicts, checks = self._batch_prepare(requests)
+        reqs, verdicts, checks = self._batch_prepare(requests)
         states = await self.store.acheck_tokens([args for _, args in checks]) if checks else []
         return self._batch_answers(reqs, verdicts, checks, states)
 
     def _batch_prepare(
         self, requests: Iterable[Mapping[str, Any]]
-    ) -> tuple[int, list[Mapping[str, Any]], list[Any], list[tuple[int, dict[str, Any]]]]:
+    ) -> tuple[list[Mapping[str, Any]], list[Any], list[tuple[int, dict[str, Any]]]]:
         now = self._now()
         reqs = list(requests)
         verdicts = self._engine.validate_batch([self._batch_item(r) for r in reqs], now)
         checks = [(i, self._state_args(v, reqs[i], now)) for i, v in enumerate(verdicts) if v.ok]
-        return now, reqs, verdicts, checks
+        return reqs, verdicts, checks
 
     def _batch_answers(
         self,

@@ -1,0 +1,98 @@
+"""Assembles a broker from `Settings`: keys, state store, registry, client authentication,
+audit log and metrics. `tokenbroker serve` hands these to the gRPC service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from tokenbroker.audit import AuditLog
+from tokenbroker.broker import Broker
+from tokenbroker.config import Settings
+from tokenbroker.errors import InvalidArgumentError, InvalidKeyError
+from tokenbroker.issuance import ClientAuthenticator
+from tokenbroker.keyring import Keyring
+from tokenbroker.metrics import Metrics
+from tokenbroker.models import SessionLimit
+from tokenbroker.registry_file import FileRegistry
+from tokenbroker.store.base import Store
+from tokenbroker.store.memory import MemoryStore
+
+log = structlog.get_logger("tokenbroker")
+
+
+@dataclass(slots=True)
+class Components:
+    broker: Broker
+    registry: FileRegistry
+    authenticator: ClientAuthenticator
+    audit: AuditLog
+    metrics: Metrics
+    settings: Settings
+    store_kind: str  # "memory", "redis" or "redis-cluster", for the startup line
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    """The signing keys: `key_file` when it exists; a new key saved there when it does
+    not; an ephemeral key (with a warning) when no file is configured."""
+    path = settings.key_file
+    if path is None:
+        log.warning(
+            "no key_file configured: signing with an ephemeral key; tokens stop validating when the broker "
+            "restarts (set key_file or TOKENBROKER_KEY_FILE)"
+        )
+        return Keyring.generate()
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            log.warning("key file is readable by others: run chmod 600 on it", key_file=str(path))
+        try:
+            return Keyring.load(path)
+        except (ValueError, UnicodeDecodeError) as exc:  # InvalidKeyError and JSON errors are ValueErrors
+            raise InvalidKeyError(
+                f"key file {path} holds no usable signing key ({exc}): create one with "
+                f"`tokenbroker keys generate --out {path}`"
+            ) from None
+    keyring = Keyring.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keyring.save(path)
+    log.info("generated a signing key", key_file=str(path), kid=keyring.active_kid)
+    return keyring
+
+
+def build_store(settings: Settings) -> tuple[Store, str]:
+    if not settings.redis_url:
+        return MemoryStore(), "memory"
+    try:
+        # Imported on use: the embedded mode needs no Redis client.
+        from tokenbroker.store.redis import RedisStore
+    except ImportError as exc:
+        raise InvalidArgumentError(
+            f"redis_url is set but the Redis store cannot be loaded ({exc}): install tokenbroker with its "
+            "dependencies, or unset redis_url to use the embedded store"
+        ) from None
+
+    store: Store = RedisStore.from_url(settings.redis_url, cluster=settings.redis_cluster)
+    return store, "redis-cluster" if settings.redis_cluster else "redis"
+
+
+def build_components(settings: Settings) -> Components:
+    """Everything `serve` needs, built from `settings`. Raises `TokenBrokerError`
+    subclasses (bad key file, bad registry file) and `OSError` with clear messages."""
+    keyring = load_keyring(settings)
+    store, store_kind = build_store(settings)
+    broker = Broker(
+        keyring,
+        issuer=settings.issuer,
+        store=store,
+        default_ttl_seconds=settings.default_ttl_seconds,
+        session_ttl_seconds=settings.session_ttl_seconds,
+        session_limit=SessionLimit(settings.max_sessions),
+    )
+    registry = FileRegistry(settings.registry_file)
+    authenticator = ClientAuthenticator(registry, store, assertion_audience=settings.issuer)
+    audit = AuditLog(settings.audit_file)
+    return Components(broker, registry, authenticator, audit, Metrics(), settings, store_kind)
+
+
+__all__ = ["Components", "build_components", "build_store", "load_keyring"]

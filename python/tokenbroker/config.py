@@ -1,0 +1,200 @@
+"""`Settings`: the broker's configuration. Sources, strongest first: explicit values (CLI
+options), `TOKENBROKER_*` environment variables, the TOML file given by `--config`, the
+defaults below. The TOML file holds the same names at top level:
+
+    listen = "0.0.0.0:50051"
+    issuer = "https://broker.example"
+    redis_url = "redis://redis:6379/0"
+    key_file = "/etc/tokenbroker/keys.json"
+
+Relative paths are relative to the working directory."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tokenbroker.errors import InvalidArgumentError
+
+ENV_PREFIX = "TOKENBROKER_"
+MAX_TTL_SECONDS = 3600
+_config_file: ContextVar[Path | None] = ContextVar("tokenbroker_config_file", default=None)
+
+
+class ConfigError(InvalidArgumentError):
+    """The configuration is unusable; the message names the setting and how to fix it."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the broker. Load with `Settings.load(config_file)`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    listen: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds")
+    issuer: str = Field("http://127.0.0.1:50051", description="the tokens' iss; also the aud of client assertions")
+    redis_url: str | None = Field(None, description="redis:// or rediss:// URL; none: embedded in-memory store")
+    redis_cluster: bool = Field(False, description="connect to a Redis Cluster")
+    key_file: Path | None = Field(None, description="signing keys (JWKS or PEM); none: an ephemeral key")
+    registry_file: Path = Field(Path("tokenbroker-registry.toml"), description="the clients and servers")
+    default_ttl_seconds: int = Field(300, ge=1, le=MAX_TTL_SECONDS, description="token lifetime when not asked")
+    session_ttl_seconds: int = Field(8 * 3600, ge=60, le=30 * 24 * 3600, description="session lifetime")
+    max_sessions: int = Field(10, ge=1, le=100_000, description="default concurrent sessions per new client")
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = Field(None, description="CA that signs the MCP servers' client certificates")
+    tls_require_client_cert: bool = False
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; none: off")
+    metrics_host: str = "127.0.0.1"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_json: bool = True
+    audit_file: Path | None = Field(None, description="audit log (JSON lines); none: the structured log on stderr")
+    grace_seconds: float = Field(5.0, ge=0, le=300, description="how long shutdown waits for in-flight RPCs")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::]:50051")
+        return value
+
+    @field_validator("issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError("must be a non-empty URL without surrounding spaces, e.g. https://broker.example")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file (mTLS runs over TLS)")
+        if self.tls_require_client_cert and self.tls_client_ca_file is None:
+            raise ValueError("tls_require_client_cert needs tls_client_ca_file to check the certificates against")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=path))
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `overrides` (None values ignored), the environment and the TOML
+        `config_file`. Raises `ConfigError` with one line per problem."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        path = Path(config_file) if config_file is not None else None
+        if path is not None and not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: check the --config path")
+        try:
+            with _reading(path):
+                return cls(**values)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, path)) from None
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (_mask_password(value) if name == "redis_url" and value else value)
+
+    def public_summary(self) -> dict[str, Any]:
+        """What is safe to log at startup: no secrets (a Redis URL may hold a password)."""
+        return {
+            "listen": self.listen,
+            "issuer": self.issuer,
+            "store": ("redis-cluster" if self.redis_cluster else "redis") if self.redis_url else "memory",
+            "tls": self.tls_cert_file is not None,
+            "mtls": self.tls_client_ca_file is not None,
+            "registry_file": str(self.registry_file),
+            "metrics_port": self.metrics_port,
+        }
+
+
+def _mask_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _bounds(name: str) -> str:
+    """The allowed range ("1 to 3600") of a field declared with ge and le; "" otherwise."""
+    field = Settings.model_fields.get(name)
+    if field is None:
+        return ""
+    low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+    high = next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
+    if low is None or high is None:
+        return ""
+    return f"{low} to {high}"
+
+
+@contextmanager
+def _reading(path: Path | None) -> Iterator[None]:
+    token = _config_file.set(path)
+    try:
+        yield
+    finally:
+        _config_file.reset(token)
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path} or {ENV_PREFIX}* environment variables" if path else f"{ENV_PREFIX}* environment variables"
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(p) for p in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {name!r} (in {where}): check its spelling")
+        elif name == "settings":
+            problems.append(f"invalid settings: {message}")
+        else:
+            bounds = _bounds(name)
+            if bounds and error["type"] in ("greater_than_equal", "less_than_equal"):
+                message = f"{error['input']!r} is out of range: use {bounds}"
+            problems.append(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}): {message}")
+    return "; ".join(problems)
+
+
+__all__ = ["ConfigError", "Settings"]

@@ -1,0 +1,500 @@
+"""`FileRegistry`: the registry of MCP clients and servers kept in one TOML file.
+
+```toml
+[clients.agent-7]
+status = "approved"
+public_jwk = { kty = "OKP", crv = "Ed25519", x = "..." }
+allowed_audiences = ["https://mcp.example.com/mcp"]
+allowed_scopes = ["tools:call"]
+max_sessions = 10
+limit_policy = "reject"
+allowed_cidrs = []
+
+[servers.mcp-1]
+audiences = ["https://mcp.example.com/mcp"]
+api_key_hash = "..."
+admin = false
+```
+
+Only hashes of client secrets and server API keys are stored, never the values. The file
+is re-read when it changes (checked at most once per second), so `tokenbroker clients
+approve` takes effect in a running broker without a restart."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+import tomli_w
+
+from tokenbroker.errors import InvalidArgumentError
+from tokenbroker.models import LimitPolicy
+from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
+
+log = structlog.get_logger("tokenbroker.registry")
+
+# Client and server ids: URL characters (a client id may be a URL) without braces, which
+# delimit the Redis hash tag, and without whitespace or control characters.
+_ID = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,256}")
+_RELOAD_EVERY_SECONDS = 1.0
+_SUPPORTED_KEYS = {("OKP", "Ed25519"): ("x",), ("EC", "P-256"): ("x", "y")}
+_PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
+
+
+class RegistryFileError(InvalidArgumentError):
+    """The registry file cannot be read or holds an unusable record."""
+
+
+def generate_secret() -> str:
+    """A new client secret or server API key: 32 random bytes, base64url."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+
+
+def hash_secret(value: str) -> str:
+    """The stored form of a client secret or API key: base64url SHA-256.
+
+    A fast hash is right here (no bcrypt/argon2): every secret and key is generated from
+    32 random bytes, so there is nothing to brute-force and the hot path stays cheap."""
+    digest = hashlib.sha256(value.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def secret_matches(presented: str, stored_hash: str | None) -> bool:
+    """True when `presented` hashes to `stored_hash`, compared in constant time."""
+    if not stored_hash or not presented:
+        return False
+    return hmac.compare_digest(hash_secret(presented).encode("ascii"), stored_hash.encode("ascii", "replace"))
+
+
+def check_id(kind: str, value: str) -> str:
+    """Returns `value` when it is usable as a client or server id, else raises."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise InvalidArgumentError(
+            f"{kind} id {value!r} is not valid: use 1 to 256 URL characters (letters, digits, "
+            "'.', '-', '_', ':', '/', ...) without spaces or braces"
+        )
+    return value
+
+
+def check_public_jwk(jwk: Mapping[str, Any], *, where: str = "public key") -> dict[str, str]:
+    """Returns a clean public JWK (OKP Ed25519 or EC P-256), or raises.
+
+    A private member (`d`) is refused: the registry holds public keys only."""
+    if not isinstance(jwk, Mapping):
+        raise InvalidArgumentError(f"{where} must be a JWK object")
+    if any(member in jwk for member in _PRIVATE_JWK_MEMBERS):
+        raise InvalidArgumentError(f"{where} holds a private key: register the public key only")
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    members = _SUPPORTED_KEYS.get((kty, crv))  # type: ignore[arg-type]
+    if members is None:
+        raise InvalidArgumentError(f"{where} is {kty}/{crv}: only OKP Ed25519 and EC P-256 keys are supported")
+    clean = {"kty": str(kty), "crv": str(crv)}
+    for member in members:
+        value = jwk.get(member)
+        if not isinstance(value, str) or not value:
+            raise InvalidArgumentError(f"{where} lacks its {member!r} member")
+        clean[member] = value
+    for optional in ("kid", "alg", "use"):
+        if isinstance(jwk.get(optional), str):
+            clean[optional] = jwk[optional]
+    return clean
+
+
+def check_cidr(value: str) -> str:
+    """Returns the network in canonical form ("10.0.0.0/8"), or raises."""
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise InvalidArgumentError(f"{value!r} is not an IP network: write it like 10.0.0.0/8 or fd00::/8") from None
+
+
+def _strings(value: Any, field: str, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise RegistryFileError(f"{where}: {field} must be a list of strings")
+    return tuple(value)
+
+
+def _client_from_toml(client_id: str, data: Mapping[str, Any], source: str) -> ClientRecord:
+    where = f"{source}: [clients.{client_id}]"
+    try:
+        check_id("client", client_id)
+        unknown = set(data) - set(ClientRecord.__dataclass_fields__) - {"client_id"}
+        if unknown:
+            raise RegistryFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        jwk = data.get("public_jwk")
+        max_sessions = data.get("max_sessions", 10)
+        if not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1:
+            raise RegistryFileError(f"{where}: max_sessions must be a positive integer")
+        secret_hash = data.get("secret_hash")
+        if secret_hash is not None and not isinstance(secret_hash, str):
+            raise RegistryFileError(f"{where}: secret_hash must be a string")
+        return ClientRecord(
+            client_id=client_id,
+            status=ClientStatus(data.get("status", ClientStatus.PENDING)),
+            public_jwk=check_public_jwk(jwk, where=f"{where} public_jwk") if jwk is not None else None,
+            secret_hash=secret_hash,
+            allowed_audiences=_strings(data.get("allowed_audiences"), "allowed_audiences", where),
+            allowed_scopes=_strings(data.get("allowed_scopes"), "allowed_scopes", where),
+            max_sessions=max_sessions,
+            limit_policy=LimitPolicy(data.get("limit_policy", LimitPolicy.REJECT)),
+            allowed_cidrs=tuple(check_cidr(c) for c in _strings(data.get("allowed_cidrs"), "allowed_cidrs", where)),
+        )
+    except RegistryFileError:
+        raise
+    except (InvalidArgumentError, ValueError) as exc:
+        raise RegistryFileError(f"{where}: {exc}") from None
+
+
+def _server_from_toml(server_id: str, data: Mapping[str, Any], source: str) -> ServerRecord:
+    where = f"{source}: [servers.{server_id}]"
+    try:
+        check_id("server", server_id)
+        unknown = set(data) - set(ServerRecord.__dataclass_fields__) - {"server_id"}
+        if unknown:
+            raise RegistryFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        labels = data.get("labels", {})
+        if not isinstance(labels, Mapping) or not all(isinstance(v, str) for v in labels.values()):
+            raise RegistryFileError(f"{where}: labels must be a table of strings")
+        for name in ("api_key_hash", "cert_thumbprint"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise RegistryFileError(f"{where}: {name} must be a string")
+        if not isinstance(data.get("admin", False), bool):
+            raise RegistryFileError(f"{where}: admin must be true or false")
+        return ServerRecord(
+            server_id=server_id,
+            audiences=_strings(data.get("audiences"), "audiences", where),
+            api_key_hash=data.get("api_key_hash"),
+            cert_thumbprint=data.get("cert_thumbprint"),
+            admin=data.get("admin", False),
+            labels=dict(labels),
+        )
+    except RegistryFileError:
+        raise
+    except (InvalidArgumentError, ValueError) as exc:
+        raise RegistryFileError(f"{where}: {exc}") from None
+
+
+def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
+    data: dict[str, Any] = {"status": str(record.status)}
+    if record.secret_hash:
+        data["secret_hash"] = record.secret_hash
+    data["allowed_audiences"] = list(record.allowed_audiences)
+    data["allowed_scopes"] = list(record.allowed_scopes)
+    data["max_sessions"] = record.max_sessions
+    data["limit_policy"] = str(record.limit_policy)
+    data["allowed_cidrs"] = list(record.allowed_cidrs)
+    if record.public_jwk is not None:
+        data["public_jwk"] = dict(record.public_jwk)
+    return data
+
+
+def _server_to_toml(record: ServerRecord) -> dict[str, Any]:
+    data: dict[str, Any] = {"audiences": list(record.audiences), "admin": record.admin}
+    if record.api_key_hash:
+        data["api_key_hash"] = record.api_key_hash
+    if record.cert_thumbprint:
+        data["cert_thumbprint"] = record.cert_thumbprint
+    if record.labels:
+        data["labels"] = dict(record.labels)
+    return data
+
+
+def _toml_string(value: str) -> str:
+    """`value` as a TOML string or key, escaped by tomli_w."""
+    return tomli_w.dumps({"k": value})[len("k = ") : -1]
+
+
+def _toml_key(value: str) -> str:
+    return value if re.fullmatch(r"[A-Za-z0-9_-]+", value) else _toml_string(value)
+
+
+def _render_table(header: str, data: Mapping[str, Any]) -> str:
+    """One `[header]` table; nested tables (public_jwk, labels) are written inline."""
+    flat = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    lines = [f"[{header}]", tomli_w.dumps(flat).rstrip("\n")] if flat else [f"[{header}]"]
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            members = ", ".join(f"{_toml_key(k)} = {_toml_string(str(v))}" for k, v in value.items())
+            lines.append(f"{_toml_key(key)} = {{ {members} }}" if members else f"{_toml_key(key)} = {{}}")
+    return "\n".join(lines) + "\n"
+
+
+def render_registry(clients: Mapping[str, ClientRecord], servers: Mapping[str, ServerRecord]) -> str:
+    """The TOML text of a registry (what `FileRegistry.save` writes)."""
+    parts = [
+        "# tokenbroker registry: MCP clients (who may get tokens) and MCP servers (who may\n"
+        "# validate them). Edit with `tokenbroker clients ...` / `tokenbroker servers ...`.\n"
+        "# Only hashes of secrets and API keys are stored here.\n"
+    ]
+    parts += [_render_table(f"clients.{_toml_key(cid)}", _client_to_toml(r)) for cid, r in sorted(clients.items())]
+    parts += [_render_table(f"servers.{_toml_key(sid)}", _server_to_toml(r)) for sid, r in sorted(servers.items())]
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    clients: dict[str, ClientRecord]
+    servers: dict[str, ServerRecord]
+    stamp: tuple[int, int, int] | None  # (mtime_ns, size, inode) of what was read; None: no file
+
+
+class FileRegistry:
+    """The `Registry` backed by a TOML file. Thread-safe. A missing file is an empty
+    registry; a file that becomes unreadable while running keeps the last good records
+    (and logs an error) rather than locking every client out."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._snapshot = self._read()
+        self._checked_at = self._clock()
+
+    # -- reading --------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read(self) -> _Snapshot:
+        stamp = self._stamp()
+        if stamp is None:
+            return _Snapshot({}, {}, None)
+        try:
+            data = tomllib.loads(self.path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise RegistryFileError(f"registry file {self.path} is not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryFileError(f"registry file {self.path} cannot be read: {exc}") from None
+        unknown = set(data) - {"clients", "servers"}
+        if unknown:
+            raise RegistryFileError(
+                f"registry file {self.path}: unknown section(s) {', '.join(sorted(unknown))} "
+                "(expected [clients.<id>] and [servers.<id>])"
+            )
+        source = str(self.path)
+        clients, servers = data.get("clients", {}), data.get("servers", {})
+        if not isinstance(clients, dict) or not isinstance(servers, dict):
+            raise RegistryFileError(f"registry file {self.path}: clients and servers must be tables")
+        for kind, table in (("clients", clients), ("servers", servers)):
+            for key, value in table.items():
+                if not isinstance(value, dict):
+                    raise RegistryFileError(f"registry file {self.path}: [{kind}.{key}] must be a table")
+        return _Snapshot(
+            {cid: _client_from_toml(cid, rec, source) for cid, rec in clients.items()},
+            {sid: _server_from_toml(sid, rec, source) for sid, rec in servers.items()},
+            stamp,
+        )
+
+    def _current(self) -> _Snapshot:
+        """The records, re-read when the file changed (a stat at most once per second)."""
+        now = self._clock()
+        if now - self._checked_at < _RELOAD_EVERY_SECONDS:
+            return self._snapshot
+        with self._lock:
+            if now - self._checked_at < _RELOAD_EVERY_SECONDS:
+                return self._snapshot
+            self._checked_at = now
+            if self._stamp() != self._snapshot.stamp:
+                self._reload_locked()
+            return self._snapshot
+
+    def _reload_locked(self) -> None:
+        try:
+            snapshot = self._read()
+        except RegistryFileError as exc:
+            log.error("registry reload failed; keeping the last good records", error=str(exc))
+            return
+        if snapshot.stamp is None and self._snapshot.stamp is not None:
+            log.warning("registry file disappeared; no client or server is registered now", path=str(self.path))
+        self._snapshot = snapshot
+        log.info("registry reloaded", path=str(self.path), clients=len(snapshot.clients), servers=len(snapshot.servers))
+
+    def reload(self) -> None:
+        """Re-reads the file now. Raises `RegistryFileError` when it is unusable."""
+        with self._lock:
+            self._snapshot = self._read()
+            self._checked_at = self._clock()
+
+    # -- the Registry protocol --------------------------------------------------------
+
+    def client(self, client_id: str) -> ClientRecord | None:
+        return self._current().clients.get(client_id)
+
+    def server_by_api_key(self, api_key: str) -> ServerRecord | None:
+        """The server whose key this is. Every server's hash is compared, in constant time."""
+        if not api_key:
+            return None
+        presented = hash_secret(api_key).encode("ascii")
+        found = None
+        for record in self._current().servers.values():
+            if record.api_key_hash and hmac.compare_digest(presented, record.api_key_hash.encode("ascii", "replace")):
+                found = record
+        return found
+
+    def server_by_cert(self, cert_thumbprint: str) -> ServerRecord | None:
+        if not cert_thumbprint:
+            return None
+        presented = cert_thumbprint.encode("ascii", "replace")
+        found = None
+        for record in self._current().servers.values():
+            if record.cert_thumbprint and hmac.compare_digest(
+                presented, record.cert_thumbprint.encode("ascii", "replace")
+            ):
+                found = record
+        return found
+
+    # -- listing ----------------------------------------------------------------------
+
+    def clients(self) -> list[ClientRecord]:
+        return [r for _, r in sorted(self._current().clients.items())]
+
+    def servers(self) -> list[ServerRecord]:
+        return [r for _, r in sorted(self._current().servers.items())]
+
+    def server(self, server_id: str) -> ServerRecord | None:
+        return self._current().servers.get(server_id)
+
+    # -- changes (each re-reads the file, applies one change, saves atomically) --------
+
+    def add_client(self, record: ClientRecord) -> None:
+        """Registers a new client. Raises `InvalidArgumentError` if the id is taken."""
+        check_id("client", record.client_id)
+        with self._lock:
+            snapshot = self._read()
+            if record.client_id in snapshot.clients:
+                raise InvalidArgumentError(
+                    f"client {record.client_id!r} already exists: change it with `tokenbroker clients update "
+                    f"{record.client_id}` or remove it with `tokenbroker clients remove {record.client_id}`"
+                )
+            self._save_locked({**snapshot.clients, record.client_id: _checked_client(record)}, snapshot.servers)
+
+    def put_client(self, record: ClientRecord) -> None:
+        """Adds or replaces a client."""
+        check_id("client", record.client_id)
+        with self._lock:
+            snapshot = self._read()
+            self._save_locked({**snapshot.clients, record.client_id: _checked_client(record)}, snapshot.servers)
+
+    def update_client(self, client_id: str, **changes: Any) -> ClientRecord:
+        """Changes fields of a client (e.g. `status=ClientStatus.APPROVED`); returns the new record."""
+        with self._lock:
+            snapshot = self._read()
+            current = snapshot.clients.get(client_id)
+            if current is None:
+                raise InvalidArgumentError(_unknown_client(client_id))
+            try:
+                updated = _checked_client(replace(current, **changes))
+            except TypeError as exc:
+                raise InvalidArgumentError(f"cannot update client {client_id!r}: {exc}") from None
+            self._save_locked({**snapshot.clients, client_id: updated}, snapshot.servers)
+            return updated
+
+    def remove_client(self, client_id: str) -> None:
+        with self._lock:
+            snapshot = self._read()
+            if client_id not in snapshot.clients:
+                raise InvalidArgumentError(_unknown_client(client_id))
+            clients = {k: v for k, v in snapshot.clients.items() if k != client_id}
+            self._save_locked(clients, snapshot.servers)
+
+    def add_server(self, record: ServerRecord) -> None:
+        """Registers a new server. Raises `InvalidArgumentError` if the id is taken."""
+        check_id("server", record.server_id)
+        with self._lock:
+            snapshot = self._read()
+            if record.server_id in snapshot.servers:
+                raise InvalidArgumentError(
+                    f"server {record.server_id!r} already exists: remove it first with "
+                    f"`tokenbroker servers remove {record.server_id}`"
+                )
+            self._save_locked(snapshot.clients, {**snapshot.servers, record.server_id: record})
+
+    def put_server(self, record: ServerRecord) -> None:
+        """Adds or replaces a server."""
+        check_id("server", record.server_id)
+        with self._lock:
+            snapshot = self._read()
+            self._save_locked(snapshot.clients, {**snapshot.servers, record.server_id: record})
+
+    def remove_server(self, server_id: str) -> None:
+        with self._lock:
+            snapshot = self._read()
+            if server_id not in snapshot.servers:
+                raise InvalidArgumentError(
+                    f"server {server_id!r} is not registered: `tokenbroker servers list` shows the registered ones"
+                )
+            servers = {k: v for k, v in snapshot.servers.items() if k != server_id}
+            self._save_locked(snapshot.clients, servers)
+
+    def _save_locked(self, clients: dict[str, ClientRecord], servers: dict[str, ServerRecord]) -> None:
+        text = render_registry(clients, servers)
+        tomllib.loads(text)  # never write a file we could not read back
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._snapshot = _Snapshot(dict(clients), dict(servers), self._stamp())
+        self._checked_at = self._clock()
+
+    def __repr__(self) -> str:
+        return f"FileRegistry({str(self.path)!r})"
+
+
+def _checked_client(record: ClientRecord) -> ClientRecord:
+    """The record with a clean public JWK and canonical CIDRs, or raises."""
+    if record.max_sessions < 1:
+        raise InvalidArgumentError("max_sessions must be at least 1")
+    return replace(
+        record,
+        status=ClientStatus(record.status),
+        limit_policy=LimitPolicy(record.limit_policy),
+        public_jwk=check_public_jwk(record.public_jwk) if record.public_jwk is not None else None,
+        allowed_cidrs=tuple(check_cidr(c) for c in record.allowed_cidrs),
+        allowed_audiences=tuple(record.allowed_audiences),
+        allowed_scopes=tuple(record.allowed_scopes),
+    )
+
+
+def _unknown_client(client_id: str) -> str:
+    return f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones"
+
+
+__all__ = [
+    "FileRegistry",
+    "RegistryFileError",
+    "check_cidr",
+    "check_id",
+    "check_public_jwk",
+    "generate_secret",
+    "hash_secret",
+    "render_registry",
+    "secret_matches",
+]

@@ -1,0 +1,442 @@
+"""`TokenBrokerServicer`: the gRPC face of a `Broker`. It only translates: protobuf to
+keyword arguments, domain objects to protobuf, `tokenbroker.errors` to status codes.
+
+An invalid token is an answer (status OK, `valid=false`, a reason); RPC errors are for the
+caller (see `STATUS_BY_ERROR` and proto/tokenbroker/v1/broker.proto). Error messages are
+the domain exceptions' own, which never carry a token, secret or key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import grpc  # type: ignore[import-untyped,unused-ignore]
+
+from tokenbroker.broker import Broker
+from tokenbroker.errors import (
+    AuthenticationError,
+    ClientNotAllowedError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    SessionLimitExceededError,
+    SessionNotFoundError,
+    StoreUnavailableError,
+    TokenBrokerError,
+)
+from tokenbroker.models import IssuedToken, Session, Validation
+from tokenbroker.registry import ClientRecord, Registry, ServerRecord
+from tokenbroker.service.auth import CallerAuthenticator, peer_ip
+from tokenbroker.v1 import broker_pb2 as pb
+from tokenbroker.v1 import broker_pb2_grpc
+
+log = logging.getLogger("tokenbroker.service")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name
+MAX_BATCH = 1000
+GRANT_RULE = "client.approved"
+
+# Most specific first: the first match decides.
+STATUS_BY_ERROR: tuple[tuple[type[TokenBrokerError], Any], ...] = (
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (ClientNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
+    (SessionLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: TokenBrokerError) -> Any:
+    """The gRPC status code for a domain error (INTERNAL for one that has none)."""
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(exc, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:500]
+
+
+class ClientAuthenticatorLike(Protocol):
+    """`tokenbroker.issuance.ClientAuthenticator`, as the servicer uses it."""
+
+    def authenticate(
+        self,
+        *,
+        client_id: str,
+        client_assertion: str | None,
+        client_secret: str | None,
+        audience: str,
+        scopes: Iterable[str],
+        client_ip: str,
+    ) -> ClientRecord: ...
+
+
+class AuditLogLike(Protocol):
+    """`tokenbroker.audit.AuditLog`, as the servicer uses it."""
+
+    def record(
+        self, *, event: str, client_id: str, audience: str, decision: str, rule: str, source_ip: str, **fields: Any
+    ) -> None: ...
+
+
+class MetricsLike(Protocol):
+    """`tokenbroker.metrics.Metrics`, as the servicer uses it."""
+
+    def rpc(self, method: str, code: str, seconds: float) -> None: ...
+
+    def validation(self, reason: str) -> None: ...
+
+    def issuance(self, decision: str, rule: str) -> None: ...
+
+
+# -- domain objects <-> protobuf ------------------------------------------------------------
+
+
+def issued_response(issued: IssuedToken) -> pb.IssueTokenResponse:
+    return pb.IssueTokenResponse(
+        access_token=issued.access_token,
+        token_type=issued.token_type,
+        expires_at=issued.expires_at,
+        session_id=issued.session_id,
+        scopes=issued.scopes,
+        jti=issued.jti,
+    )
+
+
+def validation_response(answer: Validation) -> pb.ValidateTokenResponse:
+    return pb.ValidateTokenResponse(
+        valid=answer.valid,
+        reason=int(answer.reason),  # type: ignore[arg-type]  # tokenbroker.Reason numbers are the wire numbers
+        detail=answer.detail,
+        client_id=answer.client_id,
+        subject=answer.subject,
+        session_id=answer.session_id,
+        scopes=answer.scopes,
+        expires_at=answer.expires_at,
+        jti=answer.jti,
+        issuer=answer.issuer,
+        request_id=answer.request_id,
+    )
+
+
+def session_message(session: Session) -> pb.Session:
+    return pb.Session(
+        session_id=session.session_id,
+        audience=session.audience,
+        created_at=session.created_at,
+        expires_at=session.expires_at,
+        last_seen_at=session.last_seen_at,
+        last_ip=session.last_ip,
+    )
+
+
+def _validate_kwargs(request: pb.ValidateTokenRequest) -> dict[str, Any]:
+    """`Broker.validate`'s arguments (with `token`) from a request; empty fields are None."""
+    return {
+        "token": request.token,
+        "audience": request.audience,
+        "dpop_proof": request.dpop_proof or None,
+        "http_method": request.http_method or None,
+        "http_uri": request.http_uri or None,
+        "cert_thumbprint": request.cert_thumbprint or None,
+        "client_ip": request.client_ip or None,
+        "required_scopes": tuple(request.required_scopes),
+        "request_id": request.request_id,
+    }
+
+
+_T = TypeVar("_T")
+_END = object()
+
+
+class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[misc,unused-ignore]
+    """Serves one `Broker` (sync gRPC server: handlers run on its thread pool)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        registry: Registry,
+        authenticator: ClientAuthenticatorLike,
+        audit: AuditLogLike,
+        metrics: MetricsLike | None = None,
+        stream_workers: int = 8,
+        stream_window: int = 64,
+    ) -> None:
+        self._broker = broker
+        self._callers = CallerAuthenticator(registry)
+        self._authenticator = authenticator
+        self._audit = audit
+        self._metrics = metrics
+        self._stream_window = stream_window
+        # Stream requests are validated here, so one stream can have several in flight.
+        self._stream_pool = ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix="tb-stream")
+
+    def close(self) -> None:
+        """Stops the stream worker threads (after the server has stopped)."""
+        self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _run(self, method: str, context: Any, handler: Callable[[], _T]) -> _T:
+        """Runs `handler`, turning domain errors into status codes; records the RPC metric."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return handler()
+        except TokenBrokerError as exc:
+            code = status_for(exc)
+            context.abort(code, _one_line(exc))
+            raise  # unreachable: abort raises
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            context.abort(code, "internal error: see the broker's log")
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.rpc(method, code.name, time.perf_counter() - started)
+
+    def _validate(self, caller: ServerRecord, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
+        self._check_validate_request(caller, request)
+        answer = self._broker.validate(**_validate_kwargs(request))
+        if self._metrics is not None:
+            self._metrics.validation(answer.reason.name)
+        return validation_response(answer)
+
+    def _check_validate_request(self, caller: ServerRecord, request: pb.ValidateTokenRequest) -> None:
+        if not request.audience:
+            raise InvalidArgumentError("audience (your own resource URI) is required")
+        self._callers.check_audience(caller, request.audience)
+
+    def _admin(self, context: Any, action: str, **fields: str) -> ServerRecord:
+        """The caller, when it is an admin; every admin decision is audited."""
+        caller = self._callers.identify(context)
+        decision, rule = ("grant", "caller.admin") if caller.admin else ("refuse", "caller.not_admin")
+        self._audit.record(
+            event=action,
+            client_id=fields.pop("client_id", ""),
+            audience="",
+            decision=decision,
+            rule=rule,
+            source_ip=peer_ip(context),
+            caller=caller.server_id,
+            **fields,
+        )
+        self._callers.check_admin(caller, action.replace("_", " "))
+        return caller
+
+    # -- issuance ---------------------------------------------------------------------
+
+    def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
+        return self._run("IssueToken", context, lambda: self._issue(request, context))
+
+    def _issue(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
+        client_ip = request.client_ip or peer_ip(context)
+        scopes = list(request.scopes)
+        event = {"event": "issue", "client_id": request.client_id, "audience": request.audience, "source_ip": client_ip}
+        try:
+            if not request.client_id or not request.audience:
+                raise InvalidArgumentError("client_id and audience (the MCP server's resource URI) are required")
+            record = self._authenticator.authenticate(
+                client_id=request.client_id,
+                client_assertion=request.client_assertion or None,
+                client_secret=request.client_secret or None,
+                audience=request.audience,
+                scopes=scopes,
+                client_ip=client_ip,
+            )
+            issued = self._broker.issue(
+                client_id=request.client_id,
+                audience=request.audience,
+                scopes=scopes,
+                ttl_seconds=request.ttl_seconds or None,
+                session_id=request.session_id or None,
+                dpop_jkt=request.dpop_jkt or None,
+                cert_thumbprint=request.cert_thumbprint or None,
+                once=request.once,
+                client_ip=client_ip,
+                session_limit=record.session_limit,
+            )
+        except TokenBrokerError as exc:
+            rule = str(getattr(exc, "rule", type(exc).__name__))
+            self._audit.record(**event, decision="refuse", rule=rule, reason=_one_line(exc))
+            if self._metrics is not None:
+                self._metrics.issuance("refuse", rule)
+            raise
+        self._audit.record(
+            **event,
+            decision="grant",
+            rule=GRANT_RULE,
+            auth_method="private_key_jwt" if request.client_assertion else "client_secret",
+            session=issued.session_id,
+            jti=issued.jti,
+            binding="dpop" if request.dpop_jkt else "mtls" if request.cert_thumbprint else "bearer",
+            scope=" ".join(issued.scopes),
+            expires_at=issued.expires_at,
+        )
+        if self._metrics is not None:
+            self._metrics.issuance("grant", GRANT_RULE)
+        return issued_response(issued)
+
+    # -- validation -------------------------------------------------------------------
+
+    def ValidateToken(self, request: pb.ValidateTokenRequest, context: Any) -> pb.ValidateTokenResponse:
+        return self._run("ValidateToken", context, lambda: self._validate(self._callers.identify(context), request))
+
+    def ValidateTokenBatch(self, request: pb.ValidateTokenBatchRequest, context: Any) -> pb.ValidateTokenBatchResponse:
+        def handle() -> pb.ValidateTokenBatchResponse:
+            caller = self._callers.identify(context)
+            if len(request.requests) > MAX_BATCH:
+                raise InvalidArgumentError(f"a batch holds at most {MAX_BATCH} requests, not {len(request.requests)}")
+            # Every request is checked before any is validated: no replay record is spent
+            # on a batch that is then refused.
+            for item in request.requests:
+                self._check_validate_request(caller, item)
+            answers = self._broker.validate_batch([_validate_kwargs(item) for item in request.requests])
+            if self._metrics is not None:
+                for answer in answers:
+                    self._metrics.validation(answer.reason.name)
+            return pb.ValidateTokenBatchResponse(responses=[validation_response(a) for a in answers])
+
+        return self._run("ValidateTokenBatch", context, handle)
+
+    def ValidateTokenStream(
+        self, request_iterator: Iterator[pb.ValidateTokenRequest], context: Any
+    ) -> Iterator[pb.ValidateTokenResponse]:
+        """Answers each request as soon as it is validated (up to `stream_window` at once
+        per stream), so answers may come out of order: match them by `request_id`. A
+        request the caller may not make, or a store outage, ends the stream with that
+        status."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            caller = self._callers.identify(context)
+            yield from self._stream(caller, request_iterator, context)
+        except GeneratorExit:  # the caller cancelled
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except TokenBrokerError as exc:
+            code = status_for(exc)
+            context.abort(code, _one_line(exc))
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("ValidateTokenStream failed")
+            context.abort(code, "internal error: see the broker's log")
+        finally:
+            if self._metrics is not None:
+                self._metrics.rpc("ValidateTokenStream", code.name, time.perf_counter() - started)
+
+    def _stream(
+        self, caller: ServerRecord, requests: Iterator[pb.ValidateTokenRequest], context: Any
+    ) -> Iterator[pb.ValidateTokenResponse]:
+        done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        window = threading.BoundedSemaphore(self._stream_window)
+        stop = threading.Event()
+
+        def read() -> None:
+            submitted = 0
+            try:
+                for request in requests:
+                    while not window.acquire(timeout=0.25):
+                        if stop.is_set() or not context.is_active():
+                            return
+                    if stop.is_set():
+                        return
+                    future = self._stream_pool.submit(self._validate, caller, request)
+                    future.add_done_callback(done.put)
+                    submitted += 1
+            except Exception as exc:  # the request stream broke (cancelled, deadline)
+                done.put(exc)
+            finally:
+                done.put((_END, submitted))
+
+        reader = threading.Thread(target=read, name="tb-stream-reader", daemon=True)
+        reader.start()
+        answered, expected = 0, None
+        try:
+            while expected is None or answered < expected:
+                item = done.get()
+                if isinstance(item, tuple) and item[0] is _END:
+                    expected = item[1]
+                elif isinstance(item, Future):
+                    answered += 1
+                    window.release()
+                    yield item.result()
+                elif isinstance(item, BaseException):
+                    return  # the caller went away: nobody to answer
+        finally:
+            stop.set()
+
+    # -- revocation and sessions --------------------------------------------------------
+
+    def RevokeSession(self, request: pb.RevokeSessionRequest, context: Any) -> pb.RevokeResponse:
+        def handle() -> pb.RevokeResponse:
+            if not request.session_id:
+                raise InvalidArgumentError("session_id is required")
+            self._admin(context, "revoke_session", session=request.session_id)
+            return pb.RevokeResponse(revoked=self._broker.revoke_session(request.session_id))
+
+        return self._run("RevokeSession", context, handle)
+
+    def RevokeClient(self, request: pb.RevokeClientRequest, context: Any) -> pb.RevokeResponse:
+        def handle() -> pb.RevokeResponse:
+            if not request.client_id:
+                raise InvalidArgumentError("client_id is required")
+            self._admin(context, "revoke_client", client_id=request.client_id)
+            return pb.RevokeResponse(revoked=self._broker.revoke_client(request.client_id))
+
+        return self._run("RevokeClient", context, handle)
+
+    def RevokeToken(self, request: pb.RevokeTokenRequest, context: Any) -> pb.RevokeResponse:
+        def handle() -> pb.RevokeResponse:
+            if not request.jti:
+                raise InvalidArgumentError("jti is required")
+            self._admin(context, "revoke_token", jti=request.jti)
+            return pb.RevokeResponse(revoked=self._broker.revoke_token(request.jti))
+
+        return self._run("RevokeToken", context, handle)
+
+    def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+        def handle() -> pb.ListSessionsResponse:
+            if not request.client_id:
+                raise InvalidArgumentError("client_id is required")
+            self._callers.check_admin(self._callers.identify(context), "list sessions")
+            found = self._broker.sessions(request.client_id)
+            return pb.ListSessionsResponse(sessions=[session_message(s) for s in found])
+
+        return self._run("ListSessions", context, handle)
+
+    # -- public -----------------------------------------------------------------------
+
+    def GetJwks(self, request: pb.GetJwksRequest, context: Any) -> pb.GetJwksResponse:
+        return self._run(
+            "GetJwks",
+            context,
+            lambda: pb.GetJwksResponse(jwks_json=json.dumps(self._broker.jwks(), separators=(",", ":"))),
+        )
+
+
+__all__ = [
+    "MAX_BATCH",
+    "SERVICE_NAME",
+    "STATUS_BY_ERROR",
+    "AuditLogLike",
+    "ClientAuthenticatorLike",
+    "MetricsLike",
+    "TokenBrokerServicer",
+    "issued_response",
+    "session_message",
+    "status_for",
+    "validation_response",
+]
