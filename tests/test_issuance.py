@@ -284,3 +284,11 @@ def test_make_client_assertion_claims(s: Setup) -> None:
     assert body["exp"] - body["iat"] == 30
     assert abs(body["iat"] - time.time()) < 5
     assert len(body["jti"]) >= 32
+
+
+def test_a_client_without_a_valid_credential_does_not_learn_its_status(s: Setup) -> None:
+    s.add(status=ClientStatus.PENDING)
+    with pytest.raises(AuthenticationError) as info:
+        s.authenticate(client_assertion=None)
+    assert info.value.rule == "credential.missing"  # type: ignore[attr-defined]
+    assert "pending" not in str(info.value)

@@ -94,9 +94,9 @@ def stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerStub:
     return broker_pb2_grpc.TokenBrokerStub(channel)
 
 
-def issue(stub: Any, *, audience: str = AUDIENCE, **fields: Any) -> pb.IssueTokenResponse:
+def issue(stub: Any, *, audience: str = AUDIENCE, metadata: Any = (), **fields: Any) -> pb.IssueTokenResponse:
     request = pb.IssueTokenRequest(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, audience=audience, **fields)
-    return stub.IssueToken(request, timeout=TIMEOUT)
+    return stub.IssueToken(request, timeout=TIMEOUT, metadata=metadata)
 
 
 def validate(stub: Any, token: str, *, audience: str = AUDIENCE, metadata: Any = API_KEY_MD, **fields: Any) -> Any:
@@ -208,7 +208,7 @@ def test_continuing_an_unknown_session_is_not_found(stub: Any) -> None:
 
 
 def test_issuance_grants_and_refusals_are_audited_without_the_token(broker: RunningBroker, stub: Any) -> None:
-    issued = issue(stub, client_ip="10.1.2.3")
+    issued = issue(stub, client_ip="10.1.2.3", metadata=API_KEY_MD)  # a server relays the address
     status_of(lambda: issue(stub, audience="https://elsewhere.test/mcp"))
     grant, refusal = broker.audit.events
     assert (grant["event"], grant["decision"], grant["source_ip"]) == ("issue", "grant", "10.1.2.3")
@@ -240,7 +240,7 @@ def test_admin_revokes_session_then_validation_answers_session_revoked(stub: Any
 
 
 def test_admin_lists_a_clients_sessions(stub: Any) -> None:
-    issued = issue(stub, client_ip="10.0.0.9")
+    issued = issue(stub, client_ip="10.0.0.9", metadata=API_KEY_MD)
     listed = stub.ListSessions(pb.ListSessionsRequest(client_id=CLIENT_ID), timeout=TIMEOUT, metadata=ADMIN_MD)
     assert [(s.session_id, s.audience, s.last_ip) for s in listed.sessions] == [
         (issued.session_id, AUDIENCE, "10.0.0.9")
@@ -525,3 +525,10 @@ async def test_broker_client_async_round_trip(broker: RunningBroker) -> None:
         assert await client.ajwks() == broker.broker.jwks()
         with pytest.raises(PermissionDeniedError):
             await client.arevoke_token(issued.jti)
+
+
+def test_client_ip_field_is_believed_only_from_a_registered_server(broker: RunningBroker, stub: Any) -> None:
+    issue(stub, client_ip="10.9.9.9")
+    assert broker.audit.events[-1]["source_ip"] == "127.0.0.1"
+    issue(stub, client_ip="10.9.9.9", metadata=API_KEY_MD)
+    assert broker.audit.events[-1]["source_ip"] == "10.9.9.9"

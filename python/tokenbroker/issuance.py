@@ -132,6 +132,12 @@ class ClientAuthenticator:
                 f"`tokenbroker clients add {client_id or '<id>'} ...`",
                 "client.unknown",
             )
+        return record
+
+    @staticmethod
+    def _check_status(record: ClientRecord) -> None:
+        """After the credential: only a client that proved itself learns its status."""
+        client_id = record.client_id
         if record.status is ClientStatus.PENDING:
             raise ClientRefusedError(
                 f"client {client_id!r} is pending approval: run `tokenbroker clients approve {client_id}`",
@@ -143,7 +149,6 @@ class ClientAuthenticator:
                 f"`tokenbroker clients approve {client_id}`",
                 "client.disabled",
             )
-        return record
 
     def _check_credential(
         self, record: ClientRecord, client_assertion: str | None, client_secret: str | None, now: int
@@ -299,6 +304,7 @@ class ClientAuthenticator:
         replay = self._check_credential(record, client_assertion or None, client_secret or None, now)
         if replay is not None and not self.store.remember(replay[0], until=replay[1], now=now):
             raise self._replayed(record)
+        self._check_status(record)
         self._check_policy(record, audience, scopes, client_ip)
         return record
 
@@ -318,6 +324,7 @@ class ClientAuthenticator:
         replay = self._check_credential(record, client_assertion or None, client_secret or None, now)
         if replay is not None and not await self.store.aremember(replay[0], until=replay[1], now=now):
             raise self._replayed(record)
+        self._check_status(record)
         self._check_policy(record, audience, scopes, client_ip)
         return record
 

@@ -60,6 +60,7 @@ class Keyring:
         target = Path(path)
         tmp = target.with_name(target.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temp file keeps its old mode through O_CREAT
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)
         os.replace(tmp, target)

@@ -241,8 +241,20 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
     def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
         return self._run("IssueToken", context, lambda: self._issue(request, context))
 
+    def _client_ip(self, request: pb.IssueTokenRequest, context: Any) -> str:
+        """The request's `client_ip` is believed only from a registered server calling on
+        the client's behalf; anyone else is judged by the address it connects from, so a
+        client cannot name an address inside its `allowed_cidrs`."""
+        if request.client_ip:
+            try:
+                self._callers.identify(context)
+                return request.client_ip
+            except TokenBrokerError:
+                pass
+        return peer_ip(context)
+
     def _issue(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
-        client_ip = request.client_ip or peer_ip(context)
+        client_ip = self._client_ip(request, context)
         scopes = list(request.scopes)
         event = {"event": "issue", "client_id": request.client_id, "audience": request.audience, "source_ip": client_ip}
         try:

@@ -103,11 +103,17 @@ pub struct Engine {
     replay: ReplayCache,
 }
 
-/// 128 random bits, base64url: for `jti` and session ids.
+/// 128 random bits, base64url: for `jti` and session ids. Never starts with `-`, so an
+/// id can be passed to a command line without being read as an option.
 pub fn random_id() -> String {
     let mut bytes = [0u8; 16];
-    OsRng.fill_bytes(&mut bytes);
-    b64::encode(&bytes)
+    loop {
+        OsRng.fill_bytes(&mut bytes);
+        let id = b64::encode(&bytes);
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
 }
 
 fn replay_key(domain: &str, scope: &str, jti: &str) -> [u8; 32] {
