@@ -12,7 +12,8 @@ export TOKENBROKER_TESTDATA ?= $(abspath $(CURDIR)/../shared/testdata)
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
 PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
 
-.PHONY: help venv build run test test-rust test-python lint fmt redis clean proto
+
+.PHONY: help venv build run demo test test-rust test-python lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -31,7 +32,10 @@ $(VENV)/.built: $(VENV)/.installed $(RUST_SOURCES) pyproject.toml
 
 build: $(VENV)/.built ## Build the Rust extension (release) into the venv
 
-run: build ## Build, then run the embedded broker demo
+run: build ## Build, then start the broker (embedded store, demo client and server registered)
+	$(VENV)/bin/tokenbroker serve --demo
+
+demo: build ## Run the embedded (in-process) walk: issue, validate, replay, revoke
 	$(PY) -m tokenbroker.demo
 
 proto: ## Regenerate python/tokenbroker/v1 from proto/tokenbroker/v1/broker.proto

@@ -155,3 +155,20 @@ def test_engine_warm_validate(benchmark: Any, engine: Any, token: str, audience:
     verdict = benchmark(engine.validate, token, audience)
     assert verdict.ok, verdict.detail
     assert engine.stats()[0] == 1
+
+
+@pytest.mark.benchmark(group="engine")
+def test_engine_batch_validate(benchmark: Any, fresh: Any, engine: Any, cold_agent: Any, audience: str) -> None:
+    """The engine's batch call alone on 64 fresh tokens: the floor under `test_batch_validate[64]`."""
+    batches = fresh(lambda: [(cold_agent.issue(), audience, None, None, None, None) for _ in range(64)], rounds=100)
+    answers: list[list[Any]] = []
+
+    def validate(batch: list[tuple[str, str, None, None, None, None]]) -> list[Any]:
+        verdicts = engine.validate_batch(batch)
+        answers.append(verdicts)  # checked below, outside the timed call
+        return verdicts
+
+    benchmark.extra_info["tokens_per_call"] = 64
+    batches.bench(benchmark, validate)
+    assert all(len(verdicts) == 64 and all(v.ok for v in verdicts) for verdicts in answers)
+    assert engine.stats()[0] == 64 * len(batches)

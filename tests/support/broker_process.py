@@ -1,0 +1,77 @@
+"""A real `tokenbroker serve` process for end-to-end tests, configured through
+TOKENBROKER_* environment variables, on a free 127.0.0.1 port, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class BrokerProcess:
+    workdir: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"broker-{self.port}.log"
+
+    def start(self, timeout: float = 30.0) -> BrokerProcess:
+        env = {**os.environ, **self.env, "TOKENBROKER_LISTEN": self.target}
+        command = [sys.executable, "-c", "from tokenbroker.cli import main; main()", "serve"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, cwd=self.workdir, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not self.serving():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"broker exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"broker did not become SERVING: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        return self
+
+    def serving(self) -> bool:
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError:
+            return False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
