@@ -21,7 +21,7 @@ help: ## Show this help
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.5,<2" $$($(PY) scripts/deps.py dev mcp)
+	$(PY) -m pip install -q "maturin>=1.5,<2" $$($(PY) scripts/deps.py dev mcp bench)
 	@touch $@
 
 venv: $(VENV)/.installed ## Create the virtualenv with every dependency
