@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,18 +113,27 @@ def load_criterion(directory: Path) -> dict[str, CriterionFigure]:
     return found
 
 
-@dataclass(frozen=True)
-class Ratio:
-    """`value` computed from means (`median` from medians), compared with `target` by `op`;
-    targetless ratios are shown for information."""
+class Measure(NamedTuple):
+    """A comparison's value from the means, the same from the medians, and how it was got."""
 
-    label: str
-    how: str
     value: float | None
     median: float | None
+    how: str
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A `Measure` compared with `target` by `op`; targetless ratios are for information."""
+
+    label: str
+    measure: Measure
     target: float | None = None
     op: str = ">="
     unit: str = "x"
+
+    @property
+    def value(self) -> float | None:
+        return self.measure.value
 
     @property
     def verdict(self) -> str:
@@ -138,103 +147,117 @@ class Ratio:
     def row(self) -> str:
         target = "" if self.target is None else f"{self.op} {self.target:g}{self.unit}"
         value = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
-        median = "n/a" if self.median is None else f"{self.median:.2f}{self.unit}"
+        median = "n/a" if self.measure.median is None else f"{self.measure.median:.2f}{self.unit}"
         verdict = f"**{self.verdict}**" if self.target is not None else ""
-        return f"| {self.label} | {target} | {value} | {median} | {verdict} | {self.how} |"
+        return f"| {self.label} | {target} | {value} | {median} | {verdict} | {self.measure.how} |"
 
 
-def _speedup(figures: dict[str, Figure], baseline: str, subject: str) -> tuple[float | None, float | None, str]:
-    """How many times faster `subject` is than `baseline` (per token), from means and medians."""
+def speedup(figures: dict[str, Figure], baseline: str, subject: str) -> Measure:
+    """How many times faster `subject` is than `baseline`, per token."""
     b, s = figures.get(baseline), figures.get(subject)
     if b is None or s is None:
-        return None, None, f"needs {baseline} and {subject}"
+        return Measure(None, None, f"needs `{baseline}` and `{subject}`")
     how = f"{b.per_token_mean:.1f} µs / {s.per_token_mean:.1f} µs"
-    return b.per_token_mean / s.per_token_mean, b.per_token_median / s.per_token_median, how
+    return Measure(b.per_token_mean / s.per_token_mean, b.per_token_median / s.per_token_median, how)
 
 
-def _cost(figures: dict[str, Figure], subject: str, reference: str) -> tuple[float | None, float | None, str]:
+def cost(figures: dict[str, Figure], subject: str, reference: str) -> Measure:
     """`subject`'s per-token cost as a fraction of `reference`'s."""
-    value, median, how = _speedup(figures, subject, reference)
-    if value is None or median is None:
-        return None, None, how
-    s, r = figures[subject], figures[reference]
-    return 1 / value, 1 / median, f"{s.per_token_mean:.1f} µs per token / {r.per_token_mean:.1f} µs"
+    s, r = figures.get(subject), figures.get(reference)
+    if s is None or r is None:
+        return Measure(None, None, f"needs `{subject}` and `{reference}`")
+    how = f"{s.per_token_mean:.1f} µs per token / {r.per_token_mean:.1f} µs"
+    return Measure(s.per_token_mean / r.per_token_mean, s.per_token_median / r.per_token_median, how)
+
+
+def verify_rate(figures: dict[str, Figure], subject: str, raw: CriterionFigure | None) -> Measure:
+    """`subject`'s rate as a fraction of the core's raw Ed25519 verify rate (criterion)."""
+    s = figures.get(subject)
+    if raw is None or s is None:
+        return Measure(None, None, "run `cargo bench -p tokenbroker-core --bench core -- ed25519_verify_strict_raw`")
+    raw_us = raw.mean_ns / 1000
+    how = f"{raw_us:.1f} µs (criterion, {raw.measured_at:%Y-%m-%d %H:%M} UTC, not this run) / {s.mean_us:.1f} µs"
+    return Measure(raw_us / s.mean_us, raw_us / s.median_us, how)
+
+
+def python_layer(figures: dict[str, Figure], broker: str, engine: str) -> Measure:
+    """Microseconds per token the Broker and MemoryStore add to the engine call."""
+    b, e = figures.get(broker), figures.get(engine)
+    if b is None or e is None:
+        return Measure(None, None, f"needs `{broker}` and `{engine}`")
+    value = b.per_token_mean - e.per_token_mean
+    how = f"{b.per_token_mean:.1f} µs - {e.per_token_mean:.1f} µs engine alone ({value / b.per_token_mean:.0%} of it)"
+    return Measure(value, b.per_token_median - e.per_token_median, how)
 
 
 def ratios(figures: dict[str, Figure], criterion: dict[str, CriterionFigure]) -> list[Ratio]:
-    pyjwt, pyjwt_dpop = "test_pyjwt_decode[bearer]", "test_pyjwt_decode[dpop_bound]"
-    cold = "test_cold_validate"
-    out = [
-        Ratio("cold validate vs PyJWT decode", *_speedup(figures, pyjwt, cold), target=2.0),
-    ]
-    raw = criterion.get(RAW_VERIFY)
-    if raw is not None and cold in figures:
-        raw_us, c = raw.mean_ns / 1000, figures[cold]
-        how = (
-            f"rate ratio: {raw_us:.1f} µs (criterion, {raw.measured_at:%Y-%m-%d %H:%M} UTC, not this run)"
-            f" / {c.mean_us:.1f} µs"
-        )
-        out.append(
-            Ratio("cold validate vs core raw Ed25519 verify", how, raw_us / c.mean_us, raw_us / c.median_us, 0.85)
-        )
-    else:
-        how = "run `cargo bench -p tokenbroker-core --bench core -- ed25519_verify_strict_raw` first"
-        out.append(Ratio("cold validate vs core raw Ed25519 verify", how, None, None, 0.85))
-    out += [
-        Ratio("warm validate vs PyJWT decode", *_speedup(figures, pyjwt, "test_warm_validate"), target=30.0),
+    """The issue's targets."""
+    pyjwt, cold = "test_pyjwt_decode[bearer]", "test_cold_validate"
+    return [
+        Ratio("cold validate vs PyJWT decode", speedup(figures, pyjwt, cold), 2.0),
+        Ratio(
+            "cold validate vs core raw Ed25519 verify (rate)",
+            verify_rate(figures, cold, criterion.get(RAW_VERIFY)),
+            0.85,
+        ),
+        Ratio("warm validate vs PyJWT decode", speedup(figures, pyjwt, "test_warm_validate"), 30.0),
         Ratio(
             "DPoP validate vs PyJWT decode of the token alone",
-            *_speedup(figures, pyjwt_dpop, "test_dpop_validate"),
-            target=1.5,
+            speedup(figures, "test_pyjwt_decode[dpop_bound]", "test_dpop_validate"),
+            1.5,
+        ),
+        *(
+            Ratio(
+                f"batch ({n}) per-token cost vs single cold validate",
+                cost(figures, f"test_batch_validate[{n}]", cold),
+                0.6,
+                "<=",
+            )
+            for n in (64, 256)
         ),
     ]
-    for size in (64, 256):
-        label = f"batch ({size}) per-token cost vs single cold validate"
-        out.append(Ratio(label, *_cost(figures, f"test_batch_validate[{size}]", cold), target=0.6, op="<="))
-    return out
 
 
 def context_ratios(figures: dict[str, Figure], criterion: dict[str, CriterionFigure]) -> list[Ratio]:
     """Comparisons without a target that say where the time goes."""
-    out = [
+    us = " µs"
+    return [
         Ratio(
             "cold validate vs `cryptography` verify alone",
-            *_speedup(figures, "test_cryptography_verify", "test_cold_validate"),
+            speedup(figures, "test_cryptography_verify", "test_cold_validate"),
+        ),
+        Ratio(
+            "engine cold validate (via PyO3) vs core raw verify (rate)",
+            verify_rate(figures, "test_engine_cold_validate", criterion.get(RAW_VERIFY)),
+        ),
+        Ratio(
+            "Python layer (Broker + MemoryStore), cold",
+            python_layer(figures, "test_cold_validate", "test_engine_cold_validate"),
+            unit=us,
+        ),
+        Ratio(
+            "Python layer (Broker + MemoryStore), warm",
+            python_layer(figures, "test_warm_validate", "test_engine_warm_validate"),
+            unit=us,
+        ),
+        Ratio(
+            "Python layer (Broker + MemoryStore), batch of 64, per token",
+            python_layer(figures, "test_batch_validate[64]", "test_engine_batch_validate"),
+            unit=us,
+        ),
+        Ratio(
+            "engine batch (64) per-token cost vs engine cold validate",
+            cost(figures, "test_engine_batch_validate", "test_engine_cold_validate"),
         ),
         Ratio(
             "Redis: Broker warm validate vs pure-Python pipeline",
-            *_speedup(figures, "test_pure_python_pipeline", "test_redis_warm_validate"),
+            speedup(figures, "test_pure_python_pipeline", "test_redis_warm_validate"),
         ),
         Ratio(
             "Redis: Broker DPoP validate vs pure-Python DPoP pipeline",
-            *_speedup(figures, "test_pure_python_dpop_pipeline", "test_redis_dpop_validate"),
+            speedup(figures, "test_pure_python_dpop_pipeline", "test_redis_dpop_validate"),
         ),
     ]
-    for broker, engine, what in (
-        ("test_cold_validate", "test_engine_cold_validate", "cold"),
-        ("test_warm_validate", "test_engine_warm_validate", "warm"),
-        ("test_batch_validate[64]", "test_engine_batch_validate", "batch of 64, per token"),
-    ):
-        b, e = figures.get(broker), figures.get(engine)
-        if b and e:
-            value, median = b.per_token_mean - e.per_token_mean, b.per_token_median - e.per_token_median
-            share = value / b.per_token_mean
-            how = f"{b.per_token_mean:.1f} µs - {e.per_token_mean:.1f} µs engine alone ({share:.0%} of the call)"
-            out.append(Ratio(f"Python layer (Broker + MemoryStore), {what}", how, value, median, unit=" µs"))
-    raw = criterion.get(RAW_VERIFY)
-    engine_cold = figures.get("test_engine_cold_validate")
-    if raw and engine_cold:
-        raw_us = raw.mean_ns / 1000
-        how = f"{raw_us:.1f} µs (criterion) / {engine_cold.mean_us:.1f} µs"
-        out.append(
-            Ratio(
-                "engine cold validate (via PyO3) vs core raw verify, rate",
-                how,
-                raw_us / engine_cold.mean_us,
-                raw_us / engine_cold.median_us,
-            )
-        )
-    return out
 
 
 def _machine(doc: dict[str, Any]) -> str:
@@ -276,6 +299,8 @@ def render(doc: dict[str, Any], figures: dict[str, Figure], criterion: dict[str,
         "",
         "## Context (no target)",
         "",
+        "A difference smaller than the run's noise (see the stddev column) can come out negative.",
+        "",
         "| comparison | | value (means) | from medians | | from |",
         "|---|---|---|---|---|---|",
         *(r.row() for r in context_ratios(figures, criterion)),
@@ -285,7 +310,9 @@ def render(doc: dict[str, Any], figures: dict[str, Figure], criterion: dict[str,
         "| benchmark | measures | ops/s | mean µs | median µs | stddev µs | rounds x iterations | µs per token |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, f in figures.items():
+    known = [name for name in FIGURES if name in figures]
+    for name in known + sorted(set(figures) - set(known)):
+        f = figures[name]
         per_token = f"{f.per_token_mean:.2f}" if f.per_call > 1 else ""
         lines.append(
             f"| `{name}` | {FIGURES.get(name, '')} | {f.ops:,.0f} | {f.mean_us:,.2f} | {f.median_us:,.2f} "
