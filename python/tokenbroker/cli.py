@@ -112,6 +112,8 @@ def _print_json(value: Any) -> None:
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a NamedTuple (Validation)
+        return {k: _jsonable(v) for k, v in value._asdict().items()}
     if isinstance(value, enum.IntEnum):
         return value.name
     if isinstance(value, enum.Enum):

@@ -165,16 +165,29 @@ pub fn verify_ed25519(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> R
 /// Minimum batch size for which `verify_batch_strict` uses batch verification.
 pub const BATCH_THRESHOLD: usize = 4;
 
-/// The per-signature checks `verify_strict` makes that the batch equation does not:
-/// canonical S (< L), canonical R encoding, R not of small order.
+/// Encodings (sign bit cleared) of the eight small-order points.
+fn torsion_encodings() -> &'static [[u8; 32]; 8] {
+    static ENCODINGS: std::sync::OnceLock<[[u8; 32]; 8]> = std::sync::OnceLock::new();
+    ENCODINGS.get_or_init(|| {
+        curve25519_dalek::constants::EIGHT_TORSION.map(|p| {
+            let mut y = p.compress().to_bytes();
+            y[31] &= 0x7f;
+            y
+        })
+    })
+}
+
+/// The per-signature checks `verify_strict` makes that the batch equation does not, on
+/// the encoding alone (the batch decompresses R itself): canonical S (< L), canonical R
+/// (y < p), R not of small order (whatever its sign bit).
 fn strict_precheck(signature: &[u8; 64]) -> bool {
-    use curve25519_dalek::edwards::CompressedEdwardsY;
     use curve25519_dalek::scalar::Scalar;
-    let (r, s) = signature.split_at(32);
-    let s_ok: bool = Scalar::from_canonical_bytes(s.try_into().expect("32 bytes")).is_some().into();
-    let r_bytes = CompressedEdwardsY(r.try_into().expect("32 bytes"));
-    let r_ok = r_bytes.decompress().is_some_and(|p| !p.is_small_order() && p.compress() == r_bytes);
-    s_ok && r_ok
+    let s_ok: bool = Scalar::from_canonical_bytes(signature[32..].try_into().expect("32 bytes")).is_some().into();
+    let mut y: [u8; 32] = signature[..32].try_into().expect("32 bytes");
+    y[31] &= 0x7f;
+    // y >= p = 2^255 - 19 exactly when bytes 1..31 are 0xff, byte 31 is 0x7f, byte 0 >= 0xed.
+    let y_canonical = !(y[0] >= 0xed && y[1..31].iter().all(|&b| b == 0xff) && y[31] == 0x7f);
+    s_ok && y_canonical && !torsion_encodings().contains(&y)
 }
 
 /// Verifies many Ed25519 signatures, each with `verify_strict` semantics. Batch
