@@ -53,8 +53,8 @@ test-python: build redis ## Python tests (starts its own redis-server processes)
 test: test-rust test-python ## Build, then run the Rust and Python suites
 
 lint: build ## ruff, mypy, stubtest, clippy, rustfmt
-	$(VENV)/bin/ruff check python tests
-	$(VENV)/bin/ruff format --check python tests
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy
 	$(PY) -m mypy.stubtest tokenbroker._core
 	cargo clippy --workspace --all-targets -- -D warnings

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from support.broker_process import BrokerProcess
 from tokenbroker import Keyring, LimitPolicy, ProofSigner, Reason
 from tokenbroker.client import BrokerClient
 from tokenbroker.errors import PermissionDeniedError, SessionLimitExceededError, StoreUnavailableError
 from tokenbroker.issuance import make_client_assertion, public_jwk
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
+
+from support.broker_process import BrokerProcess
 
 ISSUER = "https://broker.e2e.test"
 SERVER_A = "https://a.mcp.test/mcp"
@@ -149,7 +150,8 @@ def test_issue_validate_replay_audience_session_limit_and_revocation(
     after = validate(broker, issued.access_token, signer.sign("POST", SERVER_A, issued.access_token))
     assert after.reason is Reason.SESSION_REVOKED
     audit = (deployment.workdir / "audit.jsonl").read_text()
-    assert '"decision":"grant"' in audit and '"decision":"refuse"' in audit
+    assert '"decision":"grant"' in audit
+    assert '"decision":"refuse"' in audit
     assert issued.access_token not in audit
 
 
@@ -206,7 +208,8 @@ def test_redis_killed_mid_traffic_fails_closed_and_recovers(tmp_path: Path, redi
         time.sleep(0.5)
         redis_server.kill()
         time.sleep(1.5)
-        assert process.alive() and process.serving(), "the broker must stay up while Redis is down"
+        assert process.alive(), "the broker must stay up while Redis is down"
+        assert process.serving()
         before_restart = len(answers)
         redis_server.restart()
         time.sleep(1.0)
