@@ -13,7 +13,7 @@ RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
 PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
 
 
-.PHONY: help venv build run demo test test-rust test-python lint fmt redis clean proto
+.PHONY: help venv build run demo bench test test-rust test-python lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -49,8 +49,15 @@ test-rust: ## Rust tests
 
 test-python: build redis ## Python tests (starts its own redis-server processes)
 	$(PY) -m pytest
+	$(PY) -m pytest benches -q --benchmark-disable  # each benchmark body once: the bench code cannot rot
 
 test: test-rust test-python ## Build, then run the Rust and Python suites
+
+bench: build redis ## Benchmarks with same-run baselines -> benches/results/ (under 10 minutes)
+	cargo bench -p tokenbroker-core --bench core -- --warm-up-time 1 --measurement-time 3
+	$(PY) -m pytest benches -q --benchmark-enable --benchmark-only --benchmark-json=benches/results/embedded.json \
+		--benchmark-min-rounds=5 --benchmark-max-time=0.5
+	$(PY) benches/report.py benches/results/embedded.json
 
 lint: build ## ruff, mypy, stubtest, clippy, rustfmt
 	$(VENV)/bin/ruff check python tests benches
