@@ -843,3 +843,48 @@ def test_broker_validate_raises_instead_of_answering_when_redis_is_down(
         broker.validate(token.access_token, audience=AUD, dpop_proof=proof, http_method="POST", http_uri=AUD)
     with pytest.raises(StoreUnavailableError):
         broker.issue(client_id="agent-7", audience=AUD)
+
+
+def test_concurrent_check_token_calls_from_threads_share_pipelines_and_get_their_own_answers(
+    backend: Backend,
+) -> None:
+    import threading
+
+    store = backend.store()
+    store.check_tokens(mixed_requests(store, 40, salt=1)[0])  # connections are open
+    requests, expected = mixed_requests(store, 64)
+    answers: list[Any] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def call(i: int) -> None:
+        start.wait()
+        answers[i] = store.check_token(**requests[i])
+
+    before = store._thread_coalescer.pipelines
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert answers == expected
+    assert store._thread_coalescer.pipelines - before < len(requests)
+
+
+def test_each_thread_gets_its_own_error_when_redis_is_down(redis_server: RedisServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = RedisStore.from_url(redis_server.url)
+    requests, _ = mixed_requests(store, 8)
+    redis_server.kill()
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda r: _outcome(lambda: store.check_token(**r)), requests))
+    assert all(isinstance(o, StoreUnavailableError) for o in outcomes)
+    assert len({id(o) for o in outcomes}) == len(outcomes)
+    store.close()
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        return call()
+    except StoreUnavailableError as exc:
+        return exc

@@ -27,7 +27,8 @@ one round-trip time). The price: a revoked token's proof is still recorded as us
 session's last_seen_at still moves, which refuses nothing that should pass.
 
 Batches: `check_tokens`/`acheck_tokens` send N validations as one pipeline (one round trip
-for N). Concurrent `acheck_token` calls coalesce: while one pipeline is in flight, new calls
+for N). Concurrent `check_token` calls from threads (the sync gRPC server's workers) and
+concurrent `acheck_token` calls coalesce: while one pipeline is in flight, new calls
 wait in a bounded queue and go together in the next one; each caller gets its own answer
 or exception. On a cluster, redis-py's cluster pipeline groups the commands by node and
 writes to every node before reading; it refuses `pipe.evalsha()` by name, so scripts are
@@ -48,6 +49,7 @@ import contextlib
 import inspect
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
@@ -270,6 +272,85 @@ class _CheckCoalescer:
             raise
 
 
+class _Waiter:
+    __slots__ = ("done", "event", "lead", "request", "result")
+
+    def __init__(self, request: _CheckRequest) -> None:
+        self.request = request
+        self.event = threading.Event()
+        self.lead = False  # told to send the next pipeline
+        self.done = False
+        self.result: Reason | StoreUnavailableError = Reason.UNSPECIFIED
+
+
+class _ThreadCheckCoalescer:
+    """The thread twin of `_CheckCoalescer`, for the sync gRPC server's worker threads.
+    A caller that finds no pipeline in flight leads: it sends the queued checks (at most
+    `max_batch`) as one pipeline, answers each, then hands the lead to the oldest waiter
+    still queued, so no thread keeps flushing for the others. Every caller gets its own
+    answer or exception; past `max_pending` queued checks callers are refused at once."""
+
+    def __init__(
+        self,
+        send: Callable[[list[_CheckRequest]], list[Reason | StoreUnavailableError]],
+        *,
+        max_batch: int,
+        max_pending: int,
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._lock = threading.Lock()
+        self._pending: deque[_Waiter] = deque()
+        self._leading = False
+        self.pipelines = 0  # pipelines sent, for tests and metrics
+
+    def check(self, request: _CheckRequest) -> Reason:
+        waiter = _Waiter(request)
+        with self._lock:
+            if len(self._pending) >= self._max_pending:
+                raise StoreUnavailableError(
+                    f"Redis store overloaded during check_token: {self._max_pending} validations already wait for Redis"
+                )
+            self._pending.append(waiter)
+            if not self._leading:
+                self._leading = waiter.lead = True
+        while True:
+            if waiter.lead:
+                waiter.lead = False
+                self._lead_once()
+            if not waiter.done:
+                waiter.event.wait()
+                waiter.event.clear()
+            if waiter.done:
+                if isinstance(waiter.result, StoreUnavailableError):
+                    raise waiter.result
+                return waiter.result
+
+    def _lead_once(self) -> None:
+        with self._lock:
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
+        try:
+            self.pipelines += 1
+            try:
+                results = self._send([w.request for w in batch])
+            except StoreUnavailableError as exc:
+                results = [StoreUnavailableError(*exc.args) for _ in batch]  # one error per caller
+            except Exception as exc:  # a bug: still refuse rather than hang
+                results = [_unavailable("check_token", exc) for _ in batch]
+            for waiter, result in zip(batch, results, strict=True):
+                waiter.result, waiter.done = result, True
+                waiter.event.set()
+        finally:
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.lead = True
+                    successor.event.set()
+                else:
+                    self._leading = False
+
+
 class RedisStore:
     """The `Store` for several broker replicas sharing one Redis or Redis Cluster.
 
@@ -308,6 +389,11 @@ class RedisStore:
             else {}
         )
         self._coalescer: _CheckCoalescer | None = None
+        self._thread_coalescer = _ThreadCheckCoalescer(
+            lambda requests: self._run("check_token", self._checks_op(requests)),
+            max_batch=max_batch,
+            max_pending=max_pending_checks,
+        )
 
     @classmethod
     def from_url(
@@ -644,7 +730,7 @@ class RedisStore:
         SESSION_REVOKED, CLIENT_REVOKED, TOKEN_REVOKED or REPLAYED; raises
         `StoreUnavailableError`, never answers OK without Redis."""
         request = _CheckRequest(client_id, session_id, audience, jti, client_ip, tuple(replay), now)
-        return self._raise_first(self._run("check_token", self._checks_op([request])))[0]
+        return self._thread_coalescer.check(request)
 
     def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
         """`check_token` for each request (a mapping of its keyword arguments), all in one
