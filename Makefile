@@ -60,8 +60,8 @@ bench: build redis ## Benchmarks with same-run baselines -> benches/results/ (un
 	$(PY) benches/report.py benches/results/embedded.json
 
 lint: build ## ruff, mypy, stubtest, clippy, rustfmt
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
 	$(VENV)/bin/mypy
 	$(PY) -m mypy.stubtest tokenbroker._core
 	cargo clippy --workspace --all-targets -- -D warnings

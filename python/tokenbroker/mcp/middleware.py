@@ -1,0 +1,310 @@
+"""`BrokerAuthMiddleware`: validates every HTTP request to an MCP server with the broker
+(token, DPoP proof, method, URI, client address, client certificate) before the SDK sees
+it, and hands the validated principal to the SDK.
+
+The SDK's `TokenVerifier` sees only a token string, so it cannot check a DPoP proof; this
+ASGI middleware can. Wrap the SDK's Starlette app with it:
+
+    app = BrokerAuthMiddleware(server.streamable_http_app(), broker=broker, audience=URI)
+
+A request it lets through carries, as the SDK's own bearer middleware would leave it,
+`scope["user"]` (an `AuthenticatedUser`) and `scope["auth"]` (`AuthCredentials`), and the
+SDK's auth context variable is set, so `get_access_token()` returns the
+`BrokerAccessToken` inside tools. When the SDK app runs its own auth stack (built with
+`token_verifier=BrokerTokenVerifier(...)` and `AuthSettings`), that stack sees the
+request as `Bearer` and the verifier returns what this middleware validated: one broker
+call per request either way.
+
+Answers: 401 with `WWW-Authenticate` challenges for DPoP (`algs="EdDSA ES256"`) and
+Bearer (RFC 9449 section 7, RFC 6750 section 3), `error="invalid_token"` or
+`error="invalid_dpop_proof"` on the scheme concerned; 403 `insufficient_scope`; 400
+`invalid_request` for duplicated credentials; 503 when the broker or its store cannot
+answer (fail closed); 500 when the broker refuses this server (misconfiguration)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from mcp.server.auth.middleware.auth_context import auth_context_var
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from starlette.authentication import AuthCredentials
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
+from tokenbroker.mcp.verifier import BrokerAccessToken, Validator, _validated
+from tokenbroker.models import Validation
+from tokenbroker.reason import Reason
+
+log = logging.getLogger("tokenbroker.mcp")
+
+DPOP_ALGS = "EdDSA ES256"
+# RFC 6750 section 2.1 b64token, and RFC 7515 compact serialisation (a DPoP proof).
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+")
+# Characters allowed in an error_description (RFC 6750 section 3): printable ASCII but " and \.
+_NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+_PROOF_REASONS = frozenset({Reason.PROOF_INVALID})
+_DPOP_REASONS = frozenset({Reason.PROOF_MISSING, Reason.PROOF_INVALID, Reason.BINDING_MISMATCH})
+
+
+class _Refusal(Exception):
+    """A request answered here, never passed on."""
+
+    def __init__(
+        self, status: int, error: str, description: str, *, scheme: str = "", scope: str = "", reason: str = ""
+    ) -> None:
+        super().__init__(description)
+        self.status = status
+        self.error = error
+        self.description = description
+        self.scheme = scheme  # "dpop", "bearer" or "" (which challenge carries the error)
+        self.scope = scope
+        self.reason = reason  # the broker's Reason name, when it decided
+
+
+def _description(text: str) -> str:
+    return _NOT_DESCRIPTION.sub("", text)[:200]
+
+
+def cert_thumbprint(pem_or_der: str | bytes) -> str:
+    """RFC 8705 `x5t#S256`: base64url(SHA-256(DER certificate)), no padding."""
+    der = ssl.PEM_cert_to_DER_cert(pem_or_der) if isinstance(pem_or_der, str) else pem_or_der
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+class BrokerAuthMiddleware:
+    """ASGI middleware validating every HTTP request with a broker.
+
+    `broker`: an embedded `Broker` or a `BrokerClient` (anything with `avalidate`).
+    `audience`: this server's resource URI (tokens for any other server are refused).
+    `required_scopes`: scopes every request's token must carry (403 otherwise).
+    `public_base_url`: the scheme, host and port (plus any path prefix a proxy strips)
+    clients address this server by, e.g. "https://mcp.example.com" behind a proxy; the
+    request path is appended to it to get the URI the DPoP proof must cover (`htu`).
+    Without it the URI is rebuilt from the request (ASGI scheme, `Host` header, raw path),
+    which trusts the Host header: set it in production and whenever a proxy sits in front.
+    `exempt_paths`: path prefixes served without a token (default: `/.well-known/`, the
+    OAuth protected resource metadata).
+    `resource_metadata_url`: RFC 9728 metadata URL, added to the challenges when given.
+    `realm`: added to the challenges when given.
+
+    The client address is the ASGI `client` (run uvicorn with `--proxy-headers` and
+    `--forwarded-allow-ips` to have it taken from a trusted proxy). The client certificate
+    thumbprint comes from the ASGI TLS extension (`scope["extensions"]["tls"]`) when the
+    server provides it."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        broker: Validator,
+        audience: str,
+        required_scopes: Sequence[str] = (),
+        public_base_url: str | None = None,
+        exempt_paths: Sequence[str] = ("/.well-known/",),
+        resource_metadata_url: str | None = None,
+        realm: str | None = None,
+    ) -> None:
+        if not audience:
+            raise ValueError("audience (this MCP server's resource URI) is required")
+        if isinstance(required_scopes, str):
+            required_scopes = required_scopes.split()
+        if public_base_url is not None and not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", public_base_url):
+            raise ValueError("public_base_url must be an http(s) URL without query or fragment")
+        self.app = app
+        self.broker = broker
+        self.audience = audience
+        self.required_scopes = tuple(required_scopes)
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.exempt_paths = tuple(exempt_paths)
+        self._realm = f'realm="{_description(realm)}"' if realm else ""
+        self._metadata = f'resource_metadata="{_description(resource_metadata_url)}"' if resource_metadata_url else ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # MCP has no websocket transport here
+            return
+        if scope["type"] != "http" or self._exempt(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            token, inner = await self._authenticate(scope)
+        except _Refusal as refusal:
+            client = scope.get("client")
+            log.info(
+                "refused %s %s from %s: %d %s%s%s",
+                scope.get("method"),
+                _description(str(scope.get("path"))),
+                client[0] if client else "-",
+                refusal.status,
+                refusal.error or "no credentials",
+                f" {refusal.reason}" if refusal.reason else "",
+                f" ({refusal.description})" if refusal.description else "",
+            )
+            await self._refuse(send, refusal)
+            return
+        validated = _validated.set(token)
+        context = auth_context_var.set(inner["user"])
+        try:
+            await self.app(inner, receive, send)
+        finally:
+            auth_context_var.reset(context)
+            _validated.reset(validated)
+
+    def _exempt(self, path: str) -> bool:
+        """Served without a token: under an exempt prefix, with no dot segment to climb out."""
+        return path.startswith(self.exempt_paths) and not any(part in (".", "..") for part in path.split("/"))
+
+    # -- the request ------------------------------------------------------------------
+
+    async def _authenticate(self, scope: Scope) -> tuple[BrokerAccessToken, Scope]:
+        authorization, proofs = [], []
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization.append(value)
+            elif name == b"dpop":
+                proofs.append(value)
+        if not authorization:
+            raise _Refusal(401, "", "")
+        if len(authorization) > 1:
+            raise _Refusal(400, "invalid_request", "more than one Authorization header")
+        scheme, token = self._credentials(authorization[0])
+        proof = None
+        if scheme == "dpop":
+            if len(proofs) > 1:
+                raise _Refusal(400, "invalid_request", "more than one DPoP header", scheme="dpop")
+            if not proofs:
+                raise _Refusal(401, "invalid_dpop_proof", "DPoP proof header is missing", scheme="dpop")
+            proof = proofs[0].decode("latin-1").strip()
+            if not _COMPACT_JWS.fullmatch(proof):
+                raise _Refusal(401, "invalid_dpop_proof", "DPoP proof is not a compact JWS", scheme="dpop")
+        validation = await self._validate(scope, token, proof)
+        if not validation.valid:
+            raise self._refusal(validation, scheme, proof is not None)
+        principal = BrokerAccessToken.from_validation(token, validation)
+        inner = dict(scope)
+        inner["user"] = AuthenticatedUser(principal)
+        inner["auth"] = AuthCredentials(list(principal.scopes))
+        if scheme == "dpop":  # the SDK's own bearer stack, if present, reads only `Bearer`
+            inner["headers"] = [
+                (name, b"Bearer " + token.encode("ascii") if name == b"authorization" else value)
+                for name, value in scope["headers"]
+            ]
+        return principal, inner
+
+    @staticmethod
+    def _credentials(header: bytes) -> tuple[str, str]:
+        text = header.decode("latin-1")
+        scheme, _, token = text.strip().partition(" ")
+        scheme, token = scheme.lower(), token.strip()
+        if scheme not in ("dpop", "bearer"):
+            raise _Refusal(401, "", "")  # an unsupported scheme: challenge as if no credentials
+        if not token or not _TOKEN68.fullmatch(token):
+            raise _Refusal(400, "invalid_request", "Authorization header is malformed", scheme=scheme)
+        return scheme, token
+
+    def _uri(self, scope: Scope) -> str:
+        """The request URI as the client addressed it (no query): the DPoP `htu`."""
+        raw = scope.get("raw_path")
+        path: str = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
+        if self.public_base_url is not None:
+            return self.public_base_url + path
+        host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
+        if not host:
+            server = scope.get("server")
+            if not server:
+                raise _Refusal(400, "invalid_request", "request has no Host")
+            host = f"{server[0]}:{server[1]}" if server[1] is not None else str(server[0])
+        return f"{scope.get('scheme', 'http')}://{host}{path}"
+
+    @staticmethod
+    def _client_cert_thumbprint(scope: Scope) -> str | None:
+        tls: Any = (scope.get("extensions") or {}).get("tls")
+        if not isinstance(tls, dict):
+            return None
+        chain = tls.get("client_cert_chain") or ()
+        if not chain:
+            return None
+        try:
+            return cert_thumbprint(chain[0])
+        except (ValueError, binascii.Error, TypeError):
+            raise _Refusal(400, "invalid_request", "client certificate is unreadable") from None
+
+    async def _validate(self, scope: Scope, token: str, proof: str | None) -> Validation:
+        client = scope.get("client")
+        try:
+            return await self.broker.avalidate(
+                token,
+                audience=self.audience,
+                dpop_proof=proof,
+                http_method=scope["method"],
+                http_uri=self._uri(scope),
+                cert_thumbprint=self._client_cert_thumbprint(scope),
+                client_ip=client[0] if client else None,
+                required_scopes=self.required_scopes,
+            )
+        except StoreUnavailableError as exc:
+            log.error("broker unavailable, request refused (fail closed): %s", exc)
+            raise _Refusal(503, "temporarily_unavailable", "token validation is unavailable") from None
+        except TokenBrokerError as exc:
+            log.error("broker refused this server's validation call (%s): %s", type(exc).__name__, exc)
+            raise _Refusal(500, "server_error", "token validation is misconfigured") from None
+
+    def _refusal(self, validation: Validation, scheme: str, with_proof: bool) -> _Refusal:
+        reason = validation.reason
+        detail = _description(validation.detail or reason.name.lower())
+        if reason is Reason.INSUFFICIENT_SCOPE:
+            scope = " ".join(self.required_scopes)
+            return _Refusal(403, "insufficient_scope", detail, scheme=scheme, scope=scope, reason=reason.name)
+        if reason is Reason.REPLAY_CACHE_FULL:
+            return _Refusal(503, "temporarily_unavailable", "replay cache is full", reason=reason.name)
+        if reason in _PROOF_REASONS or (reason is Reason.REPLAYED and with_proof):
+            return _Refusal(401, "invalid_dpop_proof", detail, scheme="dpop", reason=reason.name)
+        scheme = "dpop" if reason in _DPOP_REASONS else scheme
+        return _Refusal(401, "invalid_token", detail, scheme=scheme, reason=reason.name)
+
+    # -- answers ------------------------------------------------------------------------
+
+    def challenges(self, error: str = "", description: str = "", *, scheme: str = "", scope: str = "") -> list[str]:
+        """The `WWW-Authenticate` values: a DPoP and a Bearer challenge, `error` on `scheme`'s."""
+        values = []
+        for name, label in (("dpop", "DPoP"), ("bearer", "Bearer")):
+            params = [self._realm] if self._realm else []
+            if error and name == scheme:
+                params.append(f'error="{error}"')
+                if description:
+                    params.append(f'error_description="{_description(description)}"')
+                if scope:
+                    params.append(f'scope="{_description(scope)}"')
+            if self._metadata:
+                params.append(self._metadata)
+            if name == "dpop":
+                params.append(f'algs="{DPOP_ALGS}"')
+            values.append(f"{label} {', '.join(params)}" if params else label)
+        return values
+
+    async def _refuse(self, send: Send, refusal: _Refusal) -> None:
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        if refusal.status in (401, 403):
+            scheme = refusal.scheme or "bearer"
+            for value in self.challenges(refusal.error, refusal.description, scheme=scheme, scope=refusal.scope):
+                headers.append((b"www-authenticate", value.encode("ascii")))
+        if refusal.status == 503:
+            headers.append((b"retry-after", b"1"))
+        body = (
+            json.dumps({"error": refusal.error, "error_description": refusal.description}).encode()
+            if refusal.error
+            else json.dumps({"error": "unauthorized", "error_description": "authentication required"}).encode()
+        )
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
