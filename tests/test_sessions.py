@@ -168,3 +168,21 @@ def test_issued_token_repr_never_shows_the_token():
     issued = broker.issue(client_id="c", audience=AUDIENCE)
     assert issued.access_token not in repr(issued)
     assert issued.access_token.split(".")[2] not in repr(issued)
+
+
+def test_memory_store_replay_records_are_bounded_and_refuse_when_full():
+    from tokenbroker import MemoryStore, ProofSigner
+
+    broker, clock = make_broker(store=MemoryStore(max_replay_records=2))
+    signer = ProofSigner()
+    token = broker.issue(client_id="c", audience=AUDIENCE, dpop_jkt=signer.jkt).access_token
+
+    def check():
+        proof = signer.sign("POST", AUDIENCE, token, iat=int(clock.now))
+        return broker.validate(token, audience=AUDIENCE, dpop_proof=proof, http_method="POST", http_uri=AUDIENCE)
+
+    assert check().valid
+    assert check().valid
+    assert check().reason is Reason.REPLAY_CACHE_FULL
+    clock.advance(120)  # the first records' windows are over: they can be forgotten
+    assert check().valid

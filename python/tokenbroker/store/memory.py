@@ -47,7 +47,11 @@ class _SessionRecord:
 class MemoryStore:
     """Sessions, revocations and single-replica replay records in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_replay_records: int = 2_000_000) -> None:
+        """`max_replay_records` bounds the replay records held at once: when it is reached
+        and none has expired, validations that must record one are refused
+        (`REPLAY_CACHE_FULL`): evicting a live record would reopen a replay."""
+        self._max_replay = max_replay_records
         self._lock = threading.Lock()
         self._sessions: dict[str, _SessionRecord] = {}
         self._by_client: dict[str, dict[str, None]] = {}  # insertion-ordered session ids
@@ -124,6 +128,10 @@ class MemoryStore:
             for key, _ in replay:
                 if self._replay.get(key, 0) > now:
                     return Reason.REPLAYED
+            if replay and len(self._replay) + len(replay) > self._max_replay:
+                self._replay = {k: t for k, t in self._replay.items() if t > now}
+                if len(self._replay) + len(replay) > self._max_replay:
+                    return Reason.REPLAY_CACHE_FULL
             for key, until in replay:
                 self._replay[key] = until
             self._writes += len(replay)
@@ -137,6 +145,12 @@ class MemoryStore:
             self._maybe_purge(now)
             if self._replay.get(key, 0) > now:
                 return False
+            if len(self._replay) >= self._max_replay:
+                self._replay = {k: t for k, t in self._replay.items() if t > now}
+                if len(self._replay) >= self._max_replay:
+                    from tokenbroker.errors import StoreUnavailableError
+
+                    raise StoreUnavailableError("replay records are full; refusing rather than forgetting one")
             self._replay[key] = until
             return True
 
