@@ -3,6 +3,7 @@ Thread-safe; memory is bounded by the session limits and by the token lifetime."
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from tokenbroker.store.base import ReplayRecord
 
 # Revoked jtis are remembered for the longest token lifetime plus clock leeway.
 _PURGE_EVERY = 4096
+# Expired replay records forgotten per check: more than a check adds, so memory follows traffic.
+_PURGE_PER_CHECK = 4
 
 
 @dataclass(slots=True)
@@ -57,6 +60,7 @@ class MemoryStore:
         self._by_client: dict[str, dict[str, None]] = {}  # insertion-ordered session ids
         self._revoked_tokens: dict[str, int] = {}  # jti -> forget after
         self._replay: dict[str, int] = {}  # key -> forget after
+        self._replay_by_expiry: list[tuple[int, str]] = []  # heap: soonest first
         self._writes = 0
 
     # -- sessions -------------------------------------------------------------------
@@ -128,12 +132,13 @@ class MemoryStore:
             for key, _ in replay:
                 if self._replay.get(key, 0) > now:
                     return Reason.REPLAYED
+            self._forget_replay(now, _PURGE_PER_CHECK)
             if replay and len(self._replay) + len(replay) > self._max_replay:
-                self._replay = {k: t for k, t in self._replay.items() if t > now}
+                self._forget_replay(now, len(self._replay_by_expiry))
                 if len(self._replay) + len(replay) > self._max_replay:
                     return Reason.REPLAY_CACHE_FULL
             for key, until in replay:
-                self._replay[key] = until
+                self._record_replay(key, until)
             self._writes += len(replay)
             record.last_seen_at = now
             if client_ip:
@@ -145,13 +150,14 @@ class MemoryStore:
             self._maybe_purge(now)
             if self._replay.get(key, 0) > now:
                 return False
+            self._forget_replay(now, _PURGE_PER_CHECK)
             if len(self._replay) >= self._max_replay:
-                self._replay = {k: t for k, t in self._replay.items() if t > now}
+                self._forget_replay(now, len(self._replay_by_expiry))
                 if len(self._replay) >= self._max_replay:
                     from tokenbroker.errors import StoreUnavailableError
 
                     raise StoreUnavailableError("replay records are full; refusing rather than forgetting one")
-            self._replay[key] = until
+            self._record_replay(key, until)
             return True
 
     def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
@@ -186,6 +192,20 @@ class MemoryStore:
             self._writes += 1
             return 1
 
+    def _record_replay(self, key: str, until: int) -> None:
+        self._replay[key] = until
+        heapq.heappush(self._replay_by_expiry, (until, key))
+
+    def _forget_replay(self, now: int, limit: int) -> None:
+        """Forgets at most `limit` replay records whose time has come (a stale heap entry,
+        for a key recorded again later, is skipped)."""
+        heap = self._replay_by_expiry
+        while limit > 0 and heap and heap[0][0] <= now:
+            until, key = heapq.heappop(heap)
+            if self._replay.get(key) == until:
+                del self._replay[key]
+            limit -= 1
+
     def _maybe_purge(self, now: int) -> None:
         """Drops what can no longer matter: expired sessions and old records."""
         self._writes += 1
@@ -200,7 +220,7 @@ class MemoryStore:
                 if not by_client:
                     del self._by_client[record.client_id]
         self._revoked_tokens = {j: t for j, t in self._revoked_tokens.items() if t > now}
-        self._replay = {k: t for k, t in self._replay.items() if t > now}
+        self._forget_replay(now, len(self._replay_by_expiry))
 
     # -- asyncio twins (nothing here blocks) ----------------------------------------
 

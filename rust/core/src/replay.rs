@@ -6,7 +6,8 @@
 //! exact record is full of live entries the request is refused (`Seen::Full`): evicting a
 //! live entry would reopen a replay.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -141,10 +142,31 @@ impl RotatingBloom {
     }
 }
 
+/// Expired records purged per call: more than the one a call can add, so the record
+/// shrinks back as traffic falls, without a pause to sweep the whole map.
+const PURGE_PER_CALL: usize = 4;
+
 struct ExactRecord {
     expiries: HashMap<[u8; 32], u64>,
-    /// While full of live entries, nothing can be purged before this time.
-    no_purge_before: u64,
+    /// Every record by the time it may be forgotten, soonest first. An entry whose key was
+    /// re-recorded with a later time is stale and skipped when it comes up.
+    by_expiry: BinaryHeap<Reverse<(u64, [u8; 32])>>,
+}
+
+impl ExactRecord {
+    /// Forgets at most `limit` records whose time has come.
+    fn purge(&mut self, now: u64, limit: usize) {
+        for _ in 0..limit {
+            match self.by_expiry.peek() {
+                Some(Reverse((until, _))) if *until <= now => {}
+                _ => return,
+            }
+            let Reverse((until, key)) = self.by_expiry.pop().expect("peeked");
+            if self.expiries.get(&key) == Some(&until) {
+                self.expiries.remove(&key);
+            }
+        }
+    }
 }
 
 /// Bloom filter plus exact confirmation.
@@ -161,7 +183,7 @@ impl ReplayCache {
         let exact_capacity = cfg.capacity.saturating_mul(GENERATIONS);
         ReplayCache {
             bloom: RotatingBloom::new(cfg.capacity, cfg.fp_rate, cfg.window_secs),
-            exact: Mutex::new(ExactRecord { expiries: HashMap::new(), no_purge_before: 0 }),
+            exact: Mutex::new(ExactRecord { expiries: HashMap::new(), by_expiry: BinaryHeap::new() }),
             exact_capacity,
             bloom_maybe: AtomicU64::new(0),
             bloom_false_positives: AtomicU64::new(0),
@@ -181,13 +203,10 @@ impl ReplayCache {
                 }
             }
         }
+        record.purge(now, PURGE_PER_CALL);
         if record.expiries.len() >= self.exact_capacity && !record.expiries.contains_key(key) {
-            if now < record.no_purge_before {
-                return Seen::Full;
-            }
-            record.expiries.retain(|_, exp| *exp > now);
+            record.purge(now, usize::MAX);
             if record.expiries.len() >= self.exact_capacity {
-                record.no_purge_before = record.expiries.values().copied().min().unwrap_or(now);
                 return Seen::Full;
             }
         }
@@ -197,7 +216,10 @@ impl ReplayCache {
                 record.expiries.insert(*key, exp);
                 Seen::Replayed
             }
-            _ => Seen::New,
+            _ => {
+                record.by_expiry.push(Reverse((expires_at, *key)));
+                Seen::New
+            }
         }
     }
 
@@ -247,6 +269,18 @@ mod tests {
         assert_eq!(c.check_and_record(&key(9, "f"), 2000, 1000), Seen::Full);
         assert_eq!(c.check_and_record(&key(0, "f"), 2000, 1000), Seen::Replayed, "live entries kept");
         assert_eq!(c.check_and_record(&key(9, "f"), 3000, 2001), Seen::New, "expired entries purged");
+    }
+
+    #[test]
+    fn expired_records_are_forgotten_as_traffic_goes_on() {
+        let c = ReplayCache::new(ReplayConfig { capacity: 100_000, fp_rate: 0.01, window_secs: 60 });
+        // 100 records a second, each kept 60 s, for 10 minutes: about 6,000 live at a time.
+        for t in 0..600u64 {
+            for i in 0..100u64 {
+                assert_eq!(c.check_and_record(&key(t * 1000 + i, "steady"), 1000 + t + 60, 1000 + t), Seen::New);
+            }
+        }
+        assert!(c.len() <= 6_100, "{} records held", c.len());
     }
 
     #[test]
