@@ -44,15 +44,25 @@ class Metrics:
             registry=self.registry,
         )
         self._http: tuple[Any, threading.Thread] | None = None
+        # `labels()` costs microseconds per call on the validation path; the label sets are
+        # few and fixed (methods, status codes, reasons), so their children are kept.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def rpc(self, method: str, code: str, seconds: float) -> None:
         """One handled RPC: `code` is the gRPC status name ("OK", "UNAUTHENTICATED", ...)."""
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        self._child(self.requests, method, code).inc()
+        self._child(self.latency, method).observe(seconds)
 
     def validation(self, reason: str) -> None:
         """One validation answer, by reason name ("OK", "EXPIRED", "REPLAYED", ...)."""
-        self.validations.labels(reason).inc()
+        self._child(self.validations, reason).inc()
 
     def issuance(self, decision: str, rule: str) -> None:
         """One issuance decision ("grant"/"refuse") and the rule that made it."""
