@@ -58,6 +58,8 @@ bench: build redis ## Benchmarks with same-run baselines -> benches/results/ (un
 	$(PY) -m pytest benches -q --benchmark-enable --benchmark-only --benchmark-json=benches/results/embedded.json \
 		--benchmark-min-rounds=5 --benchmark-max-time=0.5
 	$(PY) benches/report.py benches/results/embedded.json
+	$(PY) benches/mcp_latency.py --json benches/results/mcp-latency.json | tee benches/results/mcp-latency.md
+	$(VENV)/bin/tokenbroker bench --duration 3 --warmup 0.5 --soak 60 --soak-warmup 65 --out benches/results
 
 lint: build ## ruff, mypy, stubtest, clippy, rustfmt
 	$(VENV)/bin/ruff check python tests benches examples
