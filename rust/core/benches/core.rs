@@ -46,7 +46,7 @@ fn benches(c: &mut Criterion) {
     let t = now();
 
     let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
-    let msg = issue(&e, None);
+    let msg = issue_at(&e, None, t);
     let sig = key.sign(msg.as_bytes());
     let vk = key.verifying_key();
     c.bench_function("ed25519_verify_strict_raw", |b| {
@@ -63,15 +63,17 @@ fn benches(c: &mut Criterion) {
         )
     });
 
-    let warm = issue(&e, None);
+    let t = now();
+    let warm = issue_at(&e, None, t);
     c.bench_function("validate_warm", |b| {
         b.iter(|| {
             e.validate(&ValidateRequest { token: warm.as_bytes(), audience: AUD, ..Default::default() }, t).unwrap()
         })
     });
 
+    let t = now();
     let signer = ProofSigner::generate();
-    let bound = issue(&e, Some(Confirmation::DpopJkt(signer.jkt().to_owned())));
+    let bound = issue_at(&e, Some(Confirmation::DpopJkt(signer.jkt().to_owned())), t);
     let mut n = 0u64;
     c.bench_function("validate_dpop_cached_token_fresh_proof", |b| {
         b.iter_batched(
@@ -94,6 +96,7 @@ fn benches(c: &mut Criterion) {
         )
     });
 
+    let t = now();
     let mut group = c.benchmark_group("validate_batch_cold");
     group.throughput(Throughput::Elements(64));
     group.bench_function("64", |b| {
