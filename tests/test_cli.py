@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tokenbroker import Broker, Keyring, MemoryStore, Validation
+from tokenbroker.bench.servers import free_port
 from tokenbroker.cli import main
 from tokenbroker.issuance import ClientAuthenticator
 from tokenbroker.registry import ClientStatus
@@ -532,15 +533,6 @@ def test_serve_with_a_missing_tls_file_is_one_line(env: dict[str, str], fake_ser
 
 
 # -- end to end: `serve --demo` in its own process, the real gRPC client -------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_serve_demo_end_to_end_over_grpc(env: dict[str, str], tmp_path: Path) -> None:

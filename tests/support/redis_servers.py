@@ -11,12 +11,13 @@ import atexit
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tokenbroker.bench.servers import free_port, redis_command
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -25,34 +26,9 @@ HOST = "127.0.0.1"
 _live: set[RedisServer] = set()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _command(port: int, *args: str, timeout: float = 0.5) -> bytes:
-    """Sends one inline command and returns the raw reply (b"" when nobody answers)."""
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as sock:
-            sock.sendall((" ".join(args) + "\r\n").encode())
-            reply = b""
-            while not reply.endswith(b"\r\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-            if reply.startswith(b"$"):  # bulk string: read the rest
-                size = int(reply[1 : reply.index(b"\r\n")])
-                while len(reply) < reply.index(b"\r\n") + 2 + size + 2:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    reply += chunk
-            return reply
-    except OSError:
-        return b""
+    """One inline command on a fresh connection (the bench's helper; a short timeout here)."""
+    return redis_command(port, *args, timeout=timeout)
 
 
 @dataclass(eq=False)

@@ -176,7 +176,7 @@ def _stop_leftovers() -> None:
 # -- redis ----------------------------------------------------------------------------------
 
 
-def _redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
+def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
     """One inline command on a fresh connection; the raw reply (b"" when nobody answers).
     A socket of its own, so it never shares (or counts as) the load's connections."""
     try:
@@ -240,7 +240,7 @@ class RedisProcess:
         ]
         managed = processes.add(ManagedProcess("redis-server", command, directory / "redis.log").start())
         deadline = time.monotonic() + START_TIMEOUT
-        while not _redis_command(port, "PING", timeout=0.5).startswith(b"+PONG"):
+        while not redis_command(port, "PING", timeout=0.5).startswith(b"+PONG"):
             if not managed.alive():
                 raise RuntimeError(f"redis-server exited: {managed.log_tail()}")
             if time.monotonic() > deadline:
@@ -250,7 +250,7 @@ class RedisProcess:
 
     def info(self, section: str = "") -> dict[str, str]:
         """INFO as a dict."""
-        raw = _redis_command(self.port, "INFO", *([section] if section else []))
+        raw = redis_command(self.port, "INFO", *([section] if section else []))
         body = raw.split(b"\r\n", 1)[1] if raw.startswith(b"$") else b""
         pairs = (line.split(":", 1) for line in body.decode(errors="replace").splitlines() if ":" in line)
         return {k: v for k, v in pairs}
@@ -262,7 +262,7 @@ class RedisProcess:
         return {name: int(stats[name]) for name in names if stats.get(name, "").isdigit()}
 
     def flush(self) -> None:
-        _redis_command(self.port, "FLUSHALL")
+        redis_command(self.port, "FLUSHALL")
 
 
 # -- deployment -------------------------------------------------------------------------------
