@@ -13,7 +13,7 @@ RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
 PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
 
 
-.PHONY: help venv build run demo bench test test-rust test-python lint fmt redis clean proto
+.PHONY: help venv build run demo bench test test-rust test-python test-mcp1 lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -51,7 +51,18 @@ test-python: build redis ## Python tests (starts its own redis-server processes)
 	$(PY) -m pytest
 	$(PY) -m pytest benches -q --benchmark-disable  # each benchmark body once: the bench code cannot rot
 
-test: test-rust test-python ## Build, then run the Rust and Python suites
+# mcp 1.x (FastMCP) is supported too: its own venv, the same built extension via PYTHONPATH.
+MCP1_VENV ?= .venv-mcp1
+$(MCP1_VENV)/.installed: pyproject.toml
+	@test -x $(MCP1_VENV)/bin/python || python3 -m venv $(MCP1_VENV)
+	$(MCP1_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MCP1_VENV)/bin/python -m pip install -q "mcp>=1.30,<2" $$($(PY) scripts/deps.py dev)
+	@touch $@
+
+test-mcp1: build redis $(MCP1_VENV)/.installed ## The MCP integration suites under mcp 1.x
+	PYTHONPATH=$(CURDIR)/python $(MCP1_VENV)/bin/python -m pytest tests/test_mcp_unit.py tests/test_mcp_e2e.py -q
+
+test: test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
 
 bench: build redis ## Benchmarks with same-run baselines -> benches/results/ (under 10 minutes)
 	cargo bench -p tokenbroker-core --bench core -- --warm-up-time 1 --measurement-time 3
@@ -75,4 +86,4 @@ fmt: ## Format Rust and Python
 	$(VENV)/bin/ruff check --fix python tests
 
 clean: ## Remove build output and the venv
-	rm -rf target $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf target $(VENV) $(MCP1_VENV) .pytest_cache .mypy_cache .ruff_cache
