@@ -618,3 +618,21 @@ def test_each_refusal_reason_gets_its_rfc_status_and_error(reason: Reason) -> No
     app = BrokerAuthMiddleware(echo, broker=Failing(RuntimeError()), audience=URL, required_scopes=["s"])
     refusal = app._refusal(Validation.rejected(reason, "detail"), "dpop", with_proof=True)
     assert (refusal.status, refusal.error) == SPECIAL_ANSWERS.get(reason, (401, "invalid_token"))
+
+
+async def test_a_host_header_carrying_a_path_is_a_bad_request(broker: Broker) -> None:
+    signer = ProofSigner()
+    issued = issue(broker, signer)
+    forged_uri = "http://testserver/other"
+    proof = signer.sign("POST", forged_uri, issued.access_token)
+    headers = [(b"authorization", f"DPoP {issued.access_token}".encode()), (b"dpop", proof.encode())]
+    scope = http_scope(headers)
+    scope["headers"] = [(b"host", b"testserver/other#"), *headers]
+    assert await call(protected(broker), scope) == 400
+
+
+async def test_the_dpop_scheme_with_an_unbound_token_is_refused(broker: Broker) -> None:
+    signer = ProofSigner()
+    issued = issue(broker)  # not bound to any key
+    response = await post(protected(broker), dpop(issued.access_token, signer.sign("POST", URL, issued.access_token)))
+    assert response.status_code == 401

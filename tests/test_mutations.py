@@ -249,3 +249,22 @@ def test_details_never_echo_attacker_input_at_length(setup):
     assert result.reason is Reason.MALFORMED
     assert len(result.detail) < 120
     assert json.dumps(result.detail)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "valid"),
+    [
+        ({"token": "\ud800"}, False),
+        ({"audience": "\ud800"}, False),
+        ({"http_method": 7, "dpop_proof": "a.b.c"}, False),
+        ({"dpop_proof": "\ud800", "http_method": "POST", "http_uri": AUDIENCE}, False),
+        ({"cert_thumbprint": b"\xff"}, True),  # a bearer token: the certificate is not consulted
+    ],
+)
+def test_unusable_fields_are_answers_never_exceptions(setup, kwargs, valid):
+    broker, issued, _ = setup
+    args = {"token": issued.access_token, "audience": AUDIENCE, **kwargs}
+    token = args.pop("token")
+    assert broker.validate(token, **args).valid is valid
+    (answer,) = broker.validate_batch([{"token": token, **args}])
+    assert answer.valid is valid

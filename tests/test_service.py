@@ -532,3 +532,19 @@ def test_client_ip_field_is_believed_only_from_a_registered_server(broker: Runni
     assert broker.audit.events[-1]["source_ip"] == "127.0.0.1"
     issue(stub, client_ip="10.9.9.9", metadata=API_KEY_MD)
     assert broker.audit.events[-1]["source_ip"] == "10.9.9.9"
+
+
+def test_a_server_removed_from_the_registry_stops_validating_on_an_open_stream(
+    broker: RunningBroker, stub: Any
+) -> None:
+    issued = issue(stub)
+    requests: Any = __import__("queue").Queue()
+    answers = stub.ValidateTokenStream(iter(requests.get, None), timeout=TIMEOUT, metadata=API_KEY_MD)
+    requests.put(pb.ValidateTokenRequest(token=issued.access_token, audience=AUDIENCE, request_id="1"))
+    assert next(answers).valid
+    broker.registry.servers.clear()  # the operator removes every server
+    requests.put(pb.ValidateTokenRequest(token=issued.access_token, audience=AUDIENCE, request_id="2"))
+    with pytest.raises(grpc.RpcError) as raised:
+        next(answers)
+    assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    requests.put(None)

@@ -31,13 +31,24 @@ _STATE_DETAILS = {
 def _text(value: object) -> str | None:
     """A token or proof as text, or None when it cannot be one."""
     if isinstance(value, str):
-        return value
+        return value if value.isascii() else None
     if isinstance(value, bytes | bytearray | memoryview):
         try:
             return bytes(value).decode("ascii")
         except UnicodeDecodeError:
             return None
     return None
+
+
+def _field(value: object) -> str | None:
+    """A request field the engine can take (UTF-8 encodable text), else None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 class Broker:
@@ -217,9 +228,18 @@ class Broker:
         proof = _text(dpop_proof) if dpop_proof is not None else None
         if dpop_proof is not None and proof is None:
             return Reason.PROOF_INVALID, "DPoP proof is not ASCII text"
-        return self._engine.validate(
-            text, audience or "", proof or None, http_method or None, http_uri or None, cert_thumbprint or None, now
-        )
+        try:
+            return self._engine.validate(
+                text,
+                _field(audience) or "",
+                proof or None,
+                _field(http_method),
+                _field(http_uri),
+                _field(cert_thumbprint),
+                now,
+            )
+        except (TypeError, UnicodeError):  # e.g. a non-str method, a lone surrogate: never raise
+            return Reason.MALFORMED, "request fields are not text"
 
     @staticmethod
     def _answer(verdict: Any, state: Reason, required_scopes: Sequence[str], request_id: str) -> Validation:
@@ -328,6 +348,7 @@ class Broker:
         now = self._now()
         reqs = list(requests)
         verdicts = self._engine.validate_batch([self._batch_item(r) for r in reqs], now)
+
         checks = [(i, self._state_args(v, reqs[i], now)) for i, v in enumerate(verdicts) if v.ok]
         return reqs, verdicts, checks
 
@@ -350,14 +371,16 @@ class Broker:
 
     @staticmethod
     def _batch_item(r: Mapping[str, Any]) -> tuple[str, str, str | None, str | None, str | None, str | None]:
-        # Non-text tokens become "" so the engine answers MALFORMED in order.
+        # Fields that are not text become empty, so the engine refuses them in order
+        # (MALFORMED, WRONG_AUDIENCE or PROOF_INVALID) instead of the whole batch raising.
+        proof = r.get("dpop_proof")
         return (
             _text(r.get("token")) or "",
-            r.get("audience") or "",
-            _text(r.get("dpop_proof")) or None,
-            r.get("http_method") or None,
-            r.get("http_uri") or None,
-            r.get("cert_thumbprint") or None,
+            _field(r.get("audience")) or "",
+            (_text(proof) or "\x00") if proof else None,  # a non-ASCII proof is refused, not dropped
+            _field(r.get("http_method")),
+            _field(r.get("http_uri")),
+            _field(r.get("cert_thumbprint")),
         )
 
     @staticmethod

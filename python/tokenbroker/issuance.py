@@ -246,7 +246,7 @@ class ClientAuthenticator:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 1 <= len(jti) <= 256:
             raise refuse("jti (a unique id of 1 to 256 characters) is required")
-        return f"assertion:{cid}:{jti}", exp + self._leeway
+        return f"assertion:{len(cid)}:{cid}:{jti}", exp + self._leeway  # length-prefixed: unambiguous
 
     @staticmethod
     def _replayed(record: ClientRecord) -> CredentialRefusedError:

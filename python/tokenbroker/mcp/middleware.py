@@ -47,6 +47,7 @@ log = logging.getLogger("tokenbroker.mcp")
 
 DPOP_ALGS = "EdDSA ES256"
 # RFC 6750 section 2.1 b64token, and RFC 7515 compact serialisation (a DPoP proof).
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+")
 # Characters allowed in an error_description (RFC 6750 section 3): printable ASCII but " and \.
@@ -219,6 +220,9 @@ class BrokerAuthMiddleware:
         if self.public_base_url is not None:
             return self.public_base_url + path
         host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
+        if host and not _HOST.fullmatch(host):
+            # The Host header becomes the proof's htu: only a bare host[:port], never a path.
+            raise _Refusal(400, "invalid_request", "Host header is not a host[:port]")
         if not host:
             server = scope.get("server")
             if not server:

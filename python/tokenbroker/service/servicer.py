@@ -207,6 +207,9 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             if self._metrics is not None:
                 self._metrics.rpc(method, code.name, time.perf_counter() - started)
 
+    def _validate_for(self, context: Any, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
+        return self._validate(self._callers.identify(context), request)
+
     def _validate(self, caller: ServerRecord, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
         self._check_validate_request(caller, request)
         answer = self._broker.validate(**_validate_kwargs(request))
@@ -333,8 +336,8 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            caller = self._callers.identify(context)
-            yield from self._stream(caller, request_iterator, context)
+            self._callers.identify(context)  # refuse an unknown caller before reading anything
+            yield from self._stream(request_iterator, context)
         except GeneratorExit:  # the caller cancelled
             code = grpc.StatusCode.CANCELLED
             raise
@@ -349,9 +352,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             if self._metrics is not None:
                 self._metrics.rpc("ValidateTokenStream", code.name, time.perf_counter() - started)
 
-    def _stream(
-        self, caller: ServerRecord, requests: Iterator[pb.ValidateTokenRequest], context: Any
-    ) -> Iterator[pb.ValidateTokenResponse]:
+    def _stream(self, requests: Iterator[pb.ValidateTokenRequest], context: Any) -> Iterator[pb.ValidateTokenResponse]:
         done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         window = threading.BoundedSemaphore(self._stream_window)
         stop = threading.Event()
@@ -365,7 +366,9 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
                             return
                     if stop.is_set():
                         return
-                    future = self._stream_pool.submit(self._validate, caller, request)
+                    # The caller is looked up again for every request: a server removed from the
+                    # registry, or one of its audiences, stops validating on open streams too.
+                    future = self._stream_pool.submit(self._validate_for, context, request)
                     future.add_done_callback(done.put)
                     submitted += 1
             except Exception as exc:  # the request stream broke (cancelled, deadline)

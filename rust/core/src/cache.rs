@@ -9,8 +9,10 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct CachedToken {
     pub claims: Arc<AccessClaims>,
-    /// The key that verified it: a hit counts only while that key is still in the set.
+    /// The key that verified it: a hit counts only while the set still holds this very key
+    /// under this kid (a kid re-bound to another key must not keep old tokens alive).
     pub kid: Arc<str>,
+    pub key: [u8; 32],
 }
 
 pub struct VerifiedTokenCache {

@@ -272,7 +272,7 @@ impl Engine {
         let cache_key: [u8; 32] = Sha256::digest(token).into();
         if let Some(hit) = self.cache.get(&cache_key, now, self.cfg.leeway_secs) {
             let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            if keys.verifying_key(&hit.kid).is_some() {
+            if keys.verifying_key(&hit.kid).is_some_and(|k| k.as_bytes() == &hit.key) {
                 return Ok(Lookup::Cached(hit.claims));
             }
         }
@@ -314,7 +314,7 @@ impl Engine {
         let payload =
             json::parse_object(&u.payload).map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
         let claims = Arc::new(AccessClaims::from_json(&payload)?);
-        self.cache.insert(u.cache_key, CachedToken { claims: claims.clone(), kid: u.kid });
+        self.cache.insert(u.cache_key, CachedToken { claims: claims.clone(), kid: u.kid, key: u.key.to_bytes() });
         Ok(claims)
     }
 
@@ -354,6 +354,14 @@ impl Engine {
                     ))
                 }
             },
+            // RFC 9449 section 7.1: a DPoP proof claims a DPoP-bound token; an unbound one is
+            // refused rather than the proof being silently ignored.
+            None if req.dpop_proof.is_some_and(|p| !p.is_empty()) => {
+                return Err(reject(
+                    Reason::BindingMismatch,
+                    "a DPoP proof was presented with a token that is not DPoP-bound",
+                ));
+            }
             None => {}
         }
         if claims.once {
@@ -379,7 +387,9 @@ impl Engine {
         }
         let record = ReplayRecord {
             key: replay_key("dpop", &verified.jkt, &verified.jti),
-            until: verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs,
+            // Exclusive: the proof is accepted through second iat + window, so its record must
+            // still be live then (a record is live while until > now), whatever the leeway.
+            until: verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs + 1,
         };
         self.record(&record, now, "DPoP proof was already used")?;
         Ok(record)

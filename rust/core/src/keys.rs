@@ -79,6 +79,13 @@ impl KeySet {
         Ok(kid)
     }
 
+    /// A new random key as PKCS#8 PEM, not added to any set (for tests and tooling).
+    pub fn pem_of_new_key() -> String {
+        let mut set = KeySet::new();
+        let kid = set.generate();
+        set.private_pem(&kid).expect("a key of the set")
+    }
+
     /// Generates a new active key; the previous keys stay for verification.
     pub fn rotate(&mut self) -> String {
         self.generate()

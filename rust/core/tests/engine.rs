@@ -294,3 +294,54 @@ fn batch_answers_equal_single_answers() {
 fn engine_with_keys_of(e: &Engine) -> Engine {
     Engine::new(e.keys().clone(), EngineConfig::new("https://broker.example")).unwrap()
 }
+
+#[test]
+fn a_kid_rebound_to_another_key_does_not_keep_cached_tokens_alive() {
+    let mut keys = KeySet::new();
+    keys.add_pem(&KeySet::pem_of_new_key(), Some("main".into())).unwrap();
+    let shared = Arc::new(RwLock::new(keys));
+    let e = Engine::new(shared.clone(), EngineConfig::new("https://broker.example")).unwrap();
+    let t = issue(&e, None, false);
+    assert_eq!(validate(&e, &t, NOW), Ok(()), "now cached");
+    shared.write().unwrap().add_pem(&KeySet::pem_of_new_key(), Some("main".into())).unwrap();
+    assert_eq!(validate(&e, &t, NOW), Err(Reason::BadSignature));
+}
+
+#[test]
+fn a_proof_cannot_be_replayed_in_its_last_second_even_without_leeway() {
+    let mut keys = KeySet::new();
+    keys.generate();
+    let mut cfg = EngineConfig::new("https://broker.example");
+    cfg.leeway_secs = 0;
+    cfg.dpop.leeway_secs = 0;
+    let e = Engine::new(Arc::new(RwLock::new(keys)), cfg).unwrap();
+    let client = ProofSigner::generate();
+    let t = issue(&e, Some(Confirmation::DpopJkt(client.jkt().into())), false);
+    let proof = client.sign("POST", AUD, Some(t.as_bytes()), NOW - 60, "last-second");
+    let req = ValidateRequest {
+        token: t.as_bytes(),
+        audience: AUD,
+        dpop_proof: Some(proof.as_bytes()),
+        http_method: Some("POST"),
+        http_uri: Some(AUD),
+        cert_thumbprint: None,
+    };
+    assert!(e.validate(&req, NOW).is_ok());
+    assert_eq!(e.validate(&req, NOW).unwrap_err().reason, Reason::Replayed);
+}
+
+#[test]
+fn a_proof_with_an_unbound_token_is_a_binding_mismatch() {
+    let e = engine();
+    let t = issue(&e, None, false);
+    let proof = ProofSigner::generate().sign("POST", AUD, Some(t.as_bytes()), NOW, "unbound");
+    let req = ValidateRequest {
+        token: t.as_bytes(),
+        audience: AUD,
+        dpop_proof: Some(proof.as_bytes()),
+        http_method: Some("POST"),
+        http_uri: Some(AUD),
+        cert_thumbprint: None,
+    };
+    assert_eq!(e.validate(&req, NOW).unwrap_err().reason, Reason::BindingMismatch);
+}
