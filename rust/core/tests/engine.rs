@@ -276,7 +276,10 @@ fn batch_answers_equal_single_answers() {
     let good: Vec<String> = (0..6).map(|_| issue(&e, None, false)).collect();
     let foreign = issue(&other, None, false);
     let mut forged = good[0].clone();
-    forged.replace_range(forged.len() - 3..forged.len() - 2, if forged.ends_with("A") { "B" } else { "A" });
+    let at = forged.len() - 3;
+    let replacement = if &forged[at..at + 1] == "A" { "B" } else { "A" };
+    forged.replace_range(at..at + 1, replacement);
+    assert_ne!(forged, good[0]);
     let mut tokens: Vec<&str> = good.iter().map(String::as_str).collect();
     tokens.extend([foreign.as_str(), forged.as_str(), "not.a.token"]);
     let reqs: Vec<ValidateRequest> =
