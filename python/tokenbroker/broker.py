@@ -109,6 +109,26 @@ class Broker:
             raise InvalidArgumentError("audience (the MCP server's resource URI) is required")
         return ttl, list(dict.fromkeys(scopes))
 
+    def _session_args(
+        self,
+        client_id: str,
+        audience: str,
+        session_id: str | None,
+        session_limit: SessionLimit | None,
+        client_ip: str | None,
+        now: int,
+    ) -> dict[str, Any]:
+        """The store's open_session arguments, shared by `issue` and `aissue`."""
+        return {
+            "client_id": client_id,
+            "audience": audience,
+            "session_id": session_id or None,
+            "ttl_seconds": self.session_ttl_seconds,
+            "limit": session_limit or self.session_limit,
+            "client_ip": client_ip or "",
+            "now": now,
+        }
+
     def _sign(
         self,
         session: Session,
@@ -170,13 +190,7 @@ class Broker:
         ttl, scope_list = self._issue_args(ttl_seconds, scopes, audience)
         now = self._now()
         session = self.store.open_session(
-            client_id=client_id,
-            audience=audience,
-            session_id=session_id or None,
-            ttl_seconds=self.session_ttl_seconds,
-            limit=session_limit or self.session_limit,
-            client_ip=client_ip or "",
-            now=now,
+            **self._session_args(client_id, audience, session_id, session_limit, client_ip, now)
         )
         return self._sign(session, client_id, audience, scope_list, ttl, dpop_jkt, cert_thumbprint, once, now)
 
@@ -200,13 +214,7 @@ class Broker:
         ttl, scope_list = self._issue_args(ttl_seconds, scopes, audience)
         now = self._now()
         session = await self.store.aopen_session(
-            client_id=client_id,
-            audience=audience,
-            session_id=session_id or None,
-            ttl_seconds=self.session_ttl_seconds,
-            limit=session_limit or self.session_limit,
-            client_ip=client_ip or "",
-            now=now,
+            **self._session_args(client_id, audience, session_id, session_limit, client_ip, now)
         )
         return self._sign(session, client_id, audience, scope_list, ttl, dpop_jkt, cert_thumbprint, once, now)
 
@@ -286,6 +294,8 @@ class Broker:
             return Validation.rejected(verdict[0], verdict[1], request_id)
         if not verdict.ok:
             return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+        # Keywords spelled out rather than `**self._state_args(...)`: this is the hot path,
+        # and building and unpacking a dict costs about a microsecond per validation.
         state = self.store.check_token(
             client_id=verdict.client_id,
             session_id=verdict.session_id,
@@ -317,6 +327,8 @@ class Broker:
             return Validation.rejected(verdict[0], verdict[1], request_id)
         if not verdict.ok:
             return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+        # Keywords spelled out rather than `**self._state_args(...)`: this is the hot path,
+        # and building and unpacking a dict costs about a microsecond per validation.
         state = await self.store.acheck_token(
             client_id=verdict.client_id,
             session_id=verdict.session_id,
