@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The machine's own CPU features (AVX2/AVX-512 for curve25519-dalek's SIMD backend, SHA-NI).
 export RUSTFLAGS ?= -C target-cpu=native
-export TOKENBROKER_TESTDATA ?= $(abspath $(CURDIR)/../shared/testdata)
 
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
 PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')

