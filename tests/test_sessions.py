@@ -191,12 +191,18 @@ def test_memory_store_replay_records_are_bounded_and_refuse_when_full():
 def test_memory_store_forgets_expired_replay_records_as_traffic_goes_on():
     from tokenbroker import MemoryStore
 
-    store = MemoryStore()
+    store = MemoryStore(clock=lambda: 0.0)  # the store's epoch: this test's time starts at 0
     session = store.open_session(
         client_id="c", audience=AUDIENCE, session_id=None, ttl_seconds=10_000, limit=SessionLimit(), client_ip="", now=0
     )
     for t in range(300):  # 20 records a second, each kept 60 s
         for i in range(20):
-            args = {"client_id": "c", "session_id": session.session_id, "audience": AUDIENCE, "jti": "j"}
+            args = {
+                "client_id": "c",
+                "session_id": session.session_id,
+                "audience": AUDIENCE,
+                "jti": "j",
+                "issued_at": 0,
+            }
             assert store.check_token(**args, client_ip="", replay=((f"{t}-{i}", t + 60),), now=t) is Reason.OK
     assert len(store._replay) <= 20 * 61

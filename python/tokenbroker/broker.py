@@ -1,7 +1,9 @@
 """`Broker`: issues short-lived, session- and audience-bound tokens and validates them.
 
 Validation is one Rust call (structure, signature, claims, DPoP or certificate binding,
-replay) followed by one store check (session, revocation), then the scope check."""
+the replay keys), then one store check (session, revocation, and the one exact replay
+record), then the scope check. A request that lacks a scope goes to the store without its
+replay records, so nothing is recorded for a request that is refused."""
 
 from __future__ import annotations
 
@@ -24,7 +26,11 @@ _STATE_DETAILS = {
     Reason.SESSION_REVOKED: "session was revoked",
     Reason.CLIENT_REVOKED: "every session of this client was revoked",
     Reason.TOKEN_REVOKED: "token was revoked",
-    Reason.REPLAYED: "proof or single-use token was already used (seen by another replica)",
+    Reason.REPLAYED: "DPoP proof or single-use token was already used: sign a fresh proof for each request",
+    Reason.REPLAY_CACHE_FULL: (
+        "too many DPoP proofs or single-use tokens of this client are still inside their window: "
+        "refused rather than forgetting one; retry once older ones expire"
+    ),
 }
 
 
@@ -78,7 +84,8 @@ class Broker:
             raise InvalidArgumentError("session_ttl_seconds must be positive")
         self.keyring = keyring
         self.issuer = issuer
-        self.store: Store = store if store is not None else MemoryStore()
+        # The store's state epoch comes from the clock that stamps the tokens' iat.
+        self.store: Store = store if store is not None else MemoryStore(clock=clock)
         self.default_ttl_seconds = default_ttl_seconds
         self.session_ttl_seconds = session_ttl_seconds
         self.session_limit = session_limit or SessionLimit()
@@ -250,13 +257,19 @@ class Broker:
             return Reason.MALFORMED, "request fields are not text"
 
     @staticmethod
-    def _answer(verdict: Any, state: Reason, required_scopes: Sequence[str], request_id: str) -> Validation:
-        if state is not Reason.OK:
-            return Validation.rejected(state, _STATE_DETAILS.get(state, state.name.lower()), request_id)
-        scopes = tuple(verdict.scope.split())
+    def _lacking_scope(scopes: tuple[str, ...], required_scopes: Sequence[str], request_id: str) -> Validation | None:
+        """The refusal when the token lacks a required scope, else None. Known before the
+        store is asked, so such a request is sent without replay records to set; the
+        store's own reason still comes first."""
         if required_scopes and not set(required_scopes).issubset(scopes):
             missing = " ".join(sorted(set(required_scopes) - set(scopes)))[:200]
             return Validation.rejected(Reason.INSUFFICIENT_SCOPE, f"token lacks scope: {missing}", request_id)
+        return None
+
+    @staticmethod
+    def _answer(verdict: Any, scopes: tuple[str, ...], state: Reason, request_id: str) -> Validation:
+        if state is not Reason.OK:
+            return Validation.rejected(state, _STATE_DETAILS.get(state, state.name.lower()), request_id)
         return Validation(
             True,
             Reason.OK,
@@ -294,6 +307,8 @@ class Broker:
             return Validation.rejected(verdict[0], verdict[1], request_id)
         if not verdict.ok:
             return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+        scopes = tuple(verdict.scope.split())
+        lacking = self._lacking_scope(scopes, required_scopes, request_id)
         # Keywords spelled out rather than `**self._state_args(...)`: this is the hot path,
         # and building and unpacking a dict costs about a microsecond per validation.
         state = self.store.check_token(
@@ -301,11 +316,14 @@ class Broker:
             session_id=verdict.session_id,
             audience=verdict.audience,
             jti=verdict.jti,
+            issued_at=verdict.issued_at,
             client_ip=client_ip or "",
-            replay=tuple(verdict.replay),
+            replay=tuple(verdict.replay) if lacking is None else (),
             now=now,
         )
-        return self._answer(verdict, state, required_scopes, request_id)
+        if lacking is not None and state is Reason.OK:
+            return lacking
+        return self._answer(verdict, scopes, state, request_id)
 
     async def avalidate(
         self,
@@ -327,6 +345,8 @@ class Broker:
             return Validation.rejected(verdict[0], verdict[1], request_id)
         if not verdict.ok:
             return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+        scopes = tuple(verdict.scope.split())
+        lacking = self._lacking_scope(scopes, required_scopes, request_id)
         # Keywords spelled out rather than `**self._state_args(...)`: this is the hot path,
         # and building and unpacking a dict costs about a microsecond per validation.
         state = await self.store.acheck_token(
@@ -334,11 +354,14 @@ class Broker:
             session_id=verdict.session_id,
             audience=verdict.audience,
             jti=verdict.jti,
+            issued_at=verdict.issued_at,
             client_ip=client_ip or "",
-            replay=tuple(verdict.replay),
+            replay=tuple(verdict.replay) if lacking is None else (),
             now=now,
         )
-        return self._answer(verdict, state, required_scopes, request_id)
+        if lacking is not None and state is Reason.OK:
+            return lacking
+        return self._answer(verdict, scopes, state, request_id)
 
     def validate_batch(self, requests: Iterable[Mapping[str, Any]]) -> list[Validation]:
         """Validates many tokens: one engine call (signatures batch-verified, the GIL
@@ -357,10 +380,11 @@ class Broker:
     def _batch_prepare(
         self, requests: Iterable[Mapping[str, Any]]
     ) -> tuple[list[Mapping[str, Any]], list[Any], list[tuple[int, dict[str, Any]]]]:
+        """The engine's verdicts and the store checks to make, for the requests that passed
+        the engine (without replay records for those that lack a scope)."""
         now = self._now()
         reqs = list(requests)
         verdicts = self._engine.validate_batch([self._batch_item(r) for r in reqs], now)
-
         checks = [(i, self._state_args(v, reqs[i], now)) for i, v in enumerate(verdicts) if v.ok]
         return reqs, verdicts, checks
 
@@ -377,8 +401,14 @@ class Broker:
             request_id = r.get("request_id", "")
             if not verdict.ok:
                 answers.append(Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id))
+                continue
+            scopes = tuple(verdict.scope.split())
+            lacking = self._lacking_scope(scopes, r.get("required_scopes", ()), request_id)
+            state = state_of[i]
+            if lacking is not None and state is Reason.OK:
+                answers.append(lacking)
             else:
-                answers.append(self._answer(verdict, state_of[i], r.get("required_scopes", ()), request_id))
+                answers.append(self._answer(verdict, scopes, state, request_id))
         return answers
 
     @staticmethod
@@ -395,15 +425,17 @@ class Broker:
             _field(r.get("cert_thumbprint")),
         )
 
-    @staticmethod
-    def _state_args(verdict: Any, r: Mapping[str, Any], now: int) -> dict[str, Any]:
+    @classmethod
+    def _state_args(cls, verdict: Any, r: Mapping[str, Any], now: int) -> dict[str, Any]:
+        lacking = cls._lacking_scope(tuple(verdict.scope.split()), r.get("required_scopes", ()), "")
         return {
             "client_id": verdict.client_id,
             "session_id": verdict.session_id,
             "audience": verdict.audience,
             "jti": verdict.jti,
+            "issued_at": verdict.issued_at,
             "client_ip": r.get("client_ip") or "",
-            "replay": tuple(verdict.replay),
+            "replay": tuple(verdict.replay) if lacking is None else (),
             "now": now,
         }
 

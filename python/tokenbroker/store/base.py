@@ -3,6 +3,7 @@ The broker knows only this interface, never a backend's commands."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,6 +12,15 @@ from tokenbroker.reason import Reason
 
 # A replay record the store must set if absent: (key, Unix time it may be forgotten).
 ReplayRecord = tuple[str, int]
+
+
+class Remembered(enum.StrEnum):
+    """What `Store.remember` did with a single-use value."""
+
+    NEW = "new"  # recorded now: the first use
+    SEEN = "seen"  # already recorded and still inside its lifetime: a replay
+    STALE = "stale"  # issued before the store's current state epoch: its earlier use may be lost
+    FULL = "full"  # this client's quota of records is used up: refused rather than forgetting one
 
 
 @runtime_checkable
@@ -41,23 +51,31 @@ class Store(Protocol):
         session_id: str,
         audience: str,
         jti: str,
+        issued_at: int,
         client_ip: str,
         replay: tuple[ReplayRecord, ...],
         now: int,
     ) -> Reason:
         """Step 7 of the validation path: client not revoked, session live and the
-        client's for this audience, token not revoked, replay records new. Records the
-        session's activity. Returns `Reason.OK` or the reason to refuse."""
+        client's for this audience, token not revoked, token issued (`issued_at`, its
+        `iat`) no earlier than the store's state epoch (else `SESSION_UNKNOWN`), replay
+        records new (else `REPLAYED`) and within the client's quota (else
+        `REPLAY_CACHE_FULL`). The store is the single exact replay record. Nothing is
+        written unless every check passed; then the replay records and the session's
+        activity are recorded. Returns `Reason.OK` or the reason to refuse."""
         ...
 
     def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
-        """`check_token` for many requests (mappings of its keyword arguments), in order;
-        a networked store sends them together (one round trip for N)."""
+        """`check_token` for many requests (mappings of its keyword arguments, including
+        `issued_at`), in order; a networked store sends them together (one round trip for N)."""
         ...
 
-    def remember(self, key: str, *, until: int, now: int) -> bool:
-        """Sets `key` if absent until `until`: True the first time, False while it is
-        remembered. For single-use values outside validation (client assertion jtis)."""
+    def remember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
+        """Records the single-use value `key` (a client assertion's jti) of `client_id`
+        until `until`, if absent. `NEW` the first time; `SEEN` while it is remembered;
+        `STALE` when `issued_at` predates the store's state epoch (its first use may
+        have been lost with the old state); `FULL` when the client's quota of records is
+        used up. Only `NEW` means the value may be accepted."""
         ...
 
     def revoke_session(self, session_id: str, *, now: int) -> int: ...
@@ -87,6 +105,7 @@ class Store(Protocol):
         session_id: str,
         audience: str,
         jti: str,
+        issued_at: int,
         client_ip: str,
         replay: tuple[ReplayRecord, ...],
         now: int,
@@ -94,7 +113,7 @@ class Store(Protocol):
 
     async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]: ...
 
-    async def aremember(self, key: str, *, until: int, now: int) -> bool: ...
+    async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered: ...
 
     async def arevoke_session(self, session_id: str, *, now: int) -> int: ...
 

@@ -1,23 +1,26 @@
 """`MemoryStore`: the embedded, in-process state store (one broker process, no Redis).
-Thread-safe; memory is bounded by the session limits and by the token lifetime."""
+
+Thread-safe (one lock). Every table is bounded, and no operation scans a table on the hot
+path: sessions and records expire through heaps, a client's live sessions are kept in
+insertion order, and revoked or evicted sessions leave them at once. The store is the one
+exact replay record of the embedded broker (the engine's bloom filter only marks keys)."""
 
 from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 from tokenbroker import _core
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
 from tokenbroker.models import LimitPolicy, Session, SessionLimit
 from tokenbroker.reason import Reason
-from tokenbroker.store.base import ReplayRecord
+from tokenbroker.store.base import Remembered, ReplayRecord
 
-# Revoked jtis are remembered for the longest token lifetime plus clock leeway.
-_PURGE_EVERY = 4096
-# Expired replay records forgotten per check: more than a check adds, so memory follows traffic.
+# Expired entries forgotten per validation: more than one adds, so memory follows traffic.
 _PURGE_PER_CHECK = 4
 
 
@@ -30,10 +33,6 @@ class _SessionRecord:
     expires_at: int
     last_seen_at: int
     last_ip: str
-    revoked: Reason | None = None  # SESSION_REVOKED or CLIENT_REVOKED once revoked
-
-    def live(self, now: int) -> bool:
-        return self.revoked is None and self.expires_at > now
 
     def public(self) -> Session:
         return Session(
@@ -47,21 +46,84 @@ class _SessionRecord:
         )
 
 
-class MemoryStore:
-    """Sessions, revocations and single-replica replay records in this process."""
+class _Ended(NamedTuple):
+    """A revoked or evicted session, kept until its expiry to answer with its reason."""
 
-    def __init__(self, *, max_replay_records: int = 2_000_000) -> None:
-        """`max_replay_records` bounds the replay records held at once: when it is reached
-        and none has expired, validations that must record one are refused
-        (`REPLAY_CACHE_FULL`): evicting a live record would reopen a replay."""
+    client_id: str
+    audience: str
+    expires_at: int
+    reason: Reason  # SESSION_REVOKED or CLIENT_REVOKED
+
+
+class MemoryStoreSizes(NamedTuple):
+    """How many entries each of a `MemoryStore`'s tables holds."""
+
+    live_sessions: int
+    ended_sessions: int
+    session_heap: int
+    replay_records: int
+    replay_heap: int
+    revoked_tokens: int
+
+
+class MemoryStore:
+    """Sessions, revocations and single-replica replay records in this process.
+
+    The state epoch is the store's creation (its second, from `clock`, the clock of the
+    `now` values it is given): a token issued before it answers `SESSION_UNKNOWN` and a
+    single-use value issued before it is `STALE`, so a restarted process cannot accept
+    again what a previous one accepted. Bound: the epoch has one-second resolution, and
+    trusts the issuer's clock (a value stamped d seconds ahead and used less than d
+    seconds before a restart could pass once more; d is at most the assertion leeway)."""
+
+    # Revoked or evicted sessions remembered per client, so their tokens answer
+    # SESSION_REVOKED or CLIENT_REVOKED; older ones are forgotten and their tokens answer
+    # SESSION_UNKNOWN (still refused: a token is only accepted with a live session).
+    ENDED_SESSIONS_PER_CLIENT: Final = 1024
+    # The session heap is rebuilt when its stale entries (of forgotten sessions) exceed
+    # the sessions it orders plus this, so it stays within a constant factor of them.
+    SESSION_HEAP_SLACK: Final = 1024
+
+    def __init__(
+        self,
+        *,
+        max_replay_records: int = 2_000_000,
+        max_replay_records_per_client: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`max_replay_records` bounds the replay and single-use records held at once,
+        `max_replay_records_per_client` those of one client. When a bound is reached and
+        none of the records under it has expired, what must record one more is refused
+        (`REPLAY_CACHE_FULL`, `Remembered.FULL`): evicting a live record would reopen a
+        replay. The per-client bound keeps one noisy client from refusing its neighbours."""
+        if max_replay_records < 1 or max_replay_records_per_client < 1:
+            raise InvalidArgumentError("max_replay_records and max_replay_records_per_client must be positive")
+        self.epoch = int(clock())
         self._max_replay = max_replay_records
+        self._max_replay_per_client = max_replay_records_per_client
         self._lock = threading.Lock()
-        self._sessions: dict[str, _SessionRecord] = {}
-        self._by_client: dict[str, dict[str, None]] = {}  # insertion-ordered session ids
+        self._sessions: dict[str, _SessionRecord] = {}  # live sessions (maybe expired, not yet purged)
+        self._live_by_client: dict[str, dict[str, _SessionRecord]] = {}  # insertion (= creation) order
+        self._ended: dict[str, _Ended] = {}
+        self._ended_by_client: dict[str, dict[str, None]] = {}  # insertion order, for the per-client cap
+        self._session_heap: list[tuple[int, str]] = []  # (expires_at, session_id), live and ended
+        self._replay: dict[str, tuple[int, str]] = {}  # key -> (forget after, client_id)
+        self._replay_heap: list[tuple[int, str]] = []  # (forget after, key): soonest first
+        self._replay_per_client: dict[str, int] = {}
         self._revoked_tokens: dict[str, int] = {}  # jti -> forget after
-        self._replay: dict[str, int] = {}  # key -> forget after
-        self._replay_by_expiry: list[tuple[int, str]] = []  # heap: soonest first
-        self._writes = 0
+        self._revoked_heap: list[tuple[int, str]] = []
+
+    def sizes(self) -> MemoryStoreSizes:
+        """The size of every table, for metrics and for tests of the bounds."""
+        with self._lock:
+            return MemoryStoreSizes(
+                len(self._sessions),
+                len(self._ended),
+                len(self._session_heap),
+                len(self._replay),
+                len(self._replay_heap),
+                len(self._revoked_tokens),
+            )
 
     # -- sessions -------------------------------------------------------------------
 
@@ -77,34 +139,84 @@ class MemoryStore:
         now: int,
     ) -> Session:
         with self._lock:
-            self._maybe_purge(now)
+            self._expire_sessions(now, None)
             if session_id:
                 record = self._sessions.get(session_id)
-                if record is None or record.client_id != client_id or not record.live(now):
+                if record is None or record.client_id != client_id or record.expires_at <= now:
                     raise SessionNotFoundError(f"session {session_id!r} is unknown, expired or revoked")
                 if record.audience != audience:
                     raise InvalidArgumentError(f"session {session_id!r} belongs to another audience")
                 record.last_seen_at, record.last_ip = now, client_ip or record.last_ip
                 return record.public()
-            live = [s for s in self._client_sessions(client_id) if s.live(now)]
-            if len(live) >= limit.max_sessions:
+            live = self._live_by_client.get(client_id)
+            count = len(live) if live is not None else 0
+            if live is not None and count >= limit.max_sessions:
                 if limit.policy is LimitPolicy.REJECT:
                     raise SessionLimitExceededError(
-                        f"client {client_id!r} has {len(live)} live sessions (limit {limit.max_sessions})"
+                        f"client {client_id!r} has {count} live sessions (limit {limit.max_sessions}): "
+                        "revoke one, or let one expire, before opening another"
                     )
-                for oldest in sorted(live, key=lambda s: s.created_at)[: len(live) - limit.max_sessions + 1]:
-                    oldest.revoked = Reason.SESSION_REVOKED
+                for _ in range(count - limit.max_sessions + 1):
+                    self._end(next(iter(live.values())), Reason.SESSION_REVOKED)
             record = _SessionRecord(_core.random_id(), client_id, audience, now, now + ttl_seconds, now, client_ip)
             self._sessions[record.session_id] = record
-            self._by_client.setdefault(client_id, {})[record.session_id] = None
+            self._live_by_client.setdefault(client_id, {})[record.session_id] = record
+            heapq.heappush(self._session_heap, (record.expires_at, record.session_id))
             return record.public()
-
-    def _client_sessions(self, client_id: str) -> list[_SessionRecord]:
-        return [self._sessions[sid] for sid in self._by_client.get(client_id, ())]
 
     def sessions(self, client_id: str, *, now: int) -> list[Session]:
         with self._lock:
-            return [s.public() for s in self._client_sessions(client_id) if s.live(now)]
+            self._expire_sessions(now, None)
+            return [s.public() for s in self._live_by_client.get(client_id, {}).values()]
+
+    def _end(self, record: _SessionRecord, reason: Reason) -> None:
+        """Takes a live session out of its client's live sessions at once; remembers why."""
+        sid, cid = record.session_id, record.client_id
+        del self._sessions[sid]
+        live = self._live_by_client[cid]
+        del live[sid]
+        if not live:
+            del self._live_by_client[cid]
+        self._ended[sid] = _Ended(cid, record.audience, record.expires_at, reason)
+        ended = self._ended_by_client.setdefault(cid, {})
+        ended[sid] = None
+        if len(ended) > self.ENDED_SESSIONS_PER_CLIENT:
+            oldest = next(iter(ended))
+            del ended[oldest]
+            del self._ended[oldest]  # its heap entry is now stale: see _compact_session_heap
+
+    def _expire_sessions(self, now: int, limit: int | None) -> None:
+        """Forgets sessions (live or ended) whose expiry has come: all of them, or at most
+        `limit`. Each session is forgotten once, so the cost is constant per session."""
+        heap = self._session_heap
+        while heap and heap[0][0] <= now and (limit is None or limit > 0):
+            expires_at, sid = heapq.heappop(heap)
+            if limit is not None:
+                limit -= 1
+            record = self._sessions.get(sid)
+            if record is not None and record.expires_at == expires_at:
+                del self._sessions[sid]
+                live = self._live_by_client[record.client_id]
+                del live[sid]
+                if not live:
+                    del self._live_by_client[record.client_id]
+                continue
+            ended = self._ended.get(sid)
+            if ended is not None and ended.expires_at == expires_at:
+                del self._ended[sid]
+                by_client = self._ended_by_client[ended.client_id]
+                del by_client[sid]
+                if not by_client:
+                    del self._ended_by_client[ended.client_id]
+        self._compact_session_heap()
+
+    def _compact_session_heap(self) -> None:
+        held = len(self._sessions) + len(self._ended)
+        if len(self._session_heap) > 2 * held + self.SESSION_HEAP_SLACK:
+            entries = [(s.expires_at, sid) for sid, s in self._sessions.items()]
+            entries.extend((e.expires_at, sid) for sid, e in self._ended.items())
+            heapq.heapify(entries)
+            self._session_heap = entries
 
     # -- validation -----------------------------------------------------------------
 
@@ -115,112 +227,132 @@ class MemoryStore:
         session_id: str,
         audience: str,
         jti: str,
+        issued_at: int,
         client_ip: str,
         replay: tuple[ReplayRecord, ...],
         now: int,
     ) -> Reason:
         with self._lock:
-            record = self._sessions.get(session_id)
-            if record is None or record.client_id != client_id or record.audience != audience:
+            if issued_at < self.epoch:
                 return Reason.SESSION_UNKNOWN
-            if record.revoked is not None:
-                return record.revoked
-            if record.expires_at <= now:
+            record = self._sessions.get(session_id)
+            if record is None:
+                ended = self._ended.get(session_id)
+                if ended is None or ended.client_id != client_id or ended.audience != audience:
+                    return Reason.SESSION_UNKNOWN
+                return ended.reason
+            if record.client_id != client_id or record.audience != audience or record.expires_at <= now:
                 return Reason.SESSION_UNKNOWN
             if jti in self._revoked_tokens:
                 return Reason.TOKEN_REVOKED
-            for key, _ in replay:
-                if self._replay.get(key, 0) > now:
-                    return Reason.REPLAYED
-            self._forget_replay(now, _PURGE_PER_CHECK)
-            if replay and len(self._replay) + len(replay) > self._max_replay:
-                self._forget_replay(now, len(self._replay_by_expiry))
-                if len(self._replay) + len(replay) > self._max_replay:
+            if replay:
+                records = self._replay
+                for key, _ in replay:
+                    held = records.get(key)
+                    if held is not None and held[0] > now:
+                        return Reason.REPLAYED
+                self._forget_replay(now, _PURGE_PER_CHECK)
+                if not self._room_for(client_id, len(replay), now):
                     return Reason.REPLAY_CACHE_FULL
-            for key, until in replay:
-                self._record_replay(key, until)
-            self._writes += len(replay)
+                # Every check passed: only now is anything written.
+                for key, until in replay:
+                    self._record_replay(key, until, client_id)
+            self._expire_sessions(now, _PURGE_PER_CHECK)
             record.last_seen_at = now
             if client_ip:
                 record.last_ip = client_ip
             return Reason.OK
 
-    def remember(self, key: str, *, until: int, now: int) -> bool:
-        with self._lock:
-            self._maybe_purge(now)
-            if self._replay.get(key, 0) > now:
-                return False
-            self._forget_replay(now, _PURGE_PER_CHECK)
-            if len(self._replay) >= self._max_replay:
-                self._forget_replay(now, len(self._replay_by_expiry))
-                if len(self._replay) >= self._max_replay:
-                    from tokenbroker.errors import StoreUnavailableError
-
-                    raise StoreUnavailableError("replay records are full; refusing rather than forgetting one")
-            self._record_replay(key, until)
-            return True
-
     def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
         return [self.check_token(**r) for r in requests]
+
+    def remember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
+        with self._lock:
+            if issued_at < self.epoch:
+                return Remembered.STALE
+            held = self._replay.get(key)
+            if held is not None and held[0] > now:
+                return Remembered.SEEN
+            self._forget_replay(now, _PURGE_PER_CHECK)
+            if not self._room_for(client_id, 1, now):
+                return Remembered.FULL
+            self._record_replay(key, until, client_id)
+            return Remembered.NEW
+
+    def _room_for(self, client_id: str, count: int, now: int) -> bool:
+        """True when `count` more records of `client_id` fit under both bounds, after
+        forgetting every expired record if they would not."""
+        if self._fits(client_id, count):
+            return True
+        self._forget_replay(now, None)
+        return self._fits(client_id, count)
+
+    def _fits(self, client_id: str, count: int) -> bool:
+        return (
+            len(self._replay) + count <= self._max_replay
+            and self._replay_per_client.get(client_id, 0) + count <= self._max_replay_per_client
+        )
+
+    def _record_replay(self, key: str, until: int, client_id: str) -> None:
+        old = self._replay.get(key)
+        if old is not None:  # expired but not yet forgotten: its heap entry goes stale
+            self._uncount(old[1])
+        self._replay[key] = (until, client_id)
+        self._replay_per_client[client_id] = self._replay_per_client.get(client_id, 0) + 1
+        heapq.heappush(self._replay_heap, (until, key))
+
+    def _uncount(self, client_id: str) -> None:
+        left = self._replay_per_client[client_id] - 1
+        if left:
+            self._replay_per_client[client_id] = left
+        else:
+            del self._replay_per_client[client_id]
+
+    def _forget_replay(self, now: int, limit: int | None) -> None:
+        """Forgets replay records whose time has come: all, or at most `limit` (a stale
+        heap entry, for a key recorded again later, is skipped)."""
+        heap, records = self._replay_heap, self._replay
+        while heap and heap[0][0] <= now and (limit is None or limit > 0):
+            until, key = heapq.heappop(heap)
+            if limit is not None:
+                limit -= 1
+            held = records.get(key)
+            if held is not None and held[0] == until:
+                del records[key]
+                self._uncount(held[1])
 
     # -- revocation -----------------------------------------------------------------
 
     def revoke_session(self, session_id: str, *, now: int) -> int:
         with self._lock:
             record = self._sessions.get(session_id)
-            if record is None or not record.live(now):
+            if record is None or record.expires_at <= now:
                 return 0
-            record.revoked = Reason.SESSION_REVOKED
+            self._end(record, Reason.SESSION_REVOKED)
             return 1
 
     def revoke_client(self, client_id: str, *, now: int) -> int:
         """Revokes every live session of the client, and so every token issued to it."""
         with self._lock:
             count = 0
-            for record in self._client_sessions(client_id):
-                if record.live(now):
-                    record.revoked = Reason.CLIENT_REVOKED
+            for record in list(self._live_by_client.get(client_id, {}).values()):
+                if record.expires_at > now:
                     count += 1
+                self._end(record, Reason.CLIENT_REVOKED)
             return count
 
     def revoke_token(self, jti: str, *, until: int, now: int) -> int:
         with self._lock:
-            self._maybe_purge(now)
+            heap = self._revoked_heap
+            while heap and heap[0][0] <= now:
+                forget_after, old = heapq.heappop(heap)
+                if self._revoked_tokens.get(old) == forget_after:
+                    del self._revoked_tokens[old]
             if self._revoked_tokens.get(jti, 0) > now:
                 return 0
             self._revoked_tokens[jti] = until
-            self._writes += 1
+            heapq.heappush(heap, (until, jti))
             return 1
-
-    def _record_replay(self, key: str, until: int) -> None:
-        self._replay[key] = until
-        heapq.heappush(self._replay_by_expiry, (until, key))
-
-    def _forget_replay(self, now: int, limit: int) -> None:
-        """Forgets at most `limit` replay records whose time has come (a stale heap entry,
-        for a key recorded again later, is skipped)."""
-        heap = self._replay_by_expiry
-        while limit > 0 and heap and heap[0][0] <= now:
-            until, key = heapq.heappop(heap)
-            if self._replay.get(key) == until:
-                del self._replay[key]
-            limit -= 1
-
-    def _maybe_purge(self, now: int) -> None:
-        """Drops what can no longer matter: expired sessions and old records."""
-        self._writes += 1
-        if self._writes < _PURGE_EVERY:
-            return
-        self._writes = 0
-        for sid in [sid for sid, s in self._sessions.items() if s.expires_at <= now]:
-            record = self._sessions.pop(sid)
-            by_client = self._by_client.get(record.client_id)
-            if by_client is not None:
-                by_client.pop(sid, None)
-                if not by_client:
-                    del self._by_client[record.client_id]
-        self._revoked_tokens = {j: t for j, t in self._revoked_tokens.items() if t > now}
-        self._forget_replay(now, len(self._replay_by_expiry))
 
     # -- asyncio twins (nothing here blocks) ----------------------------------------
 
@@ -252,6 +384,7 @@ class MemoryStore:
         session_id: str,
         audience: str,
         jti: str,
+        issued_at: int,
         client_ip: str,
         replay: tuple[ReplayRecord, ...],
         now: int,
@@ -261,6 +394,7 @@ class MemoryStore:
             session_id=session_id,
             audience=audience,
             jti=jti,
+            issued_at=issued_at,
             client_ip=client_ip,
             replay=replay,
             now=now,
@@ -269,8 +403,8 @@ class MemoryStore:
     async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
         return self.check_tokens(requests)
 
-    async def aremember(self, key: str, *, until: int, now: int) -> bool:
-        return self.remember(key, until=until, now=now)
+    async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
+        return self.remember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
 
     async def arevoke_session(self, session_id: str, *, now: int) -> int:
         return self.revoke_session(session_id, now=now)

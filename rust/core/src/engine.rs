@@ -1,7 +1,9 @@
 //! The validation path of DESIGN.md section 3, steps 1 to 6, in one call: size and
 //! structure, verified-token cache, Ed25519 `verify_strict`, claims, sender constraint
-//! (DPoP or certificate) and replay. Step 7 (session and revocation state) belongs to the
-//! caller's store. Also signs new access tokens.
+//! (DPoP or certificate) and the replay keys. Step 7 (session and revocation state, and the
+//! one exact replay record) belongs to the caller's store: the engine marks each replay key
+//! with its bloom filter but never refuses a request as a replay. Also signs new access
+//! tokens.
 
 use crate::b64;
 use crate::cache::{CachedToken, VerifiedTokenCache};
@@ -11,7 +13,7 @@ use crate::error::{reject, Error, Reason, Rejection};
 use crate::json;
 use crate::jws::{self, str_member};
 use crate::keys::{verify_batch_strict, verify_ed25519, KeySet};
-use crate::replay::{ReplayCache, ReplayConfig, Seen};
+use crate::replay::{Mark, ReplayCache, ReplayConfig};
 use ed25519_dalek::VerifyingKey;
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
@@ -65,19 +67,22 @@ pub struct IssueRequest<'a> {
     pub once: bool,
 }
 
-/// A replay record the state store must also set if absent (the cross-replica authority):
-/// the SHA-256 key of the signed `jti` and the Unix time after which it may be forgotten.
+/// A replay record the state store must set if absent (it is the one exact record, and
+/// answers `REPLAYED` when the key is already there): the SHA-256 key of the signed `jti`,
+/// the Unix time after which it may be forgotten, and the bloom filter's advisory mark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplayRecord {
     pub key: [u8; 32],
     pub until: u64,
+    pub mark: Mark,
 }
 
 /// A token that passed steps 1 to 6, with the replay records step 7 must set.
 #[derive(Clone, Debug)]
 pub struct Validated {
     pub claims: Arc<AccessClaims>,
-    /// At most two: the DPoP proof's and a single-use token's.
+    /// At most two: the DPoP proof's and a single-use token's. The caller must record them
+    /// in its store before accepting the token.
     pub replay: Vec<ReplayRecord>,
 }
 
@@ -365,9 +370,7 @@ impl Engine {
             None => {}
         }
         if claims.once {
-            let record = ReplayRecord { key: replay_key("once", &claims.iss, &claims.jti), until: claims.exp + leeway };
-            self.record(&record, now, "single-use token was already used")?;
-            replay.push(record);
+            replay.push(self.replay_record(replay_key("once", &claims.iss, &claims.jti), claims.exp + leeway, now));
         }
         Ok(())
     }
@@ -385,22 +388,15 @@ impl Engine {
         if !bool::from(verified.jkt.as_bytes().ct_eq(jkt.as_bytes())) {
             return Err(reject(Reason::BindingMismatch, "DPoP proof key is not the key the token is bound to"));
         }
-        let record = ReplayRecord {
-            key: replay_key("dpop", &verified.jkt, &verified.jti),
-            // Exclusive: the proof is accepted through second iat + window, so its record must
-            // still be live then (a record is live while until > now), whatever the leeway.
-            until: verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs + 1,
-        };
-        self.record(&record, now, "DPoP proof was already used")?;
-        Ok(record)
+        // Exclusive: the proof is accepted through second iat + window, so its record must
+        // still be live then (a record is live while until > now), whatever the leeway.
+        let until = verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs + 1;
+        Ok(self.replay_record(replay_key("dpop", &verified.jkt, &verified.jti), until, now))
     }
 
-    fn record(&self, record: &ReplayRecord, now: u64, replayed: &'static str) -> Result<(), Rejection> {
-        match self.replay.check_and_record(&record.key, record.until, now) {
-            Seen::New => Ok(()),
-            Seen::Replayed => Err(reject(Reason::Replayed, replayed)),
-            Seen::Full => Err(reject(Reason::ReplayCacheFull, "replay cache is full; request refused")),
-        }
+    /// The record the store must set, marked by the bloom filter (advisory only).
+    fn replay_record(&self, key: [u8; 32], until: u64, now: u64) -> ReplayRecord {
+        ReplayRecord { key, until, mark: self.replay.mark(&key, now) }
     }
 }
 

@@ -1,26 +1,27 @@
-//! Replay detection for DPoP proofs and single-use tokens.
+//! The replay filter: a rotating, time-partitioned bloom filter (fixed memory, atomic bit
+//! set, one generation per window, no lock) that marks each replay key "new" (definitely
+//! not seen in this process within its window) or "maybe seen".
 //!
-//! A rotating, time-partitioned bloom filter (fixed memory, atomic bit set, one generation
-//! per window) answers "definitely new" or "maybe seen"; an exact, bounded record settles
-//! every answer, so a bloom false positive never rejects a legitimate request. When the
-//! exact record is full of live entries the request is refused (`Seen::Full`): evicting a
-//! live entry would reopen a replay.
+//! The mark is advisory, for metrics and fast paths: it never refuses anything. The single
+//! exact replay record is the caller's state store (DESIGN.md section 3), which settles
+//! every key, so a bloom false positive never rejects a legitimate request and no lock is
+//! taken on the validation path.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
 
 /// Number of bloom generations: an entry is remembered for at least one full window.
 const GENERATIONS: usize = 2;
 /// The filter is sized for this fraction of the configured false-positive bound, so the
 /// rate measured at rated capacity stays within the bound despite sampling noise.
 const FP_SIZING_MARGIN: f64 = 0.8;
+/// A generation's epoch before its first use.
+const UNUSED: u64 = u64::MAX;
+/// A generation's epoch while one thread clears it for a new window.
+const CLEARING: u64 = u64::MAX - 1;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ReplayConfig {
-    /// Distinct entries per window the filter is rated for (and the exact record holds
-    /// `GENERATIONS` times this).
+    /// Distinct entries per window the filter is rated for.
     pub capacity: usize,
     /// False-positive bound of the bloom filter at rated capacity.
     pub fp_rate: f64,
@@ -34,14 +35,13 @@ impl Default for ReplayConfig {
     }
 }
 
+/// What the filter says about a replay key. Neither answer is a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
-    /// First time: recorded.
+pub enum Mark {
+    /// Not inserted in the current or previous window of this process.
     New,
-    /// Seen before and still inside its window.
-    Replayed,
-    /// Cannot record: the exact record is full of live entries.
-    Full,
+    /// Maybe inserted before (or a false positive): the exact record decides.
+    MaybeSeen,
 }
 
 struct Generation {
@@ -49,11 +49,11 @@ struct Generation {
     bits: Box<[AtomicU64]>,
 }
 
-/// The rotating bloom filter.
+/// The rotating bloom filter. Lock-free: a rotation is claimed by one thread with a
+/// compare-and-swap; a race around it can only mark a key wrongly, which is harmless
+/// because the mark decides nothing.
 pub struct RotatingBloom {
     generations: [Generation; GENERATIONS],
-    /// Readers (insert, check) share it; a rotation that clears a generation takes it alone.
-    rotation: RwLock<()>,
     bit_count: u64,
     hashes: u32,
     window_secs: u64,
@@ -69,14 +69,8 @@ impl RotatingBloom {
         let bit_count = words * 64;
         let hashes = ((bit_count as f64 / capacity as f64) * ln2).round().clamp(1.0, 32.0) as u32;
         let generation =
-            || Generation { epoch: AtomicU64::new(u64::MAX), bits: (0..words).map(|_| AtomicU64::new(0)).collect() };
-        RotatingBloom {
-            generations: [generation(), generation()],
-            rotation: RwLock::new(()),
-            bit_count,
-            hashes,
-            window_secs,
-        }
+            || Generation { epoch: AtomicU64::new(UNUSED), bits: (0..words).map(|_| AtomicU64::new(0)).collect() };
+        RotatingBloom { generations: [generation(), generation()], bit_count, hashes, window_secs }
     }
 
     /// Bytes of bit storage: fixed at construction, whatever the traffic.
@@ -95,131 +89,97 @@ impl RotatingBloom {
         (0..self.hashes as u64).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % self.bit_count)
     }
 
-    fn rotate_to(&self, epoch: u64) {
-        let slot = (epoch as usize) % GENERATIONS;
-        if self.generations[slot].epoch.load(Ordering::Acquire) == epoch {
-            return;
-        }
-        let _alone = self.rotation.write().unwrap_or_else(|e| e.into_inner());
-        let g = &self.generations[slot];
-        if g.epoch.load(Ordering::Acquire) != epoch {
+    fn slot(&self, epoch: u64) -> &Generation {
+        &self.generations[(epoch % GENERATIONS as u64) as usize]
+    }
+
+    /// The generation of `epoch` if it is live, without rotating.
+    fn live(&self, epoch: u64) -> Option<&Generation> {
+        let g = self.slot(epoch);
+        (g.epoch.load(Ordering::Acquire) == epoch).then_some(g)
+    }
+
+    /// The generation of `epoch`, cleared for it first if its slot still holds an older
+    /// window (a thread that finds another clearing it waits: clearing is a bounded pass
+    /// over the bits). None when the slot already holds a newer window (a caller whose
+    /// clock is behind): that key then goes unrecorded.
+    fn current(&self, epoch: u64) -> Option<&Generation> {
+        let g = self.slot(epoch);
+        loop {
+            let seen = g.epoch.load(Ordering::Acquire);
+            if seen == epoch {
+                return Some(g);
+            }
+            if seen == CLEARING {
+                std::thread::yield_now();
+                continue;
+            }
+            if seen != UNUSED && seen > epoch {
+                return None;
+            }
+            if g.epoch.compare_exchange(seen, CLEARING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
             for w in g.bits.iter() {
                 w.store(0, Ordering::Relaxed);
             }
             g.epoch.store(epoch, Ordering::Release);
+            return Some(g);
         }
+    }
+
+    fn contains(&self, g: &Generation, key: &[u8; 32]) -> bool {
+        self.positions(key).all(|p| g.bits[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) != 0)
     }
 
     /// True if `key` may have been inserted in the current or previous generation.
     pub fn might_contain(&self, key: &[u8; 32], now: u64) -> bool {
         let epoch = now / self.window_secs;
-        let _shared = self.rotation.read().unwrap_or_else(|e| e.into_inner());
-        [epoch, epoch.wrapping_sub(1)].iter().any(|&e| {
-            let g = &self.generations[(e as usize) % GENERATIONS];
-            g.epoch.load(Ordering::Acquire) == e
-                && self.positions(key).all(|p| g.bits[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) != 0)
-        })
+        [epoch, epoch.wrapping_sub(1)].iter().any(|&e| self.live(e).is_some_and(|g| self.contains(g, key)))
     }
 
     /// Inserts `key` into the current generation; true if it was maybe seen before (in
     /// this generation or the previous one).
     pub fn check_and_insert(&self, key: &[u8; 32], now: u64) -> bool {
         let epoch = now / self.window_secs;
-        self.rotate_to(epoch);
-        let _shared = self.rotation.read().unwrap_or_else(|e| e.into_inner());
-        let current = &self.generations[(epoch as usize) % GENERATIONS];
-        let previous = &self.generations[(epoch as usize + GENERATIONS - 1) % GENERATIONS];
-        let previous_live = previous.epoch.load(Ordering::Acquire) == epoch.wrapping_sub(1);
-        let (mut in_current, mut in_previous) = (true, previous_live);
+        let in_previous = self.live(epoch.wrapping_sub(1)).is_some_and(|g| self.contains(g, key));
+        let Some(current) = self.current(epoch) else {
+            return true; // not recorded: "maybe" is the only honest answer
+        };
+        let mut in_current = true;
         for pos in self.positions(key) {
             let (word, mask) = ((pos / 64) as usize, 1u64 << (pos % 64));
             in_current &= current.bits[word].fetch_or(mask, Ordering::Relaxed) & mask != 0;
-            if in_previous {
-                in_previous &= previous.bits[word].load(Ordering::Relaxed) & mask != 0;
-            }
         }
         in_current || in_previous
     }
 }
 
-/// Expired records purged per call: more than the one a call can add, so the record
-/// shrinks back as traffic falls, without a pause to sweep the whole map.
-const PURGE_PER_CALL: usize = 4;
-
-struct ExactRecord {
-    expiries: HashMap<[u8; 32], u64>,
-    /// Every record by the time it may be forgotten, soonest first. An entry whose key was
-    /// re-recorded with a later time is stale and skipped when it comes up.
-    by_expiry: BinaryHeap<Reverse<(u64, [u8; 32])>>,
-}
-
-impl ExactRecord {
-    /// Forgets at most `limit` records whose time has come.
-    fn purge(&mut self, now: u64, limit: usize) {
-        for _ in 0..limit {
-            match self.by_expiry.peek() {
-                Some(Reverse((until, _))) if *until <= now => {}
-                _ => return,
-            }
-            let Reverse((until, key)) = self.by_expiry.pop().expect("peeked");
-            if self.expiries.get(&key) == Some(&until) {
-                self.expiries.remove(&key);
-            }
-        }
-    }
-}
-
-/// Bloom filter plus exact confirmation.
+/// The bloom filter with its counters: what the engine marks replay keys with.
 pub struct ReplayCache {
     bloom: RotatingBloom,
-    exact: Mutex<ExactRecord>,
-    exact_capacity: usize,
-    bloom_maybe: AtomicU64,
-    bloom_false_positives: AtomicU64,
+    marked: AtomicU64,
+    maybe_seen: AtomicU64,
 }
 
 impl ReplayCache {
     pub fn new(cfg: ReplayConfig) -> Self {
-        let exact_capacity = cfg.capacity.saturating_mul(GENERATIONS);
         ReplayCache {
             bloom: RotatingBloom::new(cfg.capacity, cfg.fp_rate, cfg.window_secs),
-            exact: Mutex::new(ExactRecord { expiries: HashMap::new(), by_expiry: BinaryHeap::new() }),
-            exact_capacity,
-            bloom_maybe: AtomicU64::new(0),
-            bloom_false_positives: AtomicU64::new(0),
+            marked: AtomicU64::new(0),
+            maybe_seen: AtomicU64::new(0),
         }
     }
 
-    /// Records `key` until `expires_at` (Unix seconds) unless it is already recorded.
-    pub fn check_and_record(&self, key: &[u8; 32], expires_at: u64, now: u64) -> Seen {
-        let maybe_seen = self.bloom.check_and_insert(key, now);
-        let mut record = self.exact.lock().unwrap_or_else(|e| e.into_inner());
-        if maybe_seen {
-            self.bloom_maybe.fetch_add(1, Ordering::Relaxed);
-            match record.expiries.get(key) {
-                Some(&exp) if exp > now => return Seen::Replayed,
-                _ => {
-                    self.bloom_false_positives.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        record.purge(now, PURGE_PER_CALL);
-        if record.expiries.len() >= self.exact_capacity && !record.expiries.contains_key(key) {
-            record.purge(now, usize::MAX);
-            if record.expiries.len() >= self.exact_capacity {
-                return Seen::Full;
-            }
-        }
-        // The exact record decides even when the bloom said "new" (it may have rotated out).
-        match record.expiries.insert(*key, expires_at) {
-            Some(exp) if exp > now => {
-                record.expiries.insert(*key, exp);
-                Seen::Replayed
-            }
-            _ => {
-                record.by_expiry.push(Reverse((expires_at, *key)));
-                Seen::New
-            }
+    /// Inserts `key` and says whether it may have been seen before. Never refuses: the
+    /// state store's exact record decides whether the key is a replay.
+    pub fn mark(&self, key: &[u8; 32], now: u64) -> Mark {
+        self.marked.fetch_add(1, Ordering::Relaxed);
+        if self.bloom.check_and_insert(key, now) {
+            self.maybe_seen.fetch_add(1, Ordering::Relaxed);
+            Mark::MaybeSeen
+        } else {
+            Mark::New
         }
     }
 
@@ -227,17 +187,9 @@ impl ReplayCache {
         &self.bloom
     }
 
-    /// (bloom "maybe seen" answers, of which false positives settled by the exact record).
+    /// (keys marked, of which marked "maybe seen").
     pub fn stats(&self) -> (u64, u64) {
-        (self.bloom_maybe.load(Ordering::Relaxed), self.bloom_false_positives.load(Ordering::Relaxed))
-    }
-
-    pub fn len(&self) -> usize {
-        self.exact.lock().unwrap_or_else(|e| e.into_inner()).expiries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        (self.marked.load(Ordering::Relaxed), self.maybe_seen.load(Ordering::Relaxed))
     }
 }
 
@@ -251,36 +203,51 @@ mod tests {
     }
 
     #[test]
-    fn same_key_twice_is_a_replay_new_key_is_not() {
+    fn a_key_is_new_the_first_time_and_maybe_seen_after() {
         let c = ReplayCache::new(ReplayConfig { capacity: 100, fp_rate: 0.01, window_secs: 60 });
-        assert_eq!(c.check_and_record(&key(1, "a"), 1060, 1000), Seen::New);
-        assert_eq!(c.check_and_record(&key(1, "a"), 1060, 1001), Seen::Replayed);
-        assert_eq!(c.check_and_record(&key(2, "a"), 1060, 1001), Seen::New);
-        // After its window the same key is new again (the proof's iat check refuses it anyway).
-        assert_eq!(c.check_and_record(&key(1, "a"), 1200, 1100), Seen::New);
+        assert_eq!(c.mark(&key(1, "a"), 1000), Mark::New);
+        assert_eq!(c.mark(&key(1, "a"), 1001), Mark::MaybeSeen);
+        assert_eq!(c.mark(&key(2, "a"), 1001), Mark::New);
+        assert_eq!(c.stats(), (3, 1));
     }
 
     #[test]
-    fn full_record_refuses_rather_than_evicts() {
-        let c = ReplayCache::new(ReplayConfig { capacity: 2, fp_rate: 0.01, window_secs: 60 });
-        for i in 0..4 {
-            assert_eq!(c.check_and_record(&key(i, "f"), 2000, 1000), Seen::New);
-        }
-        assert_eq!(c.check_and_record(&key(9, "f"), 2000, 1000), Seen::Full);
-        assert_eq!(c.check_and_record(&key(0, "f"), 2000, 1000), Seen::Replayed, "live entries kept");
-        assert_eq!(c.check_and_record(&key(9, "f"), 3000, 2001), Seen::New, "expired entries purged");
+    fn marking_never_refuses_however_many_keys_arrive() {
+        // Far beyond rated capacity: every key still gets a mark, and the memory stays put.
+        let c = ReplayCache::new(ReplayConfig { capacity: 10, fp_rate: 0.01, window_secs: 60 });
+        let before = c.bloom().memory_bytes();
+        let maybe = (0..10_000u64).filter(|&i| c.mark(&key(i, "flood"), 1000) == Mark::MaybeSeen).count();
+        assert_eq!(c.stats().0, 10_000);
+        assert_eq!(c.stats().1, maybe as u64);
+        assert_eq!(c.bloom().memory_bytes(), before);
     }
 
     #[test]
-    fn expired_records_are_forgotten_as_traffic_goes_on() {
-        let c = ReplayCache::new(ReplayConfig { capacity: 100_000, fp_rate: 0.01, window_secs: 60 });
-        // 100 records a second, each kept 60 s, for 10 minutes: about 6,000 live at a time.
-        for t in 0..600u64 {
-            for i in 0..100u64 {
-                assert_eq!(c.check_and_record(&key(t * 1000 + i, "steady"), 1000 + t + 60, 1000 + t), Seen::New);
-            }
+    fn concurrent_inserts_in_one_window_are_all_remembered() {
+        let bloom = std::sync::Arc::new(RotatingBloom::new(40_000, 0.001, 60));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let bloom = bloom.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        bloom.check_and_insert(&key(t * 1_000_000 + i, "c"), 1000);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("inserting thread");
         }
-        assert!(c.len() <= 6_100, "{} records held", c.len());
+        assert!((0..4u64).all(|t| (0..10_000u64).all(|i| bloom.might_contain(&key(t * 1_000_000 + i, "c"), 1000))));
+    }
+
+    #[test]
+    fn a_caller_behind_the_newest_window_gets_maybe_seen_and_clears_nothing() {
+        let bloom = RotatingBloom::new(1000, 0.01, 10);
+        assert!(!bloom.check_and_insert(&key(1, "b"), 125));
+        // Epoch 10 maps to the slot that now holds epoch 12: it must not be cleared.
+        assert!(bloom.check_and_insert(&key(2, "b"), 100));
+        assert!(bloom.might_contain(&key(1, "b"), 125));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use tokenbroker_core::b64;
 use tokenbroker_core::claims::Confirmation;
 use tokenbroker_core::dpop::ProofSigner;
 use tokenbroker_core::keys::{verify_ed25519, KeySet};
-use tokenbroker_core::{Engine, EngineConfig, IssueRequest, Reason, ValidateRequest};
+use tokenbroker_core::replay::Mark;
+use tokenbroker_core::{Engine, EngineConfig, IssueRequest, Reason, ReplayRecord, ValidateRequest};
 
 const AUD: &str = "https://mcp.example.com/mcp";
 const NOW: u64 = 1_800_000_000;
@@ -169,7 +170,6 @@ fn dpop_bound_token_needs_a_fresh_proof_from_the_bound_key() {
     };
     let p1 = client.sign("POST", uri, Some(t.as_bytes()), NOW, "proof-1");
     assert_eq!(req(Some(&p1), "POST", "https://MCP.example.com:443/mcp?x=1"), Ok(()));
-    assert_eq!(req(Some(&p1), "POST", uri), Err(Reason::Replayed));
     assert_eq!(req(None, "POST", uri), Err(Reason::ProofMissing));
     let p2 = client.sign("GET", uri, Some(t.as_bytes()), NOW, "proof-2");
     assert_eq!(req(Some(&p2), "POST", uri), Err(Reason::ProofInvalid), "htm");
@@ -261,12 +261,64 @@ fn certificate_bound_token_needs_the_certificate() {
     assert_eq!(check(None), Err(Reason::BindingMismatch));
 }
 
+fn dpop_request<'a>(token: &'a str, proof: &'a str) -> ValidateRequest<'a> {
+    ValidateRequest {
+        token: token.as_bytes(),
+        audience: AUD,
+        dpop_proof: Some(proof.as_bytes()),
+        http_method: Some("POST"),
+        http_uri: Some(AUD),
+        cert_thumbprint: None,
+    }
+}
+
+fn records(e: &Engine, req: &ValidateRequest, now: u64) -> Vec<ReplayRecord> {
+    e.validate(req, now).expect("passes the engine").replay
+}
+
+// The store holds the one exact replay record (DESIGN.md section 3): the engine hands it
+// the proof's record, marked by the bloom filter, and never refuses a replay itself.
 #[test]
-fn single_use_token_validates_once() {
+fn a_proof_presented_twice_passes_the_engine_with_one_key_marked_maybe_seen() {
+    let e = engine();
+    let client = ProofSigner::generate();
+    let t = issue(&e, Some(Confirmation::DpopJkt(client.jkt().into())), false);
+    let proof = client.sign("POST", AUD, Some(t.as_bytes()), NOW, "twice");
+    let first = records(&e, &dpop_request(&t, &proof), NOW);
+    let second = records(&e, &dpop_request(&t, &proof), NOW + 1);
+    assert_eq!((first.len(), second.len()), (1, 1));
+    assert_eq!(first[0].key, second[0].key, "the store refuses the second by this key");
+    assert_eq!(first[0].until, second[0].until);
+    assert_eq!((first[0].mark, second[0].mark), (Mark::New, Mark::MaybeSeen));
+    let other = client.sign("POST", AUD, Some(t.as_bytes()), NOW, "another");
+    assert_ne!(records(&e, &dpop_request(&t, &other), NOW)[0].key, first[0].key);
+}
+
+#[test]
+fn a_single_use_token_carries_one_record_that_lives_as_long_as_the_token() {
     let e = engine();
     let t = issue(&e, None, true);
-    assert_eq!(validate(&e, &t, NOW), Ok(()));
-    assert_eq!(validate(&e, &t, NOW + 1), Err(Reason::Replayed));
+    let first = records(&e, &ValidateRequest { token: t.as_bytes(), audience: AUD, ..Default::default() }, NOW);
+    let again = records(&e, &ValidateRequest { token: t.as_bytes(), audience: AUD, ..Default::default() }, NOW + 1);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].key, again[0].key);
+    assert_eq!(first[0].until, NOW + 300 + e.config().leeway_secs, "exp plus leeway: as long as it validates");
+    assert_eq!(again[0].mark, Mark::MaybeSeen);
+    let plain = issue(&e, None, false);
+    assert!(
+        records(&e, &ValidateRequest { token: plain.as_bytes(), audience: AUD, ..Default::default() }, NOW).is_empty()
+    );
+}
+
+#[test]
+fn a_proof_repeated_in_one_batch_gets_the_same_key_for_the_store_to_refuse() {
+    let e = engine();
+    let client = ProofSigner::generate();
+    let t = issue(&e, Some(Confirmation::DpopJkt(client.jkt().into())), false);
+    let proof = client.sign("POST", AUD, Some(t.as_bytes()), NOW, "batched");
+    let answers = e.validate_batch(&[dpop_request(&t, &proof), dpop_request(&t, &proof)], NOW);
+    let keys: Vec<[u8; 32]> = answers.into_iter().map(|a| a.expect("passes the engine").replay[0].key).collect();
+    assert_eq!(keys[0], keys[1]);
 }
 
 #[test]
@@ -311,7 +363,7 @@ fn a_kid_rebound_to_another_key_does_not_keep_cached_tokens_alive() {
 }
 
 #[test]
-fn a_proof_cannot_be_replayed_in_its_last_second_even_without_leeway() {
+fn a_proof_record_outlives_its_last_accepted_second_even_without_leeway() {
     let mut keys = KeySet::new();
     keys.generate();
     let mut cfg = EngineConfig::new("https://broker.example");
@@ -329,8 +381,9 @@ fn a_proof_cannot_be_replayed_in_its_last_second_even_without_leeway() {
         http_uri: Some(AUD),
         cert_thumbprint: None,
     };
-    assert!(e.validate(&req, NOW).is_ok());
-    assert_eq!(e.validate(&req, NOW).unwrap_err().reason, Reason::Replayed);
+    let record = records(&e, &req, NOW);
+    assert!(record[0].until > NOW, "still live in the proof's last accepted second");
+    assert_eq!(e.validate(&req, NOW + 1).unwrap_err().reason, Reason::ProofInvalid, "then the proof is too old");
 }
 
 #[test]

@@ -358,17 +358,18 @@ impl Engine {
         self.inner.token_cache().clear();
     }
 
-    /// Counters for metrics and tests.
+    /// Counters for metrics and tests: (cached tokens, replay keys marked, bloom filter
+    /// bytes, keys the bloom filter marked "maybe seen"). The engine holds no exact replay
+    /// record: the store does.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let (maybe, false_positives) = self.inner.replay_cache().stats();
+        let (marked, maybe_seen) = self.inner.replay_cache().stats();
         PyTuple::new(
             py,
             [
                 self.inner.token_cache().len() as u64,
-                self.inner.replay_cache().len() as u64,
+                marked,
                 self.inner.replay_cache().bloom().memory_bytes() as u64,
-                maybe,
-                false_positives,
+                maybe_seen,
             ],
         )
     }
