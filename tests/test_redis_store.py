@@ -26,11 +26,13 @@ from tokenbroker.errors import (
 )
 from tokenbroker.models import Session
 from tokenbroker.store import Store
+from tokenbroker.store.base import Remembered
 from tokenbroker.store.redis import RedisStore, Revocation, tag
 
 from support.redis_servers import RedisCluster, RedisServer
 
-NOW = 1_700_000_000
+# Near Redis's clock (replay records and epochs run on it), ahead so records outlive the run.
+NOW = int(time.time()) + 600
 AUD = "https://mcp.example.com/mcp"
 ISSUER = "https://broker.example"
 ODD_CLIENT_IDS = ["a}b{c", "{a}", "a", "", "{", "}", "%7B", "tb:{x}:sessions", "ü{}:x", "{}"]
@@ -123,12 +125,14 @@ def check_args(
     ip: str = "",
     replay: tuple[tuple[str, int], ...] = (),
     now: int = NOW + 1,
+    issued_at: int | None = None,
 ) -> dict[str, Any]:
     return {
         "client_id": session.client_id if client_id is None else client_id,
         "session_id": session.session_id,
         "audience": session.audience if audience is None else audience,
         "jti": jti,
+        "issued_at": int(time.time()) if issued_at is None else issued_at,  # after the store's epoch
         "client_ip": ip,
         "replay": replay,
         "now": now,
@@ -286,7 +290,8 @@ def test_revoked_token_fails_the_next_check(store: RedisStore) -> None:
     assert check(store, session, jti="jti-1", now=NOW + 2) is Reason.TOKEN_REVOKED
     assert check(store, session, jti="jti-2", now=NOW + 2) is Reason.OK
     assert store.revoke_token("jti-1", until=NOW + 3605, now=NOW + 2) == 0
-    assert 3600 <= store.client.ttl(store.revoked_token_key("jti-1")) <= 3604
+    skew = store.max_clock_skew_seconds  # the record outlives the token on every replica's clock
+    assert 3600 + skew <= store.client.ttl(store.revoked_token_key("jti-1")) <= 3604 + skew
 
 
 def test_session_reason_comes_before_token_revocation(store: RedisStore) -> None:
@@ -344,7 +349,8 @@ def test_replay_record_is_accepted_once_then_replayed(store: RedisStore) -> None
     record = ((replay_key(1), NOW + 61),)
     assert check(store, session, replay=record, now=NOW + 1) is Reason.OK
     assert check(store, session, replay=record, now=NOW + 2) is Reason.REPLAYED
-    assert 55 <= store.client.ttl(store.client_key("client-1", "replay", replay_key(1))) <= 60
+    expires = store.client.zscore(store.records_key("client-1"), f"p:{replay_key(1)}")
+    assert expires == NOW + 61 + store.max_clock_skew_seconds
 
 
 def test_replay_check_sets_nothing_when_one_record_is_already_there(store: RedisStore) -> None:
@@ -362,9 +368,11 @@ def test_replay_record_is_shared_by_every_session_of_the_client(store: RedisStor
 
 
 def test_remember_is_true_once_then_false_until_it_expires(store: RedisStore) -> None:
-    assert store.remember("assertion-jti", until=NOW + 30, now=NOW) is True
-    assert store.remember("assertion-jti", until=NOW + 30, now=NOW + 1) is False
-    assert 25 <= store.client.ttl(store.remember_key("assertion-jti")) <= 30
+    iat = int(time.time())
+    assert store.remember("assertion-jti", client_id="c", issued_at=iat, until=NOW + 30, now=NOW) is Remembered.NEW
+    assert store.remember("assertion-jti", client_id="c", issued_at=iat, until=NOW + 30, now=NOW + 1) is Remembered.SEEN
+    expires = store.client.zscore(store.records_key("c"), "a:assertion-jti")
+    assert expires == NOW + 30 + store.max_clock_skew_seconds
 
 
 # -- asyncio twins ------------------------------------------------------------------------
@@ -382,8 +390,9 @@ async def test_async_twins_follow_the_same_rules(astore: RedisStore) -> None:
     record = ((replay_key(4), NOW + 60),)
     assert await astore.acheck_token(**check_args(session, replay=record)) is Reason.OK
     assert await astore.acheck_token(**check_args(session, replay=record)) is Reason.REPLAYED
-    assert await astore.aremember("k", until=NOW + 10, now=NOW) is True
-    assert await astore.aremember("k", until=NOW + 10, now=NOW) is False
+    iat = int(time.time())
+    assert await astore.aremember("k", client_id="c", issued_at=iat, until=NOW + 10, now=NOW) is Remembered.NEW
+    assert await astore.aremember("k", client_id="c", issued_at=iat, until=NOW + 10, now=NOW) is Remembered.SEEN
     assert [s.session_id for s in await astore.asessions("c", now=NOW + 1)] == [session.session_id]
     assert await astore.arevoke_token("jti-1", until=NOW + 60, now=NOW) == 1
     assert await astore.acheck_token(**check_args(session, jti="jti-1")) is Reason.TOKEN_REVOKED
@@ -550,7 +559,7 @@ def every_call(store: RedisStore, session: Session) -> dict[str, Callable[[], ob
         "continue_session": lambda: open_session(store, session_id=session.session_id),
         "check_token": lambda: check(store, session),
         "check_tokens": lambda: store.check_tokens([check_args(session)] * 3),
-        "remember": lambda: store.remember("k", until=NOW + 10, now=NOW),
+        "remember": lambda: store.remember("k", client_id="client-1", issued_at=NOW, until=NOW + 10, now=NOW),
         "revoke_session": lambda: store.revoke_session(session.session_id, now=NOW),
         "revoke_client": lambda: store.revoke_client("client-1", now=NOW),
         "revoke_token": lambda: store.revoke_token("jti-1", until=NOW + 60, now=NOW),
@@ -684,13 +693,14 @@ def script_calls(store: RedisStore, client_id: str, session_id: str, jti: str) -
         calls.extend(c for c in batch if hasattr(c, "script"))
 
     limit = SessionLimit(2, LimitPolicy.EVICT_OLDEST)
-    drive(store._open_op(client_id, AUD, None, 60, limit, "", NOW), [[True, ["RETRY", session_id, "s2"]], [["OK"]]])
+    drive(store._open_op(client_id, AUD, None, 60, limit, "", NOW), [[True, ["OK"]]])
     drive(store._open_op(client_id, AUD, session_id, 60, limit, "", NOW), [[["OK", NOW, NOW + 60, ""]]])
     request = check_args(Session(session_id, client_id, AUD, NOW, NOW + 60, NOW), jti=jti)
     request["replay"] = ((replay_key(1), NOW + 60), (replay_key(2), NOW + 60))
-    drive(store._checks_op(store._requests([request])), [["OK", 0]])
+    drive(store._checks_op(store._requests([request])), [[["OK", NOW], ["OK", NOW]]])
+    drive(store._remember_op("assertion", client_id, NOW, NOW + 60, NOW), [[["NEW", NOW]]])
     drive(store._revoke_session_op(session_id, NOW), [[client_id], [1]])
-    drive(store._revoke_client_op(client_id, NOW), [[["RETRY", session_id, "s2"]], [["OK", 2]]])
+    drive(store._revoke_client_op(client_id, NOW), [[["OK", 2]]])
     drive(store._revoke_token_op(jti, NOW + 60, NOW), [[1]])
     return calls
 
@@ -698,21 +708,23 @@ def script_calls(store: RedisStore, client_id: str, session_id: str, jti: str) -
 @given(client_id=st.text(), session_id=st.text(min_size=1), jti=st.text(min_size=1))
 def test_every_script_keeps_its_keys_in_one_slot(client_id: str, session_id: str, jti: str) -> None:
     store = offline_store()
+    store._cluster = True  # the cluster's key layout (epochs per slot, revoked jtis beside)
     calls = script_calls(store, client_id, session_id, jti)
     assert {c.script for c in calls} == {
         "open_session",
         "continue_session",
         "check_token",
+        "check_jti",
+        "remember",
         "revoke_session",
         "revoke_client",
         "revoke_token",
     }
     client_slot = key_slot(store.sessions_key(client_id).encode())
+    jti_slot = key_slot(store.revoked_token_key(jti).encode())
     for call in calls:
         slots = {key_slot(k.encode()) for k in call.keys}
-        assert len(slots) == 1, call.script
-        if call.script != "revoke_token":
-            assert slots == {client_slot}, call.script
+        assert slots == ({jti_slot} if call.script in ("revoke_token", "check_jti") else {client_slot}), call.script
 
 
 @given(st.text(), st.text())

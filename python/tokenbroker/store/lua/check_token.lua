@@ -1,36 +1,57 @@
--- check_token: step 7 of validation, one round trip: session live, this client's and for
--- this audience, not revoked; replay records new (then set, each with its own TTL); the
--- session's activity recorded. (Revoked jtis are checked beside this script: see redis.py.)
--- KEYS[1]   the session's hash
--- KEYS[2..] replay record keys
--- ARGV[1] client_id  ARGV[2] audience  ARGV[3] now  ARGV[4] client_ip ("" keeps the last one)
--- ARGV[5..] for each replay key, the Unix time it may be forgotten, same order as KEYS[2..]
--- Returns a reason name: OK, SESSION_UNKNOWN, SESSION_REVOKED, CLIENT_REVOKED or REPLAYED.
+-- check_token: step 7 of validation, one round trip. Refuses without writing anything
+-- unless every check passes: session live (see session_refusal), token not revoked (single
+-- Redis only: on a cluster its key lives in another slot, see redis.py), token issued no
+-- earlier than the epoch, replay records new and within the client's quota. Then records
+-- them (members of the client's records set, scored by their expiry on Redis's clock:
+-- until + skew allowance) and the session's activity.
+-- KEYS[1] the session's hash        KEYS[2] the client's live sessions (sorted set)
+-- KEYS[3] client revocation marker  KEYS[4] the client's records (sorted set)
+-- KEYS[5] the epoch of this slot    KEYS[6] (optional) the revoked-jti key
+-- ARGV[1] client_id  ARGV[2] audience  ARGV[3] now (broker clock)  ARGV[4] client_ip
+-- ARGV[5] session id  ARGV[6] issued_at  ARGV[7] epoch id  ARGV[8] skew allowance (s)
+-- ARGV[9] quota of records per client  ARGV[10..] pairs: record member, until
+-- Returns {reason, redis_now}: OK, SESSION_UNKNOWN, SESSION_REVOKED, CLIENT_REVOKED,
+-- TOKEN_REVOKED, STALE, REPLAYED or REPLAY_CACHE_FULL.
 local now = tonumber(ARGV[3])
-local h = redis.call('HMGET', KEYS[1], 'client_id', 'audience', 'expires_at', 'revoked')
-if not h[1] or h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then
-  return 'SESSION_UNKNOWN'
+local redis_now = redis_time()
+local h = redis.call('HMGET', KEYS[1], 'client_id', 'audience', 'expires_at', 'revoked', 'seq')
+local live = redis.call('ZSCORE', KEYS[2], ARGV[5])
+local refusal = session_refusal(h, ARGV[1], ARGV[2], redis.call('GET', KEYS[3]), live, now)
+if refusal then
+  return {refusal, redis_now}
 end
-if h[4] then
-  return h[4]
+if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then
+  return {'TOKEN_REVOKED', redis_now}
 end
-if tonumber(h[3]) <= now then
-  return 'SESSION_UNKNOWN'
+if tonumber(ARGV[6]) < epoch_start(KEYS[5], ARGV[7], redis_now) then
+  return {'STALE', redis_now}
 end
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    return 'REPLAYED'
+local count = 0
+if #ARGV > 9 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', redis_now)
+  for i = 10, #ARGV, 2 do
+    if redis.call('ZSCORE', KEYS[4], ARGV[i]) then
+      return {'REPLAYED', redis_now}
+    end
+    count = count + 1
   end
-end
-for i = 2, #KEYS do
-  local ttl = tonumber(ARGV[i + 3]) - now
-  if ttl > 0 then
-    redis.call('SET', KEYS[i], '1', 'EX', ttl)
+  if redis.call('ZCARD', KEYS[4]) + count > tonumber(ARGV[9]) then
+    return {'REPLAY_CACHE_FULL', redis_now}
   end
+  local skew = tonumber(ARGV[8])
+  local longest = 0
+  for i = 10, #ARGV, 2 do
+    local expires = tonumber(ARGV[i + 1]) + skew
+    if expires > redis_now then
+      redis.call('ZADD', KEYS[4], expires, ARGV[i])
+      longest = math.max(longest, expires - redis_now)
+    end
+  end
+  extend_ttl(KEYS[4], longest)
 end
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'last_seen_at', now, 'last_ip', ARGV[4])
 else
   redis.call('HSET', KEYS[1], 'last_seen_at', now)
 end
-return 'OK'
+return {'OK', redis_now}

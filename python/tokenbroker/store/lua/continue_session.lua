@@ -1,19 +1,21 @@
 -- continue_session: continues a live session of one client, for the same audience.
--- KEYS[1] the session's hash
+-- KEYS[1] the session's hash  KEYS[2] the client's live sessions  KEYS[3] client revocation marker
 -- ARGV[1] client_id  ARGV[2] audience  ARGV[3] now  ARGV[4] client_ip ("" keeps the last one)
--- Returns {"OK", created_at, expires_at, last_ip}, {"NOT_FOUND"} (unknown, expired, revoked
--- or another client's) or {"WRONG_AUDIENCE"}.
+-- ARGV[5] the session id
+-- Returns {"OK", created_at, expires_at, last_ip}, {"NOT_FOUND"} (unknown, expired, revoked,
+-- evicted or another client's) or {"WRONG_AUDIENCE"}.
 local now = tonumber(ARGV[3])
-local h = redis.call('HMGET', KEYS[1], 'client_id', 'audience', 'created_at', 'expires_at', 'last_ip', 'revoked')
-if not h[1] or h[1] ~= ARGV[1] or h[6] or tonumber(h[4]) <= now then
+local h = redis.call('HMGET', KEYS[1], 'client_id', 'audience', 'expires_at', 'revoked', 'seq', 'created_at', 'last_ip')
+local live = redis.call('ZSCORE', KEYS[2], ARGV[5])
+if session_refusal(h, ARGV[1], h[2], redis.call('GET', KEYS[3]), live, now) then
   return {'NOT_FOUND'}
 end
 if h[2] ~= ARGV[2] then
   return {'WRONG_AUDIENCE'}
 end
-local last_ip = h[5] or ''
+local last_ip = h[7] or ''
 if ARGV[4] ~= '' then
   last_ip = ARGV[4]
 end
 redis.call('HSET', KEYS[1], 'last_seen_at', now, 'last_ip', last_ip)
-return {'OK', h[3], h[4], last_ip}
+return {'OK', h[6], h[3], last_ip}

@@ -1,33 +1,21 @@
--- revoke_client: revokes every live session of one client (reason CLIENT_REVOKED).
--- KEYS[1]   the client's sessions sorted set
--- KEYS[2..] the hashes of the client's live sessions, as the caller last saw them
+-- revoke_client: revokes every live session of one client (reason CLIENT_REVOKED) in one
+-- script that reads no session hash: a marker holds the sequence number of the client's
+-- newest session now, and every session numbered up to it is revoked.
+-- KEYS[1] the client's live sessions  KEYS[2] opening-order set  KEYS[3] sequence counter
+-- KEYS[4] client revocation marker
 -- ARGV[1] client_id  ARGV[2] now  ARGV[3] revocation channel
--- ARGV[4..] the session ids of KEYS[2..], same order
--- Returns {"OK", count} or, when a live session is missing from KEYS (the caller must pass
--- it and call again), {"RETRY", live session ids...}. All KEYS share the client's hash tag.
+-- Returns {"OK", count}. All KEYS share the client's hash tag.
 local now = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
-local key_of = {}
-for i = 4, #ARGV do
-  key_of[ARGV[i]] = KEYS[i - 2]
+local count = redis.call('ZCARD', KEYS[1])
+if count == 0 then
+  return {'OK', 0}
 end
-for _, sid in ipairs(live) do
-  if not key_of[sid] then
-    return {'RETRY', unpack(live)}
-  end
-end
-local count = 0
-for _, sid in ipairs(live) do
-  local key = key_of[sid]
-  local h = redis.call('HMGET', key, 'client_id', 'expires_at', 'revoked')
-  if h[1] == ARGV[1] and not h[3] and tonumber(h[2]) > now then
-    redis.call('HSET', key, 'revoked', 'CLIENT_REVOKED')
-    count = count + 1
-  end
-  redis.call('ZREM', KEYS[1], sid)
-end
-if count > 0 then
-  redis.call('PUBLISH', ARGV[3], cjson.encode({kind = 'client', id = ARGV[1]}))
-end
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+-- The marker must outlive every session it revokes, earlier markers' ones included.
+local keep = math.max(tonumber(top[2]) - now, redis.call('TTL', KEYS[4]))
+redis.call('SET', KEYS[4], redis.call('GET', KEYS[3]) or 0, 'EX', keep)
+extend_ttl(KEYS[3], keep)
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({kind = 'client', id = ARGV[1]}))
 return {'OK', count}
