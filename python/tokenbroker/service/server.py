@@ -1,7 +1,9 @@
 """The broker's gRPC server: `build_server()` registers `tokenbroker.v1.TokenBroker`,
-`grpc.health.v1.Health` and server reflection on one port; `serve()` runs it until SIGTERM
-or SIGINT, then shuts down gracefully (health NOT_SERVING, no new RPCs, in-flight RPCs
-finish within the grace period).
+`grpc.health.v1.Health` and, when asked, server reflection on one port; `serve()` runs it
+until SIGTERM or SIGINT, then shuts down gracefully (health NOT_SERVING, no new RPCs,
+in-flight RPCs finish within the grace period). Every call goes through admission control
+(`tokenbroker.service.admission`): classes of callers with their own threads and bounds,
+and a deadline on request messages.
 
 Why the sync server (a thread pool) and not grpc.aio: measured on the 2-core build
 machine, unary ValidateToken with a warm bearer token, the same load for both (a grpc.aio
@@ -17,13 +19,15 @@ runs per row, median requests/s):
 The sync server won every one of the 15 paired runs (by 10 to 80 %) and spent about a
 third less CPU per request: the Rust engine releases the GIL, while the aio server pays
 for its event loop and futures on every call. The price: each open ValidateTokenStream
-holds one server thread for its lifetime, so `max_workers` must exceed the number of
-streams expected to be open at once (their validations run on a separate bounded pool)."""
+holds one server thread for its lifetime; streams have their own threads (`max_streams`),
+so they cannot take the unary calls' threads (their validations run on a separate bounded
+pool)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -33,11 +37,12 @@ from typing import Any
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped,unused-ignore]
-from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped,unused-ignore]
+from grpc_reflection.v1alpha import reflection as server_reflection  # type: ignore[import-untyped,unused-ignore]
 
 from tokenbroker.broker import Broker
 from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.registry import Registry
+from tokenbroker.service.admission import DEFAULT_MAX_WORKERS, AdmissionInterceptor, AdmissionLimits
 from tokenbroker.service.servicer import (
     SERVICE_NAME,
     AuditLogLike,
@@ -48,7 +53,6 @@ from tokenbroker.service.servicer import (
 from tokenbroker.v1 import broker_pb2_grpc
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_MAX_WORKERS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +85,19 @@ class BrokerServer:
     """A built gRPC server and its health state. `port` is the bound port (useful with
     port 0). `start()` then `stop(grace)`, or `serve()`; also a context manager."""
 
-    def __init__(self, server: Any, health_servicer: Any, servicer: TokenBrokerServicer, port: int) -> None:
+    def __init__(
+        self,
+        server: Any,
+        health_servicer: Any,
+        servicer: TokenBrokerServicer,
+        port: int,
+        admission: AdmissionInterceptor | None = None,
+    ) -> None:
         self.grpc_server = server
         self.health = health_servicer
         self.servicer = servicer
         self.port = port
+        self.admission = admission
         self._started = False
 
     @property
@@ -109,6 +121,8 @@ class BrokerServer:
         self.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
         self.servicer.close()
+        if self.admission is not None:
+            self.admission.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Blocks until the server stops; True when `timeout` passed first (as grpc)."""
@@ -135,12 +149,31 @@ def build_server(
     metrics: MetricsLike | None = None,
     listen: str = DEFAULT_LISTEN,
     tls: TlsFiles | None = None,
-    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_workers: int | None = None,
     stream_workers: int = 8,
     options: tuple[tuple[str, Any], ...] = (),
+    admission: AdmissionLimits | Any = None,
+    reflection: bool = False,
 ) -> BrokerServer:
     """A server for `broker` bound to `listen` ("host:port"; port 0 picks a free one),
-    not yet started. Raises `RuntimeError` when the address cannot be bound."""
+    not yet started. `admission`: the call classes' bounds and the message deadline, as
+    `AdmissionLimits` or any object with attributes of the same names (`Settings`);
+    `max_workers`, when given, overrides its `max_workers` (the registered servers'
+    threads). `reflection`: also serve gRPC server reflection (off by default: it tells
+    anyone the whole API). Raises `RuntimeError` when the address cannot be bound."""
+    if admission is None:
+        limits = AdmissionLimits()
+    else:
+        limits = admission if isinstance(admission, AdmissionLimits) else AdmissionLimits.from_settings(admission)
+    if max_workers is not None:
+        limits = dataclasses.replace(limits, max_workers=max_workers)
+    on_refusal = getattr(metrics, "admission_refused", None)
+    interceptor = AdmissionInterceptor(
+        registry,
+        limits,
+        mutual_tls=tls is not None and tls.client_ca_file is not None,
+        on_refusal=on_refusal if callable(on_refusal) else None,
+    )
     servicer = TokenBrokerServicer(
         broker,
         registry=registry,
@@ -149,26 +182,38 @@ def build_server(
         metrics=metrics,
         stream_workers=stream_workers,
     )
+    # Every handler runs on its call class's threads; this pool serves none of them. No
+    # `maximum_concurrent_rpcs`: grpc checks it after the interceptors ran, so a call it
+    # refused would keep the admission its class gave it. The classes bound every call.
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tb-grpc"),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-grpc"),
+        interceptors=(interceptor,),
         options=list(options),
     )
     broker_pb2_grpc.add_TokenBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    # Watch streams are served from the health servicer's own thread, not a server worker.
-    health_servicer = health.HealthServicer(
-        experimental_non_blocking=True,
-        experimental_thread_pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-health"),
-    )
+    # Watch streams hold no thread once their request is read (admission reads it).
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(listen) if tls is None else server.add_secure_port(listen, tls.server_credentials())
+    if reflection:
+        server_reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, server_reflection.SERVICE_NAME),
+            server,
+        )
+    try:
+        port = (
+            server.add_insecure_port(listen)
+            if tls is None
+            else server.add_secure_port(listen, tls.server_credentials())
+        )
+    except BaseException:
+        interceptor.close()
+        raise
     if not port:
+        interceptor.close()
         raise RuntimeError(f"cannot bind {listen}")
-    return BrokerServer(server, health_servicer, servicer, int(port))
+    return BrokerServer(server, health_servicer, servicer, int(port), interceptor)
 
 
 async def serve(server: BrokerServer, *, grace: float = 5.0, drain_seconds: float = 0.0) -> None:
@@ -195,4 +240,4 @@ async def serve(server: BrokerServer, *, grace: float = 5.0, drain_seconds: floa
         await asyncio.to_thread(server.stop, grace)
 
 
-__all__ = ["DEFAULT_LISTEN", "BrokerServer", "TlsFiles", "build_server", "serve"]
+__all__ = ["DEFAULT_LISTEN", "DEFAULT_MAX_WORKERS", "BrokerServer", "TlsFiles", "build_server", "serve"]

@@ -1,0 +1,592 @@
+"""Admission control for the sync gRPC server: no caller, least of all one without a
+credential, can hold the threads that other callers need.
+
+Why it is needed: the sync server reads a unary call's request message on a pool thread,
+before the handler runs. A caller that opens calls and never sends the message holds one
+thread per call, so 32 such calls used to stop every validation, health check and
+issuance.
+
+How (`AdmissionInterceptor`):
+
+- Each call is put in a class on the server's polling thread, before any pool thread is
+  used, from its method and metadata only: `caller` (an `authorization: ApiKey <key>` the
+  registry knows, an in-memory lookup; or, when the server requires client certificates,
+  a call to a method that needs a caller credential, see below), `caller-stream`,
+  `anonymous` (IssueToken, GetJwks, anything with no or an unknown key), `anonymous-stream`
+  (reflection and health Watch without a key), and `health` (Check, its own small share so
+  a load balancer keeps getting answers while the anonymous share is full).
+- Each class has its own thread pool (grpc's `experimental_thread_pool`) and its own bound
+  on admitted calls (running plus waiting for a thread). Over the bound the call is refused
+  at once with RESOURCE_EXHAUSTED, a message naming the bound and its setting. The refusal
+  runs inline on the polling thread: it reads nothing and needs no worker.
+- Every handler is served as a stream-request handler (the wire does not distinguish), so
+  the request message is read here, with a deadline (`message_timeout_seconds`): a call
+  whose message does not arrive in time is cancelled and its thread freed. A stream with no
+  request for `stream_idle_timeout_seconds` is ended too (an anonymous one after
+  `message_timeout_seconds`).
+- Per source address (known on the pool thread only): a source that already has
+  `max_anonymous_per_source` anonymous calls waiting for their message gets only
+  `CROWDED_SOURCE_GRACE_SECONDS` for the next one (a prompt sender is not affected), and it
+  may hold at most that many anonymous streams.
+
+mTLS: the interceptor cannot see the TLS auth context. When the server requires client
+certificates, every connection has already proved a certificate that the configured CA
+signed, so a call without an API key to a method that needs a caller credential counts as
+`caller`; on its pool thread, before anything is read, the certificate must be a registered
+server's (else UNAUTHENTICATED at once). Without that check, any holder of a CA-signed
+certificate (MCP clients too) could hold the callers' threads."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc  # type: ignore[import-untyped,unused-ignore]
+
+from tokenbroker.errors import AuthenticationError
+from tokenbroker.registry import Registry
+from tokenbroker.service.auth import API_KEY_SCHEME, AUTHORIZATION, CallerAuthenticator, peer_ip
+from tokenbroker.service.servicer import SERVICE_NAME
+
+_T = TypeVar("_T")
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# Methods that refuse a call without a caller credential (an MCP server's API key or cert).
+CALLER_METHODS = frozenset(
+    f"/{SERVICE_NAME}/{name}"
+    for name in (
+        "ValidateToken",
+        "ValidateTokenBatch",
+        "ValidateTokenStream",
+        "RevokeSession",
+        "RevokeClient",
+        "RevokeToken",
+        "ListSessions",
+    )
+)
+CROWDED_SOURCE_GRACE_SECONDS = 0.1
+_API_KEY_SCHEME = API_KEY_SCHEME.lower()
+_MAX_CACHED_HANDLERS = 256
+_MAX_KNOWN_KEYS = 1024
+_KNOWN_KEY_SECONDS = 1.0
+DEFAULT_MAX_WORKERS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """The bounds, as the `Settings` of the same names. `max_workers` and
+    `anonymous_workers` are threads; the `max_queued_*` calls wait for one of them."""
+
+    max_workers: int = DEFAULT_MAX_WORKERS
+    max_queued_rpcs: int = 512
+    max_streams: int = 16
+    anonymous_workers: int = 8
+    max_queued_anonymous_rpcs: int = 32
+    max_anonymous_streams: int = 8
+    max_anonymous_per_source: int = 4
+    health_workers: int = 2
+    message_timeout_seconds: float = 2.0
+    stream_idle_timeout_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_workers", "max_streams", "anonymous_workers", "max_anonymous_streams", "health_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if min(self.max_queued_rpcs, self.max_queued_anonymous_rpcs) < 0 or self.max_anonymous_per_source < 1:
+            raise ValueError("max_queued_* must be at least 0 and max_anonymous_per_source at least 1")
+        if not (self.message_timeout_seconds > 0 and self.stream_idle_timeout_seconds > 0):
+            raise ValueError("message_timeout_seconds and stream_idle_timeout_seconds must be positive")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AdmissionLimits:
+        """The limits from an object with attributes of the same names (`Settings`)."""
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
+class RefusalRecorder(Protocol):
+    """`tokenbroker.metrics.Metrics.admission_refused`: one refused or dropped call."""
+
+    def __call__(self, call_class: str, reason: str) -> None: ...
+
+
+class _InlineExecutor(ThreadPoolExecutor):
+    """Runs each submitted call at once on the submitting thread (grpc's polling thread):
+    for refusals, which read nothing and return immediately. Never starts a thread."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the future, as a pool would
+            future.set_exception(exc)
+        return future
+
+
+class _Watchdog:
+    """Cancels calls whose awaited request message is late. One thread; the table holds
+    only the calls waiting right now (at most one entry per pool thread)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._waits: dict[int, tuple[float, Any]] = {}
+        self._ids = itertools.count()
+        self._wakeup = math.inf
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="tb-admission-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, context: Any, timeout: float) -> int:
+        """Cancel `context`'s call unless `disarm` comes within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        key = next(self._ids)
+        with self._cond:
+            self._waits[key] = (deadline, context)
+            if deadline < self._wakeup:
+                self._wakeup = deadline
+                self._cond.notify()
+        return key
+
+    def disarm(self, key: int) -> bool:
+        """True when the wait had already expired (the call was cancelled)."""
+        with self._cond:
+            return self._waits.pop(key, None) is None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                late = [key for key, (deadline, _) in self._waits.items() if deadline <= now]
+                contexts = [self._waits.pop(key)[1] for key in late]
+                self._wakeup = min((deadline for deadline, _ in self._waits.values()), default=math.inf)
+                if contexts:
+                    self._cond.release()
+                    try:
+                        for context in contexts:
+                            context.cancel()
+                    finally:
+                        self._cond.acquire()
+                    continue
+                self._cond.wait(None if self._wakeup == math.inf else self._wakeup - now)
+
+
+class _CallClass:
+    """One class of calls: its threads and its bound on admitted calls."""
+
+    def __init__(self, name: str, workers: int, queued: int, setting: str, *, anonymous: bool) -> None:
+        self.name = name
+        self.limit = workers + queued
+        self.anonymous = anonymous
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"tb-{name}")
+        self.refusal = (
+            f"the broker is serving its bound of {self.limit} concurrent {name} calls ({setting}): retry shortly"
+            + (", or call as a registered MCP server (`authorization: ApiKey <key>`)" if anonymous else "")
+        )
+        self._lock = threading.Lock()
+        self._admitted = 0
+
+    def try_admit(self) -> bool:
+        with self._lock:
+            if self._admitted >= self.limit:
+                return False
+            self._admitted += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+
+class _Slot:
+    """A call's admission, released exactly once (from the handler or when the RPC ends)."""
+
+    __slots__ = ("_call_class", "_lock", "_released", "_source", "_sources")
+
+    def __init__(self, call_class: _CallClass, sources: _Sources | None = None, source: str = "") -> None:
+        self._call_class = call_class
+        self._sources = sources
+        self._source = source
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._call_class.release()
+        if self._sources is not None:
+            self._sources.leave(self._source)
+
+
+class _Sources:
+    """Per source address: a count of held things (waits or streams). Entries go at zero,
+    so the table never holds more than the things held right now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def enter(self, source: str) -> int:
+        """Counts one more for `source`; returns how many it held before."""
+        with self._lock:
+            held = self._counts.get(source, 0)
+            self._counts[source] = held + 1
+            return held
+
+    def leave(self, source: str) -> None:
+        with self._lock:
+            held = self._counts.get(source, 0) - 1
+            if held > 0:
+                self._counts[source] = held
+            else:
+                self._counts.pop(source, None)
+
+
+class _Refuse:
+    """A refusal handler: answers RESOURCE_EXHAUSTED without reading the request, inline
+    on the polling thread."""
+
+    def __init__(self, message: str, executor: _InlineExecutor) -> None:
+        self._message = message
+        self.experimental_thread_pool = executor
+
+    def __call__(self, request_iterator: Iterator[Any], context: Any) -> Any:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-ignore]
+    """Classifies, bounds and times every call (see the module docstring). `close()`
+    after the server has stopped."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        limits: AdmissionLimits | None = None,
+        *,
+        mutual_tls: bool = False,
+        on_refusal: RefusalRecorder | None = None,
+    ) -> None:
+        self.limits = limits = limits or AdmissionLimits()
+        self._registry = registry
+        self._callers = CallerAuthenticator(registry)
+        self._mutual_tls = mutual_tls
+        self._on_refusal = on_refusal
+        self._watchdog = _Watchdog()
+        self._sources = _Sources()
+        self._streams_by_source = _Sources()
+        self.caller = _CallClass("caller", limits.max_workers, limits.max_queued_rpcs, "max_workers", anonymous=False)
+        self.caller_stream = _CallClass("caller-stream", limits.max_streams, 0, "max_streams", anonymous=False)
+        self.anonymous = _CallClass(
+            "anonymous", limits.anonymous_workers, limits.max_queued_anonymous_rpcs, "anonymous_workers", anonymous=True
+        )
+        self.anonymous_stream = _CallClass(
+            "anonymous-stream", limits.max_anonymous_streams, 0, "max_anonymous_streams", anonymous=True
+        )
+        # A load balancer's checks arrive one at a time: a short queue absorbs a burst.
+        self.health = _CallClass(
+            "health", limits.health_workers, 4 * limits.health_workers, "health_workers", anonymous=True
+        )
+        self._inline = _InlineExecutor()
+        self._refusals = {
+            c.name: grpc.stream_unary_rpc_method_handler(_Refuse(c.refusal, self._inline)) for c in self.classes()
+        }
+        self._wrapped: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
+        # SHA-256 of recently confirmed API keys -> until when (monotonic). Only the pool
+        # choice relies on it; the servicer authenticates every call itself.
+        self._known_keys: dict[bytes, float] = {}
+
+    def classes(self) -> tuple[_CallClass, ...]:
+        return (self.caller, self.caller_stream, self.anonymous, self.anonymous_stream, self.health)
+
+    def close(self) -> None:
+        """Stops the watchdog and the class pools (after the server has stopped)."""
+        self._watchdog.close()
+        for call_class in self.classes():
+            call_class.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- on the polling thread: classify and admit (no I/O, no blocking) ------------------
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        call_class, check_cert = self._classify(method, handler_call_details.invocation_metadata, handler)
+        if not call_class.try_admit():
+            self._refused(call_class.name, "bound")
+            return self._refusals[call_class.name]
+        return self._wrap(method, handler, call_class, check_cert)
+
+    def _classify(self, method: str, metadata: Any, handler: Any) -> tuple[_CallClass, bool]:
+        """The call's class, and whether its mTLS certificate must be checked first."""
+        if method == HEALTH_CHECK:
+            return self.health, False
+        streaming = handler.request_streaming or handler.response_streaming
+        credential = self._credential(metadata)
+        check_cert = credential is None and self._mutual_tls and method in CALLER_METHODS
+        if credential or check_cert:
+            return (self.caller_stream if streaming else self.caller), check_cert
+        return (self.anonymous_stream if streaming else self.anonymous), False
+
+    def _credential(self, metadata: Any) -> bool | None:
+        """True for a registered API key, False for another `authorization`, None for none."""
+        for key, value in metadata or ():
+            if key != AUTHORIZATION:
+                continue
+            scheme, _, api_key = str(value).strip().partition(" ")
+            api_key = api_key.strip()
+            if scheme.lower() != _API_KEY_SCHEME or not api_key:
+                return False
+            return self._registered(api_key)
+        return None
+
+    def _registered(self, api_key: str) -> bool:
+        # A digest, not the key, is compared with the table: nothing about the key leaks.
+        digest = hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()
+        now = time.monotonic()
+        if self._known_keys.get(digest, 0.0) > now:
+            return True
+        # FileRegistry answers from memory (hash, compare_digest), no I/O.
+        if self._registry.server_by_api_key(api_key) is None:
+            self._known_keys.pop(digest, None)
+            return False
+        if len(self._known_keys) >= _MAX_KNOWN_KEYS:
+            self._known_keys.clear()
+        self._known_keys[digest] = now + _KNOWN_KEY_SECONDS
+        return True
+
+    def _refused(self, call_class: str, reason: str) -> None:
+        if self._on_refusal is not None:
+            self._on_refusal(call_class, reason)
+
+    def _wrap(self, method: str, handler: Any, call_class: _CallClass, check_cert: bool) -> Any:
+        key = (method, call_class.name, check_cert)
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._build(method, handler, call_class, check_cert)
+        if len(self._wrapped) < _MAX_CACHED_HANDLERS:
+            self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+    def _build(self, method: str, handler: Any, call_class: _CallClass, check_cert: bool) -> Any:
+        behavior: Any
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if not handler.request_streaming and not handler.response_streaming:
+            behavior = _UnaryUnary(self, method, handler.unary_unary, call_class, check_cert)
+            return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
+        if not handler.request_streaming:
+            original = handler.unary_stream
+            non_blocking = bool(getattr(original, "experimental_non_blocking", False))
+            behavior = (_UnaryStreamNonBlocking if non_blocking else _UnaryStream)(
+                self, method, original, call_class, check_cert
+            )
+            return grpc.stream_stream_rpc_method_handler(behavior, **serializers)
+        if not handler.response_streaming:
+            behavior = _StreamUnary(self, method, handler.stream_unary, call_class, check_cert)
+            return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
+        behavior = _StreamStream(self, method, handler.stream_stream, call_class, check_cert)
+        return grpc.stream_stream_rpc_method_handler(behavior, **serializers)
+
+    # -- on the class's pool thread ---------------------------------------------------------
+
+    def check_certificate(self, call_class: _CallClass, context: Any) -> None:
+        """For a call admitted on its mTLS connection: its certificate must be a registered
+        server's. Otherwise releases the call's admission and aborts it."""
+        try:
+            self._callers.identify(context)
+        except AuthenticationError as exc:
+            call_class.release()
+            self._refused(call_class.name, "unauthenticated")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
+    def stream_slot(self, call_class: _CallClass, context: Any, check_cert: bool) -> _Slot:
+        """A stream's admission, released once when it ends, after the checks that need no
+        request (certificate, the source's share of anonymous streams). Aborts on failure."""
+        if check_cert:
+            self.check_certificate(call_class, context)
+        if call_class.anonymous:
+            source = peer_ip(context)
+            if self._streams_by_source.enter(source) >= self.limits.max_anonymous_per_source:
+                self._streams_by_source.leave(source)
+                call_class.release()
+                self._refused(call_class.name, "per_source")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this address already holds {self.limits.max_anonymous_per_source} anonymous streams "
+                    "(max_anonymous_per_source): close one, or call as a registered MCP server",
+                )
+            return _Slot(call_class, self._streams_by_source, source)
+        return _Slot(call_class)
+
+    def receive(self, requests: Iterator[Any], context: Any, call_class: _CallClass, timeout: float) -> Any:
+        """The next request, or None when the caller sent no more. Cancels the call (and
+        raises, via `context.abort`) when none arrives within `timeout` seconds."""
+        source = ""
+        if call_class.anonymous:
+            source = peer_ip(context)
+            if self._sources.enter(source) >= self.limits.max_anonymous_per_source:
+                timeout = min(timeout, CROWDED_SOURCE_GRACE_SECONDS)
+        key = self._watchdog.arm(context, timeout)
+        try:
+            return next(requests)
+        except StopIteration:
+            return None
+        except grpc.RpcError:  # cancelled: by the caller, or by the watchdog
+            return None
+        finally:
+            late = self._watchdog.disarm(key)
+            if call_class.anonymous:
+                self._sources.leave(source)
+            if late:
+                self._refused(call_class.name, "message_timeout")
+                context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request message within {timeout:g} s (message_timeout_seconds): the call was dropped",
+                )
+
+    def idle_timeout(self, call_class: _CallClass) -> float:
+        if call_class.anonymous:
+            return self.limits.message_timeout_seconds
+        return self.limits.stream_idle_timeout_seconds
+
+
+class _Behavior:
+    """A wrapped handler: reads the request(s) under the admission rules, then runs the
+    original. `experimental_thread_pool` makes grpc run it on the class's threads."""
+
+    def __init__(
+        self, admission: AdmissionInterceptor, method: str, original: Any, call_class: _CallClass, check_cert: bool
+    ) -> None:
+        self.admission = admission
+        self.method = method
+        self.original = original
+        self.call_class = call_class
+        self.check_cert = check_cert
+        self.experimental_thread_pool = call_class.pool
+
+    def first(self, requests: Iterator[Any], context: Any) -> Any:
+        request = self.admission.receive(
+            requests, context, self.call_class, self.admission.limits.message_timeout_seconds
+        )
+        if request is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{self.method} takes exactly one request message; none was sent"
+            )
+        return request
+
+    def release_when_done(self, slot: _Slot, context: Any) -> None:
+        if not context.add_callback(slot.release):
+            slot.release()
+
+
+class _UnaryUnary(_Behavior):
+    def __call__(self, requests: Iterator[Any], context: Any) -> Any:
+        if self.check_cert:
+            self.admission.check_certificate(self.call_class, context)
+        try:
+            return self.original(self.first(requests, context), context)
+        finally:
+            self.call_class.release()
+
+
+class _UnaryStream(_Behavior):
+    def __call__(self, requests: Iterator[Any], context: Any) -> Any:
+        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
+        self.release_when_done(slot, context)
+        try:
+            request = self.first(requests, context)
+        except BaseException:
+            slot.release()
+            raise
+        return self.original(request, context)
+
+
+class _UnaryStreamNonBlocking(_Behavior):
+    """For grpc's experimental non-blocking handlers (health Watch): the thread is free as
+    soon as the request is read; the slot is held until the RPC ends."""
+
+    experimental_non_blocking = True
+
+    def __call__(self, requests: Iterator[Any], context: Any, send_response_callback: Any) -> Any:
+        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
+        self.release_when_done(slot, context)
+        try:
+            request = self.first(requests, context)
+        except BaseException:
+            slot.release()
+            raise
+        return self.original(request, context, send_response_callback)
+
+
+class _Requests:
+    """A request stream whose every message must come within its deadline."""
+
+    __slots__ = ("_behavior", "_context", "_requests", "_timeout")
+
+    def __init__(self, behavior: _Behavior, requests: Iterator[Any], context: Any) -> None:
+        self._behavior = behavior
+        self._requests = requests
+        self._context = context
+        self._timeout = behavior.admission.limits.message_timeout_seconds
+
+    def __iter__(self) -> _Requests:
+        return self
+
+    def __next__(self) -> Any:
+        behavior = self._behavior
+        request = behavior.admission.receive(self._requests, self._context, behavior.call_class, self._timeout)
+        if request is None:
+            raise StopIteration
+        self._timeout = behavior.admission.idle_timeout(behavior.call_class)
+        return request
+
+
+class _StreamUnary(_Behavior):
+    def __call__(self, requests: Iterator[Any], context: Any) -> Any:
+        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
+        try:
+            return self.original(_Requests(self, requests, context), context)
+        finally:
+            slot.release()
+
+
+class _StreamStream(_Behavior):
+    def __call__(self, requests: Iterator[Any], context: Any) -> Any:
+        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
+        self.release_when_done(slot, context)
+        return self.original(_Requests(self, requests, context), context)
+
+
+__all__ = [
+    "CALLER_METHODS",
+    "CROWDED_SOURCE_GRACE_SECONDS",
+    "DEFAULT_MAX_WORKERS",
+    "HEALTH_CHECK",
+    "AdmissionInterceptor",
+    "AdmissionLimits",
+    "RefusalRecorder",
+]
