@@ -105,10 +105,16 @@ def create_app(
     host: str = "127.0.0.1",
     stateless: bool = False,
     json_response: bool = False,
+    require_dpop: bool = True,
 ) -> Any:
     """The ASGI app: the SDK's streamable HTTP app behind `BrokerAuthMiddleware`, or
-    unprotected when `broker` is None (for comparisons only)."""
-    verifier = BrokerTokenVerifier(broker, audience=audience, required_scopes=required_scopes) if broker else None
+    unprotected when `broker` is None (for comparisons only). `require_dpop=False` also
+    accepts Bearer tokens (clients registered with `binding` `bearer`)."""
+    verifier = (
+        BrokerTokenVerifier(broker, audience=audience, required_scopes=required_scopes, require_dpop=require_dpop)
+        if broker
+        else None
+    )
     server = create_server(
         verifier,
         issuer=issuer,
@@ -130,6 +136,7 @@ def create_app(
         required_scopes=required_scopes,
         public_base_url=public_base_url,
         resource_metadata_url=resource_metadata_url(audience),
+        require_dpop=require_dpop,
     )
 
 
@@ -148,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--stateless", action="store_true", help="stateless streamable HTTP")
+    parser.add_argument(
+        "--require-dpop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="accept only DPoP-bound tokens with their proof (default); --no-require-dpop also accepts Bearer",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         public_base_url=args.public_base_url,
         host=args.host,
         stateless=args.stateless,
+        require_dpop=args.require_dpop,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -61,6 +61,7 @@ class McpServerProcess:
     api_key_file: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()  # more command-line options of the example server
 
     @property
     def url(self) -> str:
@@ -76,6 +77,7 @@ class McpServerProcess:
             str(ROOT / "examples" / "protected_server.py"),
             *("--broker", self.broker, "--api-key-file", str(self.api_key_file)),
             *("--audience", self.url, "--issuer", ISSUER, "--port", str(self.port)),
+            *self.options,
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=log, env=dict(os.environ))
@@ -270,8 +272,9 @@ async def test_a_stolen_token_with_a_proof_by_another_key_is_refused(
 def revoke_session(deployment: Deployment, session_id: str) -> None:
     """`tokenbroker revoke session`, the CLI in its own process."""
     command = [sys.executable, "-c", "from tokenbroker.cli import main; main()", "revoke"]
-    command += ["--target", deployment.broker.target, "--api-key", KEY_ADMIN, "session", "--", session_id]
-    revoke = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    command += ["--target", deployment.broker.target, "--api-key-file", "-", "session", "--", session_id]
+    # The key on stdin, not the command line (issue #8 item 9: no secret in /proc/PID/cmdline).
+    revoke = subprocess.run(command, input=KEY_ADMIN.encode(), capture_output=True, timeout=30, check=False)
     assert revoke.returncode == 0, revoke.stderr.decode()[-1000:]
 
 

@@ -106,6 +106,7 @@ async def echo(scope: Any, receive: Any, send: Any) -> None:
 
 def protected(validator: Any, **options: Any) -> BrokerAuthMiddleware:
     options.setdefault("required_scopes", ["tools:call"])
+    options.setdefault("require_dpop", False)  # Bearer accepted too; test_mcp_hardening covers require_dpop
     return BrokerAuthMiddleware(echo, broker=validator, audience=options.pop("audience", URL), **options)
 
 
@@ -176,14 +177,14 @@ def self_signed_certificate() -> str:
 
 async def test_verifier_accepts_an_unbound_token_issued_for_its_audience(broker: Broker) -> None:
     token = issue(broker).access_token
-    verified = await BrokerTokenVerifier(broker, audience=URL).verify_token(token)
+    verified = await BrokerTokenVerifier(broker, require_dpop=False, audience=URL).verify_token(token)
     assert verified is not None
     assert verified.client_id == "agent"
 
 
 async def test_verifier_fills_client_scopes_expiry_resource_subject_and_claims(broker: Broker) -> None:
     issued = issue(broker, scopes=["tools:call", "tools:list"])
-    verified = await BrokerTokenVerifier(broker, audience=URL).verify_token(issued.access_token)
+    verified = await BrokerTokenVerifier(broker, require_dpop=False, audience=URL).verify_token(issued.access_token)
     assert verified is not None
     assert (verified.client_id, verified.scopes, verified.expires_at) == (
         "agent",
@@ -204,35 +205,36 @@ async def test_verifier_refuses_a_dpop_bound_token_because_it_never_sees_the_pro
 ) -> None:
     token = issue(broker, ProofSigner()).access_token
     with caplog.at_level(logging.INFO, logger="tokenbroker.mcp"):
-        assert await BrokerTokenVerifier(broker, audience=URL).verify_token(token) is None
+        assert await BrokerTokenVerifier(broker, require_dpop=False, audience=URL).verify_token(token) is None
     assert "PROOF_MISSING" in caplog.text
 
 
 async def test_verifier_refuses_a_token_issued_for_another_audience(broker: Broker) -> None:
     token = issue(broker, audience=OTHER).access_token
-    assert await BrokerTokenVerifier(broker, audience=URL).verify_token(token) is None
+    assert await BrokerTokenVerifier(broker, require_dpop=False, audience=URL).verify_token(token) is None
 
 
 async def test_verifier_refuses_a_token_without_a_required_scope(broker: Broker) -> None:
     token = issue(broker, scopes=["tools:list"]).access_token
-    assert await BrokerTokenVerifier(broker, audience=URL, required_scopes=["tools:call"]).verify_token(token) is None
+    verifier = BrokerTokenVerifier(broker, require_dpop=False, audience=URL, required_scopes=["tools:call"])
+    assert await verifier.verify_token(token) is None
 
 
 async def test_verifier_refuses_a_token_of_a_revoked_session(broker: Broker) -> None:
     issued = issue(broker)
     broker.revoke_session(issued.session_id)
-    assert await BrokerTokenVerifier(broker, audience=URL).verify_token(issued.access_token) is None
+    assert await BrokerTokenVerifier(broker, require_dpop=False, audience=URL).verify_token(issued.access_token) is None
 
 
 async def test_verifier_raises_when_the_broker_cannot_answer() -> None:
-    verifier = BrokerTokenVerifier(Failing(StoreUnavailableError("store down")), audience=URL)
+    verifier = BrokerTokenVerifier(Failing(StoreUnavailableError("store down")), audience=URL, require_dpop=False)
     with pytest.raises(StoreUnavailableError):
         await verifier.verify_token("eyJ.e30.sig")
 
 
 async def test_access_token_repr_never_shows_the_token(broker: Broker) -> None:
     token = issue(broker).access_token
-    verified = await BrokerTokenVerifier(broker, audience=URL).verify_token(token)
+    verified = await BrokerTokenVerifier(broker, require_dpop=False, audience=URL).verify_token(token)
     assert token not in repr(verified)
     assert token not in str(verified)
 
@@ -307,7 +309,7 @@ async def test_well_known_paths_are_served_without_a_token(broker: Broker) -> No
 
 async def test_a_dot_segment_cannot_climb_out_of_an_exempt_path(broker: Broker) -> None:
     scope = http_scope([], path="/.well-known/../mcp", raw_path=b"/.well-known/../mcp")
-    assert await call(protected(broker), scope) == 401
+    assert await call(protected(broker), scope) == 400  # refused before any validation
 
 
 # -- BrokerAuthMiddleware: refused -----------------------------------------------------
@@ -332,7 +334,8 @@ async def test_a_replayed_proof_is_refused_as_an_invalid_dpop_proof(broker: Brok
     replayed = await post(protected(broker), headers)
     assert replayed.status_code == 401
     assert challenges(replayed)["DPoP"] == (
-        'DPoP error="invalid_dpop_proof", error_description="DPoP proof was already used", algs="EdDSA ES256"'
+        'DPoP error="invalid_dpop_proof", error_description="DPoP proof or single-use token was already used: '
+        'sign a fresh proof for each request", algs="EdDSA ES256"'
     )
     assert challenges(replayed)["Bearer"] == "Bearer"
 

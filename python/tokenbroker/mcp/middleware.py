@@ -15,11 +15,13 @@ SDK's auth context variable is set, so `get_access_token()` returns the
 request as `Bearer` and the verifier returns what this middleware validated: one broker
 call per request either way.
 
-Answers: 401 with `WWW-Authenticate` challenges for DPoP (`algs="EdDSA ES256"`) and
-Bearer (RFC 9449 section 7, RFC 6750 section 3), `error="invalid_token"` or
-`error="invalid_dpop_proof"` on the scheme concerned; 403 `insufficient_scope`; 400
-`invalid_request` for duplicated credentials; 503 when the broker or its store cannot
-answer (fail closed); 500 when the broker refuses this server (misconfiguration)."""
+Answers: 401 with `WWW-Authenticate` challenges for DPoP (`algs="EdDSA ES256"`) and, when
+Bearer is accepted (`require_dpop=False`), Bearer (RFC 9449 section 7, RFC 6750 section 3),
+`error="invalid_token"` or `error="invalid_dpop_proof"` on the scheme concerned; 403
+`insufficient_scope`; 400 `invalid_request` for duplicated credentials and for request
+targets that could route somewhere other than where they were signed for (dot segments,
+encoded dots, slashes or backslashes: see `routed_path`); 503 when the broker or its store
+cannot answer (fail closed); 500 when the broker refuses this server (misconfiguration)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import re
 import ssl
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -50,6 +53,13 @@ DPOP_ALGS = "EdDSA ES256"
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+")
+# RFC 3986 section 3.3 path-absolute: "/" then pchar (unreserved, pct-encoded, sub-delims, ":", "@").
+_RFC3986_PATH = re.compile(r"(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)+")
+# A percent-encoded dot, slash or backslash: WHATWG URL parsing (the htu's) resolves `%2e`
+# dot segments and routers do not, and `%2f`/`%5c` become separators for some and not others.
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[EeFf]|5[Cc])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PCHAR_SAFE = "/-._~!$&'()*+,;=:@"
 # Characters allowed in an error_description (RFC 6750 section 3): printable ASCII but " and \.
 _NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
@@ -76,6 +86,63 @@ def _description(text: str) -> str:
     return _NOT_DESCRIPTION.sub("", text)[:200]
 
 
+def _bad_target(what: str) -> _Refusal:
+    return _Refusal(400, "invalid_request", f"request path {what}")
+
+
+def routed_path(scope: Scope) -> str:
+    """The request path as the client spelled it (percent-encoded, no query), once it is
+    proven to be the path the app routes; raises `_Refusal` (400) otherwise.
+
+    The app routes `scope["path"]` (Starlette: that path, less `root_path` when it starts
+    with it; its URLs keep the whole path), the DPoP `htu` is compared after WHATWG URL
+    normalisation. The two agree only when the target has nothing normalisation would
+    change: so a target is refused, never normalised, when it is not an RFC 3986 path
+    (backslash, space, raw non-ASCII, stray `%`), has an empty segment, decodes to invalid
+    UTF-8, has a `.` or `..` segment, percent-encodes a dot, slash or backslash (once or
+    twice), decodes to a control character, or when `raw_path` decoded once differs from
+    `path`."""
+    path: str = scope["path"]
+    raw_bytes = scope.get("raw_path")
+    # Servers that give no raw_path: the canonical spelling of path (some put the query in raw_path).
+    raw = quote(path, safe=_PCHAR_SAFE) if raw_bytes is None else raw_bytes.decode("latin-1").partition("?")[0]
+    if not _RFC3986_PATH.fullmatch(raw):
+        raise _bad_target("is not an RFC 3986 path (a backslash, a space, a raw non-ASCII byte?): percent-encode it")
+    if "//" in raw:
+        raise _bad_target("has an empty segment (//): send the path without it")
+    encoded = "%" in raw  # the common case has no escape at all: skip decoding it
+    try:
+        decoded = unquote_to_bytes(raw).decode("utf-8") if encoded else raw
+    except UnicodeDecodeError:
+        raise _bad_target("is not UTF-8 once percent-decoded") from None
+    if "/." in decoded and any(segment in (".", "..") for segment in decoded.split("/")):
+        raise _bad_target("has a dot segment (. or .., plain or percent-encoded): send the path with them resolved")
+    if encoded:
+        if _ENCODED_SEPARATOR.search(raw):
+            raise _bad_target("percent-encodes a dot, slash or backslash (%2e, %2f, %5c): send the plain path")
+        if _ENCODED_SEPARATOR.search(decoded):
+            raise _bad_target("encodes a dot, slash or backslash twice (%252e, %252f, %255c): send the plain path")
+        if _CONTROL.search(decoded):
+            raise _bad_target("decodes to a control character")
+    if decoded != path:
+        # A server or proxy that rewrote path, or a raw_path without the root_path: either
+        # way the proof would cover one path while the app routes another.
+        raise _bad_target("does not decode to the path the app routes (raw_path and path disagree)")
+    return raw
+
+
+def _dpop_bound(token: str) -> bool:
+    """Whether a token the broker has just validated carries `cnf.jkt` (its signature is
+    verified, so its claims can be read as they are)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return False
+    cnf = claims.get("cnf") if isinstance(claims, dict) else None
+    return isinstance(cnf, dict) and isinstance(cnf.get("jkt"), str)
+
+
 def cert_thumbprint(pem_or_der: str | bytes) -> str:
     """RFC 8705 `x5t#S256`: base64url(SHA-256(DER certificate)), no padding."""
     der = ssl.PEM_cert_to_DER_cert(pem_or_der) if isinstance(pem_or_der, str) else pem_or_der
@@ -97,6 +164,14 @@ class BrokerAuthMiddleware:
     OAuth protected resource metadata).
     `resource_metadata_url`: RFC 9728 metadata URL, added to the challenges when given.
     `realm`: added to the challenges when given.
+    `require_dpop` (default True, as a client's `binding` is `dpop` by default): only
+    `Authorization: DPoP` with a verified proof gets in; a `Bearer` presentation is refused
+    with 401 and the DPoP challenge before any broker call, and no Bearer challenge is
+    offered. False also accepts Bearer tokens (clients registered with `binding` `bearer`
+    or `mtls`, whose certificate the broker then checks).
+
+    Every request target is checked first (`routed_path`): one that could route somewhere
+    other than the path the proof covers gets 400 before any validation, exempt paths too.
 
     The client address is the ASGI `client` (run uvicorn with `--proxy-headers` and
     `--forwarded-allow-ips` to have it taken from a trusted proxy). The client certificate
@@ -114,6 +189,7 @@ class BrokerAuthMiddleware:
         exempt_paths: Sequence[str] = ("/.well-known/",),
         resource_metadata_url: str | None = None,
         realm: str | None = None,
+        require_dpop: bool = True,
     ) -> None:
         if not audience:
             raise ValueError("audience (this MCP server's resource URI) is required")
@@ -127,6 +203,7 @@ class BrokerAuthMiddleware:
         self.required_scopes = tuple(required_scopes)
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.exempt_paths = tuple(exempt_paths)
+        self.require_dpop = require_dpop
         self._realm = f'realm="{_description(realm)}"' if realm else ""
         self._metadata = f'resource_metadata="{_description(resource_metadata_url)}"' if resource_metadata_url else ""
 
@@ -134,11 +211,12 @@ class BrokerAuthMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # MCP has no websocket transport here
             return
-        if scope["type"] != "http" or self._exempt(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         try:
-            token, inner = await self._authenticate(scope)
+            path = routed_path(scope)  # before anything else: exempt paths are routed too
+            authenticated = None if self._exempt(scope["path"]) else await self._authenticate(scope, path)
         except _Refusal as refusal:
             client = scope.get("client")
             log.info(
@@ -153,6 +231,10 @@ class BrokerAuthMiddleware:
             )
             await self._refuse(send, refusal)
             return
+        if authenticated is None:
+            await self.app(scope, receive, send)
+            return
+        token, inner = authenticated
         validated = _validated.set(token)
         context = auth_context_var.set(inner["user"])
         try:
@@ -167,7 +249,7 @@ class BrokerAuthMiddleware:
 
     # -- the request ------------------------------------------------------------------
 
-    async def _authenticate(self, scope: Scope) -> tuple[BrokerAccessToken, Scope]:
+    async def _authenticate(self, scope: Scope, path: str) -> tuple[BrokerAccessToken, Scope]:
         authorization, proofs = [], []
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -179,6 +261,9 @@ class BrokerAuthMiddleware:
         if len(authorization) > 1:
             raise _Refusal(400, "invalid_request", "more than one Authorization header")
         scheme, token = self._credentials(authorization[0])
+        if scheme == "bearer" and self.require_dpop:
+            description = "this server accepts only DPoP: send Authorization: DPoP <token> with a DPoP proof header"
+            raise _Refusal(401, "invalid_token", description, scheme="dpop")
         proof = None
         if scheme == "dpop":
             if len(proofs) > 1:
@@ -188,10 +273,16 @@ class BrokerAuthMiddleware:
             proof = proofs[0].decode("latin-1").strip()
             if not _COMPACT_JWS.fullmatch(proof):
                 raise _Refusal(401, "invalid_dpop_proof", "DPoP proof is not a compact JWS", scheme="dpop")
-        validation = await self._validate(scope, token, proof)
+        validation = await self._validate(scope, path, token, proof)
         if not validation.valid:
             raise self._refusal(validation, scheme, proof is not None)
-        principal = BrokerAccessToken.from_validation(token, validation)
+        # A valid proof is one the broker checked only if the token is DPoP-bound: it ignores
+        # a proof sent with a certificate-bound token.
+        dpop_proven = proof is not None and _dpop_bound(token)
+        if self.require_dpop and not dpop_proven:
+            description = "this server accepts only DPoP-bound tokens: ask the broker for one with your DPoP key"
+            raise _Refusal(401, "invalid_token", description, scheme="dpop")
+        principal = BrokerAccessToken.from_validation(token, validation, dpop_proven=dpop_proven)
         inner = dict(scope)
         inner["user"] = AuthenticatedUser(principal)
         inner["auth"] = AuthCredentials(list(principal.scopes))
@@ -213,10 +304,9 @@ class BrokerAuthMiddleware:
             raise _Refusal(400, "invalid_request", "Authorization header is malformed", scheme=scheme)
         return scheme, token
 
-    def _uri(self, scope: Scope) -> str:
-        """The request URI as the client addressed it (no query): the DPoP `htu`."""
-        raw = scope.get("raw_path")
-        path: str = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
+    def _uri(self, scope: Scope, path: str) -> str:
+        """The request URI as the client addressed it (no query): the DPoP `htu`. `path` is
+        the `routed_path`."""
         if self.public_base_url is not None:
             return self.public_base_url + path
         host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
@@ -243,7 +333,7 @@ class BrokerAuthMiddleware:
         except (ValueError, binascii.Error, TypeError):
             raise _Refusal(400, "invalid_request", "client certificate is unreadable") from None
 
-    async def _validate(self, scope: Scope, token: str, proof: str | None) -> Validation:
+    async def _validate(self, scope: Scope, path: str, token: str, proof: str | None) -> Validation:
         client = scope.get("client")
         try:
             return await self.broker.avalidate(
@@ -251,7 +341,7 @@ class BrokerAuthMiddleware:
                 audience=self.audience,
                 dpop_proof=proof,
                 http_method=scope["method"],
-                http_uri=self._uri(scope),
+                http_uri=self._uri(scope, path),
                 cert_thumbprint=self._client_cert_thumbprint(scope),
                 client_ip=client[0] if client else None,
                 required_scopes=self.required_scopes,
@@ -279,9 +369,11 @@ class BrokerAuthMiddleware:
     # -- answers ------------------------------------------------------------------------
 
     def challenges(self, error: str = "", description: str = "", *, scheme: str = "", scope: str = "") -> list[str]:
-        """The `WWW-Authenticate` values: a DPoP and a Bearer challenge, `error` on `scheme`'s."""
+        """The `WWW-Authenticate` values: a DPoP challenge and, unless `require_dpop`, a Bearer
+        one; `error` on `scheme`'s."""
         values = []
-        for name, label in (("dpop", "DPoP"), ("bearer", "Bearer")):
+        schemes = (("dpop", "DPoP"),) if self.require_dpop else (("dpop", "DPoP"), ("bearer", "Bearer"))
+        for name, label in schemes:
             params = [self._realm] if self._realm else []
             if error and name == scheme:
                 params.append(f'error="{error}"')
@@ -299,7 +391,7 @@ class BrokerAuthMiddleware:
     async def _refuse(self, send: Send, refusal: _Refusal) -> None:
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
         if refusal.status in (401, 403):
-            scheme = refusal.scheme or "bearer"
+            scheme = refusal.scheme or ("dpop" if self.require_dpop else "bearer")
             for value in self.challenges(refusal.error, refusal.description, scheme=scheme, scope=refusal.scope):
                 headers.append((b"www-authenticate", value.encode("ascii")))
         if refusal.status == 503:
