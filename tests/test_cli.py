@@ -286,6 +286,8 @@ class InProcessClient:
             client_secret=kw.pop("client_secret", None),
             audience=audience,
             scopes=scopes,
+            dpop_jkt=kw.get("dpop_jkt"),
+            cert_thumbprint=kw.get("cert_thumbprint"),
         )
         return self.broker.issue(
             client_id=client_id, audience=audience, scopes=scopes, session_limit=record.session_limit, **kw
@@ -347,7 +349,9 @@ def test_issue_with_a_key_then_validate_with_dpop_then_replay(
     assert remote.instances[-1].closed
 
     token = issued["access_token"]
-    result = run(env, "validate", token, "--audience", AUDIENCE, "--dpop-key", str(dpop), "--api-key", "k")
+    # The API key from the environment: the command line would show it to everyone (issue #8 item 9).
+    with_key = {**env, "TOKENBROKER_API_KEY": "k"}
+    result = run(with_key, "validate", token, "--audience", AUDIENCE, "--dpop-key", str(dpop))
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert answer["valid"] is True
@@ -369,7 +373,8 @@ def test_issue_with_a_secret_file_and_revoke(
     env: dict[str, str], tmp_path: Path, remote: type[InProcessClient]
 ) -> None:
     secret = tmp_path / "secret"
-    run(env, "clients", "add", "agent", "--generate-secret", "--secret-file", str(secret))
+    # Binding bearer: this client wants unbound tokens (dpop, the default, needs a DPoP key).
+    run(env, "clients", "add", "agent", "--generate-secret", "--secret-file", str(secret), "--binding", "bearer")
     run(env, "clients", "update", "agent", "--audience", AUDIENCE, "--scope", "tools:call")
     run(env, "clients", "approve", "agent")
     issued = issue_json(env, "--secret-file", str(secret))

@@ -36,6 +36,7 @@ from support.grpc_servers import (
     AUDIENCE,
     CLIENT_ID,
     CLIENT_SECRET,
+    DPOP_CLIENT_ID,
     OTHER_AUDIENCE,
     RecordingAudit,
     RunningBroker,
@@ -94,8 +95,10 @@ def stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerStub:
     return broker_pb2_grpc.TokenBrokerStub(channel)
 
 
-def issue(stub: Any, *, audience: str = AUDIENCE, metadata: Any = (), **fields: Any) -> pb.IssueTokenResponse:
-    request = pb.IssueTokenRequest(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, audience=audience, **fields)
+def issue(
+    stub: Any, *, audience: str = AUDIENCE, metadata: Any = (), client_id: str = CLIENT_ID, **fields: Any
+) -> pb.IssueTokenResponse:
+    request = pb.IssueTokenRequest(client_id=client_id, client_secret=CLIENT_SECRET, audience=audience, **fields)
     return stub.IssueToken(request, timeout=TIMEOUT, metadata=metadata)
 
 
@@ -126,7 +129,7 @@ def test_issued_token_validates_over_grpc(stub: Any) -> None:
 
 def test_replayed_dpop_proof_is_answered_replayed(stub: Any) -> None:
     signer = ProofSigner()
-    issued = issue(stub, dpop_jkt=signer.jkt)
+    issued = issue(stub, client_id=DPOP_CLIENT_ID, dpop_jkt=signer.jkt)  # a bearer client may not send one
     proof = signer.sign("POST", AUDIENCE, issued.access_token)
     fields = {"dpop_proof": proof, "http_method": "POST", "http_uri": AUDIENCE}
     first, again = validate(stub, issued.access_token, **fields), validate(stub, issued.access_token, **fields)
@@ -446,7 +449,7 @@ def test_broker_client_sync_round_trip(broker: RunningBroker) -> None:
         BrokerClient(broker.target, api_key=ADMIN_API_KEY, timeout=TIMEOUT) as admin,
     ):
         issued = client.issue(
-            client_id=CLIENT_ID,
+            client_id=DPOP_CLIENT_ID,  # binding dpop: CLIENT_ID's bearer binding refuses a dpop_jkt
             client_secret=CLIENT_SECRET,
             audience=AUDIENCE,
             scopes=["tools:call"],
@@ -459,8 +462,8 @@ def test_broker_client_sync_round_trip(broker: RunningBroker) -> None:
         batch = client.validate_batch(
             [{"token": issued.access_token, "audience": AUDIENCE}, {"token": "garbage", "audience": AUDIENCE}]
         )
-        sessions = admin.sessions(CLIENT_ID)
-        revoked = admin.revoke_client(CLIENT_ID)
+        sessions = admin.sessions(DPOP_CLIENT_ID)
+        revoked = admin.revoke_client(DPOP_CLIENT_ID)
         after = client.validate(
             issued.access_token,
             audience=AUDIENCE,
@@ -475,7 +478,7 @@ def test_broker_client_sync_round_trip(broker: RunningBroker) -> None:
             ("tools:call",),
         )
         assert [v.reason for v in batch] == [Reason.PROOF_MISSING, Reason.MALFORMED]
-        assert [(s.session_id, s.client_id) for s in sessions] == [(issued.session_id, CLIENT_ID)]
+        assert [(s.session_id, s.client_id) for s in sessions] == [(issued.session_id, DPOP_CLIENT_ID)]
         assert revoked == 1
         assert after.reason is Reason.CLIENT_REVOKED
         assert client.jwks() == broker.broker.jwks()

@@ -62,7 +62,7 @@ def load_keyring(settings: Settings) -> Keyring:
 
 def build_store(settings: Settings) -> tuple[Store, str]:
     if not settings.redis_url:
-        return MemoryStore(), "memory"
+        return MemoryStore(max_replay_records_per_client=settings.max_replay_records_per_client), "memory"
     try:
         # Imported on use: the embedded mode needs no Redis client.
         from tokenbroker.store.redis import RedisStore
@@ -72,7 +72,18 @@ def build_store(settings: Settings) -> tuple[Store, str]:
             "dependencies, or unset redis_url to use the embedded store"
         ) from None
 
-    store: Store = RedisStore.from_url(settings.redis_url, cluster=settings.redis_cluster)
+    # from_url checks maxmemory-policy and creates the state epochs now (a failure is
+    # logged and every call fails closed, naming the fix, until Redis is safe).
+    store: Store = RedisStore.from_url(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        allow_unsafe_eviction=settings.redis_allow_unsafe_eviction,
+        declared_maxmemory_policy=settings.redis_maxmemory_policy,
+        min_replicas=settings.redis_min_replicas,
+        replica_timeout_ms=settings.redis_replica_timeout_ms,
+        max_clock_skew_seconds=settings.max_clock_skew_seconds,
+        max_records_per_client=settings.max_replay_records_per_client,
+    )
     return store, "redis-cluster" if settings.redis_cluster else "redis"
 
 
@@ -90,9 +101,26 @@ def build_components(settings: Settings) -> Components:
         session_limit=SessionLimit(settings.max_sessions),
     )
     registry = FileRegistry(settings.registry_file)
-    authenticator = ClientAuthenticator(registry, store, assertion_audience=settings.issuer)
-    audit = AuditLog(settings.audit_file)
-    return Components(broker, registry, authenticator, audit, Metrics(), settings, store_kind)
+    authenticator = ClientAuthenticator(
+        registry,
+        store,
+        assertion_audience=settings.issuer,
+        client_failure_burst=settings.client_auth_failure_burst,
+        client_failures_per_second=settings.client_auth_failures_per_minute / 60,
+        source_failure_burst=settings.source_auth_failure_burst,
+        source_failures_per_second=settings.source_auth_failures_per_minute / 60,
+        failure_table_size=settings.auth_failure_table_size,
+    )
+    metrics = Metrics()
+    if hasattr(store, "observed_clock_skew"):  # the Redis store: its clock against ours
+        metrics.watch_redis_clock(store)
+    audit = AuditLog(
+        settings.audit_file,
+        refusal_burst=settings.audit_refusal_burst,
+        refusal_rate=settings.audit_refusals_per_second,
+        on_suppressed=metrics.audit_suppressed,
+    )
+    return Components(broker, registry, authenticator, audit, metrics, settings, store_kind)
 
 
 __all__ = ["Components", "build_components", "build_store", "load_keyring"]

@@ -5,7 +5,14 @@
      "source_ip":"10.0.0.7","session":"...","jti":"..."}
 
 Credentials never reach the log: a field whose name says token, secret, assertion, proof,
-password, key or authorization is redacted, and so is any value that looks like a JWT."""
+password, key or authorization is redacted, and so is any value that looks like a JWT.
+
+Refusals of callers that never proved who they are (`authenticated=False`) cost an
+attacker nothing, so their lines are rate-limited: a token bucket per process
+(`refusal_burst` lines, refilled at `refusal_rate` per second). Suppressed lines are
+counted (`on_suppressed`, the Prometheus counter) and the next line written is preceded
+by one summary line, `{"event":"audit_suppressed","rule":"audit.rate_limited",
+"suppressed":N,...}`, so the log says how many it does not hold."""
 
 from __future__ import annotations
 
@@ -23,8 +30,12 @@ from typing import IO, Any
 import orjson
 import structlog
 
+from tokenbroker.ratelimit import TokenBucket
+
 REDACTED = "[redacted]"
 DECISIONS = ("grant", "refuse")
+SUPPRESSED_EVENT = "audit_suppressed"
+SUPPRESSED_RULE = "audit.rate_limited"
 # Field names that carry credentials. `jti` and `session` are identifiers, not credentials.
 _SENSITIVE_NAME = re.compile(
     r"token|secret|assertion|proof|passw|api_?key|private|authorization|credential|cookie|bearer", re.IGNORECASE
@@ -52,16 +63,24 @@ def _utc_now(clock: Callable[[], float]) -> str:
 
 class AuditLog:
     """Writes audit events to `sink`: a file path (appended to, created 0600), a stream
-    (text or binary), or None for the structlog logger "tokenbroker.audit". Thread-safe."""
+    (text or binary), or None for the structlog logger "tokenbroker.audit". Thread-safe.
+    Lines of unauthenticated refusals are rate-limited (see module doc)."""
 
     def __init__(
         self,
         sink: str | os.PathLike[str] | IO[str] | IO[bytes] | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        refusal_burst: int = 200,
+        refusal_rate: float = 20.0,
+        on_suppressed: Callable[[int], None] | None = None,
     ) -> None:
         self._clock = clock or time.time
         self._lock = threading.Lock()
+        self._refusals = TokenBucket(rate=refusal_rate, burst=refusal_burst)
+        self._on_suppressed = on_suppressed
+        self._suppressed = 0
+        self._suppressed_since: str | None = None
         self._owned: IO[bytes] | None = None
         self._binary: IO[bytes] | None = None
         self._text: IO[str] | None = None
@@ -114,18 +133,59 @@ class AuditLog:
         decision: str,
         rule: str,
         source_ip: str | None = None,
+        authenticated: bool = True,
         **fields: Any,
     ) -> None:
-        """Writes one event. Fields named like a credential are redacted (see module doc)."""
-        entry = self.entry(
-            event=event,
-            client_id=client_id,
-            audience=audience,
-            decision=decision,
-            rule=rule,
-            source_ip=source_ip,
-            **fields,
+        """Writes one event. Fields named like a credential are redacted (see module doc).
+        A refusal with `authenticated=False` (the caller never proved who it is) is
+        written only while the refusal rate allows; otherwise it is counted."""
+        if not authenticated and decision == "refuse" and not self._refusals.take():
+            with self._lock:
+                self._suppressed += 1
+                if self._suppressed_since is None:
+                    self._suppressed_since = _utc_now(self._clock)
+            if self._on_suppressed is not None:
+                self._on_suppressed(1)
+            return
+        self._flush_suppressed()
+        self._write(
+            self.entry(
+                event=event,
+                client_id=client_id,
+                audience=audience,
+                decision=decision,
+                rule=rule,
+                source_ip=source_ip,
+                **fields,
+            )
         )
+
+    @property
+    def suppressed(self) -> int:
+        """Lines suppressed since the last summary line."""
+        return self._suppressed
+
+    def _flush_suppressed(self) -> None:
+        """Writes the summary line of the lines suppressed so far, if any."""
+        if not self._suppressed:
+            return
+        with self._lock:
+            count, since = self._suppressed, self._suppressed_since
+            self._suppressed, self._suppressed_since = 0, None
+        if count:
+            self._write(
+                self.entry(
+                    event=SUPPRESSED_EVENT,
+                    client_id="",
+                    audience="",
+                    decision="refuse",
+                    rule=SUPPRESSED_RULE,
+                    suppressed=count,
+                    since=since,
+                )
+            )
+
+    def _write(self, entry: dict[str, Any]) -> None:
         if self._logger is not None:
             name = entry.pop("event")
             entry.pop("time")  # the structlog pipeline adds its own timestamp
@@ -141,6 +201,8 @@ class AuditLog:
                 self._text.flush()
 
     def close(self) -> None:
+        """Writes the summary of suppressed lines, if any, and closes a file sink."""
+        self._flush_suppressed()
         with self._lock:
             if self._owned is not None:
                 self._owned.close()

@@ -141,10 +141,31 @@ def _write_private(path: Path, data: bytes, *, force: bool = False) -> None:
 
 
 def _read_secret_file(path: Path, what: str) -> str:
+    """The secret in `path` (`-`: the first line of stdin), stripped; never empty."""
+    if str(path) == "-":
+        value = sys.stdin.readline().strip()
+        if not value:
+            raise click.ClickException(f"stdin is empty: it should hold the {what}")
+        return value
     value = path.read_text(encoding="utf-8").strip()
     if not value:
         raise click.ClickException(f"{path} is empty: it should hold the {what}")
     return value
+
+
+def _refuse_secret_value(option: str, file_option: str, env: str) -> Callable[[click.Context, Any, Any], None]:
+    """The callback of a removed option that took a secret on the command line."""
+
+    def refuse(ctx: click.Context, param: Any, value: Any) -> None:
+        if value is not None:
+            raise click.UsageError(
+                f"{option} is not accepted: a secret on the command line is visible to every user of the machine "
+                f"(/proc/PID/cmdline, ps). Put it in a file and pass {file_option} FILE (or {file_option} - to read "
+                f"it from stdin), or set {env}",
+                ctx=ctx,
+            )
+
+    return refuse
 
 
 def _scopes(values: Iterable[str]) -> tuple[str, ...]:
@@ -196,9 +217,20 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 @click.option(
     "--demo-audience", default="http://127.0.0.1:8000/mcp", show_default=True, help="The demo MCP server's URI."
 )
+@click.option(
+    "--reflection/--no-reflection",
+    default=None,
+    help="Serve gRPC server reflection (default: the `reflection` setting, off).",
+)
 @pass_state
 def serve(
-    state: _State, listen: str | None, redis_url: str | None, demo: bool, demo_dir: Path, demo_audience: str
+    state: _State,
+    listen: str | None,
+    redis_url: str | None,
+    demo: bool,
+    demo_dir: Path,
+    demo_audience: str,
+    reflection: bool | None,
 ) -> None:
     """Run the gRPC broker until SIGTERM or SIGINT."""
     import structlog
@@ -206,7 +238,7 @@ def serve(
     from tokenbroker.app import build_components
     from tokenbroker.logs import configure_logging
 
-    settings = state.settings(listen=listen, redis_url=redis_url)
+    settings = state.settings(listen=listen, redis_url=redis_url, reflection=reflection)
     configure_logging(settings.log_level, json=settings.log_json)
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         path = getattr(settings, name)
@@ -247,6 +279,8 @@ def serve(
             metrics=components.metrics,
             listen=settings.listen,
             tls=tls,
+            admission=settings,
+            reflection=settings.reflection,
         )
         if inspect.isawaitable(server):
             server = await server
@@ -491,6 +525,13 @@ _policy_option = click.option(
 @click.option("--max-sessions", type=click.IntRange(1), help="Concurrent sessions (default: the max_sessions setting).")
 @_policy_option
 @click.option("--cidr", "cidrs", multiple=True, help="Network it may ask from, e.g. 10.0.0.0/8 (repeatable).")
+@click.option(
+    "--binding",
+    type=click.Choice(["dpop", "mtls", "bearer"]),
+    default="dpop",
+    show_default=True,
+    help="What its tokens are bound to: its DPoP key, its mTLS certificate, or nothing (bearer).",
+)
 @click.option("--approve", is_flag=True, help="Approve at once (new clients are pending otherwise).")
 @pass_state
 def clients_add(
@@ -506,11 +547,12 @@ def clients_add(
     max_sessions: int | None,
     policy: str | None,
     cidrs: tuple[str, ...],
+    binding: str,
     approve: bool,
 ) -> None:
     """Register a client (pending until approved). Only hashes of secrets are stored."""
     from tokenbroker.models import LimitPolicy
-    from tokenbroker.registry import ClientRecord, ClientStatus
+    from tokenbroker.registry import Binding, ClientRecord, ClientStatus
     from tokenbroker.registry_file import check_cidr, check_id, hash_secret
     from tokenbroker.registry_file import generate_secret as new_secret
 
@@ -542,6 +584,7 @@ def clients_add(
         max_sessions=max_sessions or state.settings().max_sessions,
         limit_policy=LimitPolicy(policy or "reject"),
         allowed_cidrs=tuple(check_cidr(c) for c in cidrs),
+        binding=Binding(binding),
     )
     written: list[Path] = []
     try:
@@ -581,6 +624,9 @@ def clients_add(
 @_policy_option
 @click.option("--cidr", "cidrs", multiple=True, help="Replace the allowed networks (repeatable).")
 @click.option("--any-source", is_flag=True, help="Remove the network restriction.")
+@click.option(
+    "--binding", type=click.Choice(["dpop", "mtls", "bearer"]), help="What its tokens are bound to (see clients add)."
+)
 @pass_state
 def clients_update(
     state: _State,
@@ -592,9 +638,11 @@ def clients_update(
     policy: str | None,
     cidrs: tuple[str, ...],
     any_source: bool,
+    binding: str | None,
 ) -> None:
     """Change a client's key or policy; each list given replaces the old one."""
     from tokenbroker.models import LimitPolicy
+    from tokenbroker.registry import Binding
     from tokenbroker.registry_file import check_cidr
 
     if cidrs and any_source:
@@ -614,8 +662,12 @@ def clients_update(
         changes["allowed_cidrs"] = tuple(check_cidr(c) for c in cidrs)
     if any_source:
         changes["allowed_cidrs"] = ()
+    if binding:
+        changes["binding"] = Binding(binding)
     if not changes:
-        raise click.UsageError("nothing to change: give --audience, --scope, --public-key, --max-sessions, ...")
+        raise click.UsageError(
+            "nothing to change: give --audience, --scope, --public-key, --max-sessions, --binding, ..."
+        )
     record = state.registry().update_client(client_id, **changes)
     _info(f"updated client {client_id!r}")
     _print_json(_client_json(record))
@@ -674,10 +726,19 @@ def clients_list(state: _State, as_json: bool) -> None:
     if not records:
         _info("no clients registered: add one with `tokenbroker clients add ID --generate-key FILE --audience URI`")
         return
-    rows = [("CLIENT", "STATUS", "CREDENTIAL", "AUDIENCES", "SCOPES")]
+    rows = [("CLIENT", "STATUS", "CREDENTIAL", "BINDING", "AUDIENCES", "SCOPES")]
     for r in records:
         credential = "+".join(n for n, v in (("key", r.public_jwk), ("secret", r.secret_hash)) if v) or "none"
-        rows.append((r.client_id, str(r.status), credential, ",".join(r.allowed_audiences), " ".join(r.allowed_scopes)))
+        rows.append(
+            (
+                r.client_id,
+                str(r.status),
+                credential,
+                str(r.binding),
+                ",".join(r.allowed_audiences),
+                " ".join(r.allowed_scopes),
+            )
+        )
     _print_table(rows)
 
 
@@ -716,6 +777,11 @@ def _server_json(record: Any) -> dict[str, Any]:
 @click.argument("server_id")
 @click.option("--audience", "audiences", multiple=True, required=True, help="Its resource URI (repeatable).")
 @click.option("--admin", is_flag=True, help="May also revoke tokens and list sessions.")
+@click.option(
+    "--relay-client-ip",
+    is_flag=True,
+    help="Believed when it relays a client's address at IssueToken (a gateway), for its own audiences only.",
+)
 @click.option("--cert-thumbprint", help="base64url SHA-256 of its mTLS client certificate (DER).")
 @click.option("--generate-api-key", is_flag=True, help="Generate an API key (printed once).")
 @click.option(
@@ -730,6 +796,7 @@ def servers_add(
     server_id: str,
     audiences: tuple[str, ...],
     admin: bool,
+    relay_client_ip: bool,
     cert_thumbprint: str | None,
     generate_api_key: bool,
     api_key_file: Path | None,
@@ -760,6 +827,7 @@ def servers_add(
         api_key_hash=hash_secret(api_key) if api_key else None,
         cert_thumbprint=cert_thumbprint,
         admin=admin,
+        relay_client_ip=relay_client_ip,
         labels=label_map,
     )
     if api_key_file and api_key:
@@ -823,11 +891,16 @@ def servers_remove(state: _State, server_id: str) -> None:
 def _remote_options(func: F) -> F:
     options = [
         click.option("--target", help="host:port of the broker (default: from the `listen` setting)."),
-        click.option("--api-key", envvar="TOKENBROKER_API_KEY", help="The calling MCP server's API key."),
         click.option(
             "--api-key-file",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="File holding the API key.",
+            type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+            help="File holding the calling MCP server's API key (`-`: stdin; or set TOKENBROKER_API_KEY).",
+        ),
+        click.option(
+            "--api-key",
+            hidden=True,
+            expose_value=False,
+            callback=_refuse_secret_value("--api-key", "--api-key-file", "TOKENBROKER_API_KEY"),
         ),
     ]
     for option in reversed(options):
@@ -835,14 +908,15 @@ def _remote_options(func: F) -> F:
     return func
 
 
-def _client(state: _State, target: str | None, api_key: str | None, api_key_file: Path | None) -> Any:
+def _client(state: _State, target: str | None, api_key_file: Path | None) -> Any:
+    """A `BrokerClient` with the calling server's API key from --api-key-file (`-`:
+    stdin) or TOKENBROKER_API_KEY, never from the command line."""
     try:
         from tokenbroker.client import BrokerClient
     except ImportError as exc:
         _fail(f"the gRPC client is not available in this installation ({exc})")
 
-    if api_key and api_key_file:
-        raise click.UsageError("give --api-key or --api-key-file, not both")
+    api_key = os.environ.get("TOKENBROKER_API_KEY", "").strip() or None
     if api_key_file:
         api_key = _read_secret_file(api_key_file, "API key")
     return BrokerClient(target or _local_target(state.settings().listen), api_key=api_key)
@@ -873,7 +947,19 @@ def _proof_signer(path: Path, *, create: bool) -> Any:
 @main.command()
 @click.option("--client-id", required=True, help="The client asking for the token.")
 @click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Client PEM key.")
-@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Client secret.")
+@click.option(
+    "--client-secret-file",
+    "--secret-file",
+    "secret_file",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+    help="File holding the client secret (`-`: stdin; or set TOKENBROKER_CLIENT_SECRET).",
+)
+@click.option(
+    "--client-secret",
+    hidden=True,
+    expose_value=False,
+    callback=_refuse_secret_value("--client-secret", "--client-secret-file", "TOKENBROKER_CLIENT_SECRET"),
+)
 @click.option("--audience", required=True, help="The MCP server's resource URI.")
 @click.option("--scope", "scopes", multiple=True, help="Scope to ask for (repeatable).")
 @click.option("--ttl", "ttl_seconds", type=click.IntRange(1, 3600), help="Lifetime in seconds.")
@@ -896,22 +982,31 @@ def issue(
     dpop_key: Path | None,
     issuer: str | None,
     target: str | None,
-    api_key: str | None,
     api_key_file: Path | None,
 ) -> None:
-    """Ask a broker for a token; prints it and its session as JSON."""
+    """Ask a broker for a token; prints it and its session as JSON. The client proves
+    itself with --key (signs a client assertion) or its secret: --client-secret-file FILE
+    (`-`: stdin) or TOKENBROKER_CLIENT_SECRET."""
     from tokenbroker.issuance import make_client_assertion
 
-    if bool(key_file) == bool(secret_file):
-        raise click.UsageError("give --key PEM_FILE (signs a client assertion) or --secret-file FILE")
+    env_secret = os.environ.get("TOKENBROKER_CLIENT_SECRET", "").strip()
+    if key_file and secret_file:
+        raise click.UsageError("give --key PEM_FILE (signs a client assertion) or --client-secret-file FILE, not both")
+    if not key_file and not secret_file and not env_secret:
+        raise click.UsageError(
+            "give --key PEM_FILE (signs a client assertion), --client-secret-file FILE (`-`: stdin) "
+            "or set TOKENBROKER_CLIENT_SECRET"
+        )
+    if secret_file and api_key_file and str(secret_file) == str(api_key_file) == "-":
+        raise click.UsageError("only one of --client-secret-file and --api-key-file can be read from stdin")
     credential: dict[str, str] = {}
     if key_file:
         assertion_audience = issuer or state.settings().issuer
         credential["client_assertion"] = make_client_assertion(key_file.read_bytes(), client_id, assertion_audience)
-    elif secret_file:
-        credential["client_secret"] = _read_secret_file(secret_file, "client secret")
+    else:
+        credential["client_secret"] = _read_secret_file(secret_file, "client secret") if secret_file else env_secret
     signer = _proof_signer(dpop_key, create=True) if dpop_key else None
-    client = _client(state, target, api_key, api_key_file)
+    client = _client(state, target, api_key_file)
     try:
         issued = client.issue(
             client_id=client_id,
@@ -948,12 +1043,13 @@ def validate(
     http_uri: str | None,
     required_scopes: tuple[str, ...],
     target: str | None,
-    api_key: str | None,
     api_key_file: Path | None,
 ) -> None:
     """Validate TOKEN (`-` reads it from stdin); prints the answer as JSON and exits 0
     when valid, 1 when not."""
     if token == "-":  # noqa: S105 (stdin marker, not a password)
+        if api_key_file is not None and str(api_key_file) == "-":
+            raise click.UsageError("only one of TOKEN and --api-key-file can be read from stdin")
         token = sys.stdin.read().strip()
     if dpop_key and proof:
         raise click.UsageError("give --dpop-key (signs a fresh proof) or --proof, not both")
@@ -961,7 +1057,7 @@ def validate(
     if dpop_key:
         proof = _proof_signer(dpop_key, create=False).sign(http_method, uri, token)
         _info(f"DPoP proof (pass it with --proof to replay it): {proof}")
-    client = _client(state, target, api_key, api_key_file)
+    client = _client(state, target, api_key_file)
     try:
         answer = client.validate(
             token,
@@ -983,12 +1079,10 @@ def validate(
 @click.argument("ident", metavar="ID")
 @_remote_options
 @pass_state
-def revoke(
-    state: _State, kind: str, ident: str, target: str | None, api_key: str | None, api_key_file: Path | None
-) -> None:
+def revoke(state: _State, kind: str, ident: str, target: str | None, api_key_file: Path | None) -> None:
     """Revoke a session, every session of a client, or one token (by jti). An ID that
     starts with `-` goes after `--`: `tokenbroker revoke session -- -abc`."""
-    client = _client(state, target, api_key, api_key_file)
+    client = _client(state, target, api_key_file)
     try:
         method = {"session": client.revoke_session, "client": client.revoke_client, "token": client.revoke_token}[kind]
         count = method(ident)
@@ -1001,9 +1095,9 @@ def revoke(
 @click.argument("client_id")
 @_remote_options
 @pass_state
-def sessions(state: _State, client_id: str, target: str | None, api_key: str | None, api_key_file: Path | None) -> None:
+def sessions(state: _State, client_id: str, target: str | None, api_key_file: Path | None) -> None:
     """List a client's live sessions as JSON."""
-    client = _client(state, target, api_key, api_key_file)
+    client = _client(state, target, api_key_file)
     try:
         found = client.sessions(client_id)
     finally:
@@ -1117,7 +1211,9 @@ class _BenchProgress:
 )
 @click.option("--tokens", type=click.IntRange(1, 100_000), default=256, show_default=True, help="Distinct tokens.")
 @click.option("--channels", type=click.IntRange(1, 64), default=1, show_default=True, help="gRPC channels per server.")
-@click.option("--quick", is_flag=True, help="A few seconds in all (a smoke test): short levels, concurrency 1,8.")
+@click.option(
+    "--quick", is_flag=True, help="A few seconds in all (a smoke test): short levels, concurrency 1,8, batch 16."
+)
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -1156,6 +1252,8 @@ def bench(
         warmup = 0.1 if default("warmup") else warmup
         concurrency = "1,8" if default("concurrency") else concurrency
         tokens = 16 if default("tokens") else tokens
+        # Small batches: a slow reference server must answer some within a 0.3 s level.
+        batch_size = 16 if default("batch_size") else batch_size
         soak = 2.0 if default("soak") else soak
     try:
         levels = tuple(int(c) for c in _csv(concurrency, "concurrency level"))

@@ -48,6 +48,22 @@ class Settings(BaseSettings):
     issuer: str = Field("http://127.0.0.1:50051", description="the tokens' iss; also the aud of client assertions")
     redis_url: str | None = Field(None, description="redis:// or rediss:// URL; none: embedded in-memory store")
     redis_cluster: bool = Field(False, description="connect to a Redis Cluster")
+    redis_allow_unsafe_eviction: bool = Field(
+        False, description="serve although Redis may evict keys (revocations and replay records can be lost)"
+    )
+    redis_maxmemory_policy: str | None = Field(
+        None, description="the Redis maxmemory-policy, stated where CONFIG is disabled (managed Redis)"
+    )
+    redis_min_replicas: int = Field(
+        0, ge=0, le=64, description="replicas that must acknowledge security writes (WAIT); 0: do not wait"
+    )
+    redis_replica_timeout_ms: int = Field(100, ge=1, le=60_000, description="how long a write waits for replicas")
+    max_clock_skew_seconds: int = Field(
+        30, ge=0, le=300, description="clock skew allowed between brokers and Redis; replay records outlive it"
+    )
+    max_replay_records_per_client: int = Field(
+        100_000, ge=1, le=100_000_000, description="single-use records (proofs, assertions) kept per client"
+    )
     key_file: Path | None = Field(None, description="signing keys (JWKS or PEM); none: an ephemeral key")
     registry_file: Path = Field(Path("tokenbroker-registry.toml"), description="the clients and servers")
     default_ttl_seconds: int = Field(300, ge=1, le=MAX_TTL_SECONDS, description="token lifetime when not asked")
@@ -63,6 +79,51 @@ class Settings(BaseSettings):
     log_json: bool = True
     audit_file: Path | None = Field(None, description="audit log (JSON lines); none: the structured log on stderr")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="how long shutdown waits for in-flight RPCs")
+    # Admission control (tokenbroker.service.admission): each call class has its own threads.
+    max_workers: int = Field(32, ge=1, le=1024, description="threads for registered MCP servers' unary calls")
+    max_queued_rpcs: int = Field(
+        512, ge=0, le=100_000, description="registered servers' calls waiting for a thread; more: RESOURCE_EXHAUSTED"
+    )
+    max_streams: int = Field(16, ge=1, le=1024, description="registered servers' open streams (one thread each)")
+    anonymous_workers: int = Field(
+        8, ge=1, le=256, description="threads for calls without a server credential (IssueToken, GetJwks, ...)"
+    )
+    max_queued_anonymous_rpcs: int = Field(
+        32, ge=0, le=10_000, description="anonymous calls waiting for a thread; more: RESOURCE_EXHAUSTED"
+    )
+    max_anonymous_streams: int = Field(8, ge=1, le=1024, description="open streams without a server credential")
+    max_anonymous_per_source: int = Field(
+        4, ge=1, le=1024, description="anonymous calls one address may have waiting for their message, or streams"
+    )
+    health_workers: int = Field(2, ge=1, le=64, description="threads for health Check, apart from everything else")
+    message_timeout_seconds: float = Field(
+        2.0, gt=0, le=300, description="a call's request message must arrive within this; else it is dropped"
+    )
+    stream_idle_timeout_seconds: float = Field(
+        300.0, gt=0, le=86_400, description="a registered server's stream with no request for this long is ended"
+    )
+    reflection: bool = Field(False, description="serve gRPC server reflection (it lists the whole API to anyone)")
+    client_auth_failure_burst: int = Field(
+        20, ge=1, le=1_000_000, description="failed client authentications per client id before RESOURCE_EXHAUSTED"
+    )
+    client_auth_failures_per_minute: float = Field(
+        30.0, ge=0, le=1_000_000, description="how fast a client id's failure allowance refills"
+    )
+    source_auth_failure_burst: int = Field(
+        100, ge=1, le=1_000_000, description="failed client authentications per source address (IPv6: per /64)"
+    )
+    source_auth_failures_per_minute: float = Field(
+        300.0, ge=0, le=1_000_000, description="how fast a source address's failure allowance refills"
+    )
+    auth_failure_table_size: int = Field(
+        10_000, ge=1, le=10_000_000, description="client ids and addresses tracked for failed authentications"
+    )
+    audit_refusal_burst: int = Field(
+        200, ge=1, le=1_000_000, description="audit lines for unauthenticated refusals written before sampling"
+    )
+    audit_refusals_per_second: float = Field(
+        20.0, ge=0, le=1_000_000, description="steady rate of audit lines for unauthenticated refusals"
+    )
 
     @field_validator("listen")
     @classmethod

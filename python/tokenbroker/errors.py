@@ -27,6 +27,10 @@ class SessionLimitExceededError(TokenBrokerError):
     """The client already has its maximum of concurrent sessions (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class RateLimitedError(TokenBrokerError):
+    """A caller or client is over a rate limit or quota (gRPC RESOURCE_EXHAUSTED)."""
+
+
 class SessionNotFoundError(TokenBrokerError):
     """The session to continue is unknown, expired, revoked or not the client's."""
 
@@ -53,6 +57,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidKeyError",
     "PermissionDeniedError",
+    "RateLimitedError",
     "SessionLimitExceededError",
     "SessionNotFoundError",
     "StoreUnavailableError",

@@ -3,22 +3,34 @@
 `ClientAuthenticator.authenticate` applies these rules in order; the first that fails
 raises, and the exception's `.rule` names it for the audit log:
 
-1. `client.unknown`: the client id is registered;
-2. `client.pending` / `client.disabled`: the client is approved;
-3. `credential.*`: an RFC 7523 `private_key_jwt` assertion signed by the client's
-   registered key (EdDSA/Ed25519 or ES256/P-256), used once, or the client secret;
+1. `auth.rate_limited`: the client id and the source address are under their limits of
+   failed authentications (checked before anything is verified);
+2. `credential.*` / `client.unknown`: an RFC 7523 `private_key_jwt` assertion signed by
+   the client's registered key (EdDSA/Ed25519 or ES256/P-256), whose `aud` is one string,
+   the issuer or the token endpoint, used once; or the client's secret;
+3. `client.pending` / `client.disabled`: the client is approved;
 4. `audience.not_allowed`: the audience is one the client may get tokens for;
 5. `scope.not_allowed`: every requested scope is allowed;
-6. `source.cidr`: the request comes from one of the client's networks, when it has any.
+6. `source.cidr`: the request comes from one of the client's networks, when it has any;
+7. `binding.*`: the request binds the token as the client's `binding` says.
 
-Credential failures raise `AuthenticationError` (gRPC UNAUTHENTICATED); the others raise
-`ClientNotAllowedError` (PERMISSION_DENIED)."""
+Client enumeration: an unknown client id, a wrong credential and a credential of a type
+the client does not have get one answer, `AUTH_FAILED` (UNAUTHENTICATED), after the same
+work (an unknown client's assertion is verified against a dummy key, its secret against a
+dummy hash); only the audit rule tells them apart. A client learns its status and policy
+only once its credential verified.
+
+Credential failures raise `CredentialRefusedError` (UNAUTHENTICATED); rate limits and
+quotas raise `ClientThrottledError` (RESOURCE_EXHAUSTED); the others raise
+`ClientRefusedError` (PERMISSION_DENIED). Each has `.rule` and `.authenticated` (whether
+the client had proved itself when it was refused)."""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -28,15 +40,20 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
-from tokenbroker.registry import ClientRecord, ClientStatus, Registry
-from tokenbroker.registry_file import check_public_jwk, secret_matches
-from tokenbroker.store.base import Store
+from tokenbroker.errors import AuthenticationError, ClientNotAllowedError, RateLimitedError
+from tokenbroker.ratelimit import KeyedBuckets, source_key
+from tokenbroker.registry import Binding, ClientRecord, ClientStatus, Registry
+from tokenbroker.registry_file import check_public_jwk, hash_secret, secret_matches
+from tokenbroker.store.base import Remembered, Store
 
 MAX_ASSERTION_BYTES = 8 * 1024
 _ALGORITHM_FOR_KEY = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256"}
 # Header members that would make a verifier fetch or trust something outside the registry.
 _FORBIDDEN_HEADER_MEMBERS = ("jku", "x5u", "jwk", "x5c", "crit")
+AUTH_FAILED = (
+    "client authentication failed: check the client id and its credential (a client assertion signed with "
+    "the client's registered key, or the client's secret)"
+)
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
@@ -44,22 +61,50 @@ PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 class CredentialRefusedError(AuthenticationError):
     """The client's credential is missing or wrong. `.rule` names the failed check."""
 
+    authenticated = False
+
     def __init__(self, message: str, rule: str) -> None:
         super().__init__(message)
         self.rule = rule
 
 
 class ClientRefusedError(ClientNotAllowedError):
-    """The client may not have this token. `.rule` names the failed check."""
+    """The client (authenticated) may not have this token. `.rule` names the failed check."""
+
+    authenticated = True
 
     def __init__(self, message: str, rule: str) -> None:
         super().__init__(message)
         self.rule = rule
 
 
+class ClientThrottledError(RateLimitedError):
+    """Too many failed authentications (`auth.rate_limited`, before any verification) or
+    the client's quota of assertion records is used (`credential.quota`)."""
+
+    def __init__(self, message: str, rule: str, *, authenticated: bool) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.authenticated = authenticated
+
+
 @functools.lru_cache(maxsize=4096)
 def _verification_key(jwk_json: str) -> jwt.PyJWK:
     return jwt.PyJWK(json.loads(jwk_json))
+
+
+@functools.cache
+def _dummy_key(algorithm: str) -> jwt.PyJWK:
+    """A throwaway public key per algorithm: what an unknown client's assertion is
+    verified against, so that it costs what a known client's does."""
+    key: PrivateKey = (
+        ed25519.Ed25519PrivateKey.generate() if algorithm == "EdDSA" else ec.generate_private_key(ec.SECP256R1())
+    )
+    return _verification_key(json.dumps(public_jwk(key), sort_keys=True))
+
+
+# What an unknown client's secret is compared with (same hash and comparison as a real one).
+_DUMMY_SECRET_HASH = hash_secret(secrets.token_urlsafe(32))
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -96,12 +141,22 @@ def _scope_list(scopes: Iterable[str] | str | None) -> list[str]:
     return [s for scope in scopes for s in scope.split()]
 
 
+def _generic(rule: str) -> CredentialRefusedError:
+    """The one answer for an unknown client, a wrong credential and a wrong credential type."""
+    return CredentialRefusedError(AUTH_FAILED, rule)
+
+
 class ClientAuthenticator:
     """Authenticates a client asking for a token and checks its policy (see module doc).
 
-    `assertion_audience` is the broker's issuer: the `aud` a client assertion must carry.
-    Assertions live at most `max_assertion_lifetime` seconds and are accepted once: their
-    `jti` is remembered in the `store` (shared between replicas with Redis)."""
+    `assertion_audience` is the broker's issuer; a client assertion's `aud` must be that
+    string (one trailing `/` more or less tolerated) or `token_endpoint` (default: the
+    issuer + "/token"). Assertions live at most `max_assertion_lifetime` seconds and are
+    accepted once: their `jti` is remembered in the `store` (shared between replicas with
+    Redis). Failed authentications are limited per client id (`client_failure_burst`,
+    refilled at `client_failures_per_second`) and per source address (`source_*`; IPv6 by
+    /64), each in a table of at most `failure_table_size` keys; over a limit, requests are
+    refused before anything is verified."""
 
     def __init__(
         self,
@@ -109,30 +164,57 @@ class ClientAuthenticator:
         store: Store,
         *,
         assertion_audience: str,
+        token_endpoint: str | None = None,
         clock: Callable[[], float] = time.time,
         max_assertion_lifetime: int = 300,
         leeway_seconds: int = 5,
+        client_failure_burst: int = 20,
+        client_failures_per_second: float = 0.5,
+        source_failure_burst: int = 100,
+        source_failures_per_second: float = 5.0,
+        failure_table_size: int = 10_000,
     ) -> None:
         if not assertion_audience:
             raise ValueError("assertion_audience (the broker's issuer) is required")
         self.registry = registry
         self.store = store
         self.assertion_audience = assertion_audience
+        base = assertion_audience.rstrip("/")
+        self.token_endpoint = token_endpoint or f"{base}/token"
+        self._audiences = frozenset((assertion_audience, base, f"{base}/", self.token_endpoint))
         self.max_assertion_lifetime = max_assertion_lifetime
         self._clock = clock
         self._leeway = leeway_seconds
+        self._client_failures = KeyedBuckets(
+            rate=client_failures_per_second, burst=client_failure_burst, max_keys=failure_table_size, clock=clock
+        )
+        self._source_failures = KeyedBuckets(
+            rate=source_failures_per_second, burst=source_failure_burst, max_keys=failure_table_size, clock=clock
+        )
+
+    # -- rate limits ------------------------------------------------------------------
+
+    def _check_rate(self, client_id: str, source: str) -> None:
+        if not self._source_failures.allowed(source):
+            raise ClientThrottledError(
+                "too many failed client authentications from this address: wait a minute before retrying, and "
+                "check the client's credential",
+                "auth.rate_limited",
+                authenticated=False,
+            )
+        if not self._client_failures.allowed(client_id):
+            raise ClientThrottledError(
+                "too many failed authentications for this client id: wait a minute before retrying, and check "
+                "the client's credential",
+                "auth.rate_limited",
+                authenticated=False,
+            )
+
+    def _charge(self, client_id: str, source: str) -> None:
+        self._client_failures.charge(client_id)
+        self._source_failures.charge(source)
 
     # -- the rules --------------------------------------------------------------------
-
-    def _identify(self, client_id: str) -> ClientRecord:
-        record = self.registry.client(client_id) if client_id else None
-        if record is None:
-            raise ClientRefusedError(
-                f"client {client_id!r} is not registered: the broker operator can register it with "
-                f"`tokenbroker clients add {client_id or '<id>'} ...`",
-                "client.unknown",
-            )
-        return record
 
     @staticmethod
     def _check_status(record: ClientRecord) -> None:
@@ -151,81 +233,113 @@ class ClientAuthenticator:
             )
 
     def _check_credential(
-        self, record: ClientRecord, client_assertion: str | None, client_secret: str | None, now: int
-    ) -> tuple[str, int] | None:
-        """Checks the credential; returns the assertion's replay record to set, if any."""
-        cid = record.client_id
+        self, client_id: str, client_assertion: str | None, client_secret: str | None, now: int
+    ) -> tuple[ClientRecord, tuple[str, int, int] | None]:
+        """The client's record once its credential verified, and the assertion's replay
+        record to set (key, issued at, until), if any."""
         if client_assertion and client_secret:
             raise CredentialRefusedError(
-                f"client {cid!r} sent both an assertion and a secret: send one credential", "credential.ambiguous"
+                "the client sent both an assertion and a secret: send one credential", "credential.ambiguous"
             )
-        if client_assertion:
-            return self._check_assertion(record, client_assertion, now)
-        if client_secret:
-            if not record.secret_hash:
-                raise CredentialRefusedError(
-                    f"client {cid!r} has no registered secret: sign a client assertion with its registered key",
-                    "credential.no_secret",
-                )
-            if not secret_matches(client_secret, record.secret_hash):
-                raise CredentialRefusedError(f"client secret of {cid!r} is wrong", "credential.secret_invalid")
-            return None
-        raise CredentialRefusedError(
-            f"client {cid!r} sent no credential: send a client assertion (private_key_jwt) signed with its "
-            "registered key, or its client secret",
-            "credential.missing",
-        )
-
-    def _check_assertion(self, record: ClientRecord, assertion: str, now: int) -> tuple[str, int]:
-        cid = record.client_id
-
-        def refuse(why: str, rule: str = "credential.assertion_invalid") -> CredentialRefusedError:
-            return CredentialRefusedError(f"client assertion of {cid!r} refused: {why}", rule)
-
-        if not record.public_jwk:
+        if not client_assertion and not client_secret:
             raise CredentialRefusedError(
-                f"client {cid!r} has no registered public key: use its client secret, or register a key with "
-                f"`tokenbroker clients update {cid} --public-key FILE`",
-                "credential.no_key",
+                "the client sent no credential: send a client assertion (private_key_jwt) signed with its "
+                "registered key, or its client secret",
+                "credential.missing",
             )
+        record = self.registry.client(client_id) if client_id else None
+        if client_assertion:
+            replay = self._check_assertion(record, client_id, client_assertion, now)
+            assert record is not None  # _check_assertion raises for an unknown client
+            return record, replay
+        assert client_secret is not None
+        # The same hash and comparison whatever the client: one answer, similar timing.
+        stored = record.secret_hash if record is not None and record.secret_hash else _DUMMY_SECRET_HASH
+        matches = secret_matches(client_secret, stored)
+        if record is None:
+            raise _generic("client.unknown")
+        if not record.secret_hash:
+            raise _generic("credential.no_secret")
+        if not matches:
+            raise _generic("credential.secret_invalid")
+        return record, None
+
+    def _check_assertion(
+        self, record: ClientRecord | None, client_id: str, assertion: str, now: int
+    ) -> tuple[str, int, int]:
+        def refuse(why: str, rule: str = "credential.assertion_invalid") -> CredentialRefusedError:
+            return CredentialRefusedError(f"client assertion refused: {why}", rule)
+
+        # Checks that do not depend on the client may say what is wrong: they reveal nothing
+        # (the audit rule still says when the client is unknown).
+        shape = "client.unknown" if record is None else "credential.assertion_invalid"
         if len(assertion) > MAX_ASSERTION_BYTES:
-            raise refuse(f"larger than {MAX_ASSERTION_BYTES} bytes")
-        jwk = record.public_jwk
-        algorithm = _ALGORITHM_FOR_KEY.get((jwk.get("kty"), jwk.get("crv")))  # type: ignore[arg-type]
-        if algorithm is None:
-            raise refuse("the registered key is neither Ed25519 nor P-256", "credential.no_key")
+            raise refuse(f"larger than {MAX_ASSERTION_BYTES} bytes", shape)
         try:
             header = jwt.get_unverified_header(assertion)
         except jwt.PyJWTError:
-            raise refuse("not a JWS compact serialization") from None
-        if header.get("alg") != algorithm:
-            raise refuse(f"alg must be {algorithm} for the registered key, not {str(header.get('alg'))[:20]!r}")
+            raise refuse("not a JWS compact serialization", shape) from None
+        algorithm = header.get("alg")
+        if algorithm not in ("EdDSA", "ES256"):
+            raise refuse(f"alg must be EdDSA or ES256, not {str(algorithm)[:20]!r}", shape)
         forbidden = [m for m in _FORBIDDEN_HEADER_MEMBERS if m in header]
         if forbidden:
-            raise refuse(f"header member {forbidden[0]!r} is not accepted")
+            raise refuse(f"header member {forbidden[0]!r} is not accepted", shape)
+
+        # From here on the answer is the same for every failure that depends on the client.
+        failed: str | None = None
+        jwk = record.public_jwk if record is not None else None
+        if record is None:
+            failed = "client.unknown"
+        elif jwk is None:
+            failed = "credential.no_key"
+        elif _ALGORITHM_FOR_KEY.get((jwk.get("kty"), jwk.get("crv"))) != algorithm:  # type: ignore[arg-type]
+            failed = "credential.assertion_invalid"
+        key = (
+            _dummy_key(algorithm)
+            if failed is not None or jwk is None
+            else _verification_key(json.dumps(check_public_jwk(jwk), sort_keys=True))
+        )
         try:
-            key = _verification_key(json.dumps(check_public_jwk(jwk), sort_keys=True))
             claims = jwt.decode(
                 assertion,
                 key,
                 algorithms=[algorithm],
-                # Times are checked below against the broker's clock; aud/iss here.
-                options={"verify_exp": False, "verify_iat": False, "verify_nbf": False, "require": []},
-                audience=self.assertion_audience,
-                issuer=cid,
+                # Only the signature here; times, aud and iss are checked below.
+                options={
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "require": [],
+                },
             )
-        except jwt.InvalidAudienceError:
-            raise refuse(
-                f"aud must be the broker's issuer {self.assertion_audience!r}", "credential.assertion_audience"
-            ) from None
-        except jwt.InvalidIssuerError:
-            raise refuse("iss must be the client id") from None
         except jwt.InvalidSignatureError:
-            raise refuse("the signature does not verify with the registered key") from None
+            raise _generic(failed or "credential.assertion_invalid") from None
         except (jwt.PyJWTError, ValueError) as exc:
+            if failed is not None:
+                raise _generic(failed) from None
             raise refuse(str(exc)[:200] or type(exc).__name__) from None
-        if claims.get("sub") != cid or claims.get("iss") != cid:
+        if failed is not None:  # unreachable: a dummy key verifies nothing
+            raise _generic(failed)
+
+        # The signature verified with the client's key: the client may learn the details.
+        if claims.get("iss") != client_id or claims.get("sub") != client_id:
             raise refuse("iss and sub must both be the client id")
+        aud = claims.get("aud")
+        if not isinstance(aud, str):
+            raise refuse(
+                f"aud must be one string, the broker's issuer {self.assertion_audience!r} or its token endpoint "
+                f"{self.token_endpoint!r} (not an array)",
+                "credential.assertion_audience",
+            )
+        if aud not in self._audiences:
+            raise refuse(
+                f"aud must be the broker's issuer {self.assertion_audience!r} or its token endpoint "
+                f"{self.token_endpoint!r}",
+                "credential.assertion_audience",
+            )
         exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
         for name, value in (("exp", exp), ("iat", iat), ("nbf", nbf)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -246,12 +360,38 @@ class ClientAuthenticator:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 1 <= len(jti) <= 256:
             raise refuse("jti (a unique id of 1 to 256 characters) is required")
-        return f"assertion:{len(cid)}:{cid}:{jti}", exp + self._leeway  # length-prefixed: unambiguous
+        # For the store's epoch check: when it was signed (without iat, the earliest it could
+        # have been: exp minus the longest lifetime). Left open, and said in the README: the
+        # epoch has one-second resolution and trusts the client's iat, so an assertion used
+        # in the same second as a state loss, or stamped up to the leeway ahead and used that
+        # close before it, could be accepted once more. Closing that would refuse every
+        # assertion for the first seconds after each broker start.
+        issued_at = iat if iat is not None else exp - self.max_assertion_lifetime
+        key_text = f"assertion:{len(client_id)}:{client_id}:{jti}"  # length-prefixed: unambiguous
+        return key_text, issued_at, exp + self._leeway
 
     @staticmethod
-    def _replayed(record: ClientRecord) -> CredentialRefusedError:
-        return CredentialRefusedError(
-            f"client assertion of {record.client_id!r} refused: it was already used (sign a new one per request)",
+    def _remembered(record: ClientRecord, outcome: Remembered) -> None:
+        """Raises unless the store recorded the assertion's jti for the first time."""
+        if outcome is Remembered.NEW:
+            return
+        cid = record.client_id
+        if outcome is Remembered.STALE:
+            raise CredentialRefusedError(
+                f"client assertion of {cid!r} refused: the broker's replay state was reset after it was signed, "
+                "so its earlier use cannot be ruled out: sign a new assertion",
+                "credential.assertion_stale",
+            )
+        if outcome is Remembered.FULL:
+            raise ClientThrottledError(
+                f"client {cid!r} has used its quota of assertion records: retry when older assertions expire, or "
+                "sign assertions with a shorter exp",
+                "credential.quota",
+                authenticated=True,
+            )
+        # SEEN, or anything the store may answer in the future: fail closed.
+        raise CredentialRefusedError(
+            f"client assertion of {cid!r} refused: it was already used (sign a new one per request)",
             "credential.assertion_replayed",
         )
 
@@ -284,7 +424,66 @@ class ClientAuthenticator:
                     "source.cidr",
                 )
 
+    @staticmethod
+    def check_binding(record: ClientRecord, dpop_jkt: str | None, cert_thumbprint: str | None) -> None:
+        """The request binds the token as the client's `binding` says: a `dpop` client
+        sends `dpop_jkt` (and no certificate), an `mtls` client `cert_thumbprint` (and no
+        DPoP key), a `bearer` client neither (a key it sends would be ignored by servers
+        that accept its Bearer tokens, so it is refused rather than silently dropped)."""
+        cid = record.client_id
+        binding = Binding(record.binding)
+        change = f"`tokenbroker clients update {cid} --binding ...`"
+        if binding is Binding.DPOP and (not dpop_jkt or cert_thumbprint):
+            raise ClientRefusedError(
+                f"client {cid!r} has binding dpop: send dpop_jkt (the thumbprint of its DPoP key) and no "
+                f"cert_thumbprint, or the broker operator can change the binding with {change}",
+                "binding.dpop_required",
+            )
+        if binding is Binding.MTLS and (not cert_thumbprint or dpop_jkt):
+            raise ClientRefusedError(
+                f"client {cid!r} has binding mtls: send cert_thumbprint (of its client certificate) and no "
+                f"dpop_jkt, or the broker operator can change the binding with {change}",
+                "binding.mtls_required",
+            )
+        if binding is Binding.BEARER and (dpop_jkt or cert_thumbprint):
+            raise ClientRefusedError(
+                f"client {cid!r} has binding bearer: send neither dpop_jkt nor cert_thumbprint, or the broker "
+                f"operator can bind its tokens with {change}",
+                "binding.bearer_only",
+            )
+
     # -- entry points -------------------------------------------------------------------
+
+    def _verify(
+        self,
+        client_id: str,
+        client_assertion: str | None,
+        client_secret: str | None,
+        client_ip: str | None,
+        now: int,
+    ) -> tuple[ClientRecord, tuple[str, int, int] | None, str]:
+        source = source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else "")
+        self._check_rate(client_id, source)
+        try:
+            record, replay = self._check_credential(client_id, client_assertion or None, client_secret or None, now)
+        except CredentialRefusedError:
+            self._charge(client_id, source)
+            raise
+        return record, replay, source
+
+    def _after_credential(
+        self,
+        record: ClientRecord,
+        audience: str,
+        scopes: Iterable[str] | str | None,
+        client_ip: str | None,
+        dpop_jkt: str | None,
+        cert_thumbprint: str | None,
+    ) -> ClientRecord:
+        self._check_status(record)
+        self._check_policy(record, audience, scopes, client_ip)
+        self.check_binding(record, dpop_jkt, cert_thumbprint)
+        return record
 
     def authenticate(
         self,
@@ -295,18 +494,21 @@ class ClientAuthenticator:
         audience: str,
         scopes: Iterable[str] | str | None = (),
         client_ip: str | None = None,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
     ) -> ClientRecord:
         """The client's record when every rule passes. Raises `CredentialRefusedError`
-        (an `AuthenticationError`) or `ClientRefusedError` (a `ClientNotAllowedError`),
-        each with `.rule`; `StoreUnavailableError` when the replay store is down."""
+        (an `AuthenticationError`), `ClientRefusedError` (a `ClientNotAllowedError`) or
+        `ClientThrottledError` (a `RateLimitedError`), each with `.rule`;
+        `StoreUnavailableError` when the replay store is down. `dpop_jkt` and
+        `cert_thumbprint` are what the token is to be bound to (see `check_binding`)."""
         now = int(self._clock())
-        record = self._identify(client_id)
-        replay = self._check_credential(record, client_assertion or None, client_secret or None, now)
-        if replay is not None and not self.store.remember(replay[0], until=replay[1], now=now):
-            raise self._replayed(record)
-        self._check_status(record)
-        self._check_policy(record, audience, scopes, client_ip)
-        return record
+        record, replay, source = self._verify(client_id, client_assertion, client_secret, client_ip, now)
+        if replay is not None:
+            key, issued_at, until = replay
+            outcome = self.store.remember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
+            self._remembered_or_charge(record, outcome, source)
+        return self._after_credential(record, audience, scopes, client_ip, dpop_jkt, cert_thumbprint)
 
     async def aauthenticate(
         self,
@@ -317,16 +519,24 @@ class ClientAuthenticator:
         audience: str,
         scopes: Iterable[str] | str | None = (),
         client_ip: str | None = None,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
     ) -> ClientRecord:
         """The asyncio twin of `authenticate`."""
         now = int(self._clock())
-        record = self._identify(client_id)
-        replay = self._check_credential(record, client_assertion or None, client_secret or None, now)
-        if replay is not None and not await self.store.aremember(replay[0], until=replay[1], now=now):
-            raise self._replayed(record)
-        self._check_status(record)
-        self._check_policy(record, audience, scopes, client_ip)
-        return record
+        record, replay, source = self._verify(client_id, client_assertion, client_secret, client_ip, now)
+        if replay is not None:
+            key, issued_at, until = replay
+            outcome = await self.store.aremember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
+            self._remembered_or_charge(record, outcome, source)
+        return self._after_credential(record, audience, scopes, client_ip, dpop_jkt, cert_thumbprint)
+
+    def _remembered_or_charge(self, record: ClientRecord, outcome: Remembered, source: str) -> None:
+        try:
+            self._remembered(record, Remembered(outcome))
+        except CredentialRefusedError:  # a replayed or stale assertion is a failed authentication
+            self._charge(record.client_id, source)
+            raise
 
 
 # -- for clients, tests and the CLI ----------------------------------------------------
@@ -382,7 +592,7 @@ def make_client_assertion(
     now: int | None = None,
 ) -> str:
     """An RFC 7523 client assertion: `iss` = `sub` = `client_id`, `aud` = the broker's
-    issuer, a fresh `jti`, valid for `lifetime` seconds. EdDSA for Ed25519, ES256 for P-256."""
+    issuer (one string), a fresh `jti`, valid for `lifetime` seconds. EdDSA for Ed25519, ES256 for P-256."""
     key = load_private_key(private_key)
     algorithm = "EdDSA" if isinstance(key, ed25519.Ed25519PrivateKey) else "ES256"
     issued = int(time.time()) if now is None else now
@@ -398,8 +608,10 @@ def make_client_assertion(
 
 
 __all__ = [
+    "AUTH_FAILED",
     "ClientAuthenticator",
     "ClientRefusedError",
+    "ClientThrottledError",
     "CredentialRefusedError",
     "load_private_key",
     "make_client_assertion",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
@@ -34,6 +34,17 @@ class Metrics:
             "tokenbroker_issuance_decisions",
             "Token issuance decisions, by decision and policy rule",
             ("decision", "rule"),
+            registry=self.registry,
+        )
+        self.audit_suppressed_lines = Counter(
+            "tokenbroker_audit_suppressed",
+            "Audit lines of unauthenticated refusals not written: over the audit_refusals_per_second rate",
+            registry=self.registry,
+        )
+        self.admission_refusals = Counter(
+            "tokenbroker_admission_refusals",
+            "Calls refused or dropped before reaching the service, by call class and reason",
+            ("call_class", "reason"),
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -67,6 +78,31 @@ class Metrics:
     def issuance(self, decision: str, rule: str) -> None:
         """One issuance decision ("grant"/"refuse") and the rule that made it."""
         self.issuances.labels(decision, rule).inc()
+
+    def audit_suppressed(self, count: int = 1) -> None:
+        """`count` audit lines of unauthenticated refusals were dropped by the audit rate limit."""
+        self.audit_suppressed_lines.inc(count)
+
+    def admission_refused(self, call_class: str, reason: str) -> None:
+        """A call refused or dropped by admission control: `call_class` ("caller",
+        "anonymous", "health", ...), `reason` ("bound", "per_source", "message_timeout",
+        "unauthenticated")."""
+        self._child(self.admission_refusals, call_class, reason).inc()
+
+    def watch_redis_clock(self, store: Any) -> None:
+        """Exposes `store.observed_clock_skew` (Redis time - broker time, seconds, from the
+        store's last script reply; NaN before any) as `tokenbroker_redis_clock_skew_seconds`."""
+        gauge = Gauge(
+            "tokenbroker_redis_clock_skew_seconds",
+            "Redis clock minus this broker's clock in the last Redis script reply (bound: max_clock_skew_seconds)",
+            registry=self.registry,
+        )
+
+        def skew() -> float:
+            value = store.observed_clock_skew
+            return float("nan") if value is None else float(value)
+
+        gauge.set_function(skew)
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serves /metrics on `host:port` from a daemon thread; returns the bound port

@@ -17,11 +17,22 @@ class ClientStatus(enum.StrEnum):
     DISABLED = "disabled"
 
 
+class Binding(enum.StrEnum):
+    """What a client's tokens are bound to. `dpop`: the client's DPoP key (RFC 9449), so
+    it asks with `dpop_jkt`; `mtls`: its client certificate (RFC 8705, `cert_thumbprint`);
+    `bearer`: nothing, for clients that cannot sign proofs (still short-lived, audience-
+    and session-bound)."""
+
+    DPOP = "dpop"
+    MTLS = "mtls"
+    BEARER = "bearer"
+
+
 @dataclass(frozen=True, slots=True)
 class ClientRecord:
     """A registered MCP client. It authenticates with a `private_key_jwt` assertion (RFC
     7523) signed by `public_jwk` (OKP Ed25519 or EC P-256) or with a client secret, of
-    which only `secret_hash` is stored."""
+    which only `secret_hash` is stored. `binding` decides what its tokens are bound to."""
 
     client_id: str
     status: ClientStatus = ClientStatus.PENDING
@@ -32,6 +43,7 @@ class ClientRecord:
     max_sessions: int = 10
     limit_policy: LimitPolicy = LimitPolicy.REJECT
     allowed_cidrs: tuple[str, ...] = ()  # empty: any source address
+    binding: Binding = Binding.DPOP
 
     @property
     def session_limit(self) -> SessionLimit:
@@ -43,13 +55,15 @@ class ServerRecord:
     """A registered MCP server (a caller of ValidateToken). It proves itself with an API
     key in metadata (only `api_key_hash` is stored) or with its mTLS client certificate
     (`cert_thumbprint`, base64url SHA-256 of the DER). `admin` callers may also revoke and
-    list sessions."""
+    list sessions. `relay_client_ip`: the server may relay its clients' addresses at
+    IssueToken (a gateway in front of them), believed only for its own `audiences`."""
 
     server_id: str
     audiences: tuple[str, ...] = ()
     api_key_hash: str | None = None
     cert_thumbprint: str | None = None
     admin: bool = False
+    relay_client_ip: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 
 

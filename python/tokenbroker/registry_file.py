@@ -9,11 +9,13 @@ allowed_scopes = ["tools:call"]
 max_sessions = 10
 limit_policy = "reject"
 allowed_cidrs = []
+binding = "dpop"          # dpop (the default when absent), mtls or bearer
 
 [servers.mcp-1]
 audiences = ["https://mcp.example.com/mcp"]
 api_key_hash = "..."
 admin = false
+relay_client_ip = false   # true: believed when it relays a client's address for its audiences
 ```
 
 Only hashes of client secrets and server API keys are stored, never the values. The file
@@ -42,7 +44,7 @@ import tomli_w
 
 from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.models import LimitPolicy
-from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
+from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 
 log = structlog.get_logger("tokenbroker.registry")
 
@@ -113,6 +115,15 @@ def check_public_jwk(jwk: Mapping[str, Any], *, where: str = "public key") -> di
     return clean
 
 
+def check_binding(value: Any) -> Binding:
+    """`value` as a `Binding`, or raises naming the accepted ones."""
+    try:
+        return Binding(value)
+    except ValueError:
+        choices = ", ".join(b.value for b in Binding)
+        raise InvalidArgumentError(f"binding {str(value)[:40]!r} is not one of {choices}") from None
+
+
 def check_cidr(value: str) -> str:
     """Returns the network in canonical form ("10.0.0.0/8"), or raises."""
     try:
@@ -153,6 +164,7 @@ def _client_from_toml(client_id: str, data: Mapping[str, Any], source: str) -> C
             max_sessions=max_sessions,
             limit_policy=LimitPolicy(data.get("limit_policy", LimitPolicy.REJECT)),
             allowed_cidrs=tuple(check_cidr(c) for c in _strings(data.get("allowed_cidrs"), "allowed_cidrs", where)),
+            binding=check_binding(data.get("binding", Binding.DPOP)),
         )
     except RegistryFileError:
         raise
@@ -173,14 +185,16 @@ def _server_from_toml(server_id: str, data: Mapping[str, Any], source: str) -> S
         for name in ("api_key_hash", "cert_thumbprint"):
             if data.get(name) is not None and not isinstance(data[name], str):
                 raise RegistryFileError(f"{where}: {name} must be a string")
-        if not isinstance(data.get("admin", False), bool):
-            raise RegistryFileError(f"{where}: admin must be true or false")
+        for flag in ("admin", "relay_client_ip"):
+            if not isinstance(data.get(flag, False), bool):
+                raise RegistryFileError(f"{where}: {flag} must be true or false")
         return ServerRecord(
             server_id=server_id,
             audiences=_strings(data.get("audiences"), "audiences", where),
             api_key_hash=data.get("api_key_hash"),
             cert_thumbprint=data.get("cert_thumbprint"),
             admin=data.get("admin", False),
+            relay_client_ip=data.get("relay_client_ip", False),
             labels=dict(labels),
         )
     except RegistryFileError:
@@ -198,6 +212,7 @@ def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
     data["max_sessions"] = record.max_sessions
     data["limit_policy"] = str(record.limit_policy)
     data["allowed_cidrs"] = list(record.allowed_cidrs)
+    data["binding"] = str(record.binding)
     if record.public_jwk is not None:
         data["public_jwk"] = dict(record.public_jwk)
     return data
@@ -205,6 +220,8 @@ def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
 
 def _server_to_toml(record: ServerRecord) -> dict[str, Any]:
     data: dict[str, Any] = {"audiences": list(record.audiences), "admin": record.admin}
+    if record.relay_client_ip:
+        data["relay_client_ip"] = True
     if record.api_key_hash:
         data["api_key_hash"] = record.api_key_hash
     if record.cert_thumbprint:
@@ -476,6 +493,7 @@ def _checked_client(record: ClientRecord) -> ClientRecord:
         record,
         status=ClientStatus(record.status),
         limit_policy=LimitPolicy(record.limit_policy),
+        binding=check_binding(record.binding),
         public_jwk=check_public_jwk(record.public_jwk) if record.public_jwk is not None else None,
         allowed_cidrs=tuple(check_cidr(c) for c in record.allowed_cidrs),
         allowed_audiences=tuple(record.allowed_audiences),
@@ -490,6 +508,7 @@ def _unknown_client(client_id: str) -> str:
 __all__ = [
     "FileRegistry",
     "RegistryFileError",
+    "check_binding",
     "check_cidr",
     "check_id",
     "check_public_jwk",

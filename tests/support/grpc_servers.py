@@ -5,6 +5,7 @@ server running in-process on 127.0.0.1 with a free port."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import hashlib
 import hmac
@@ -22,13 +23,14 @@ from cryptography.x509.oid import NameOID
 
 from tokenbroker import Broker, Keyring, MemoryStore
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
-from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
+from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.service import BrokerServer, TlsFiles, build_server
 
 ISSUER = "https://broker.test"
 AUDIENCE = "https://mcp-a.test/mcp"
 OTHER_AUDIENCE = "https://mcp-b.test/mcp"
-CLIENT_ID = "agent-7"
+CLIENT_ID = "agent-7"  # binding bearer
+DPOP_CLIENT_ID = "agent-dpop"  # the same credential and policy, binding dpop
 CLIENT_SECRET = "client-secret-for-tests"
 API_KEY = "server-a-api-key"
 ADMIN_API_KEY = "admin-api-key"
@@ -94,6 +96,8 @@ class SecretAuthenticator:
         audience: str,
         scopes: Sequence[str],
         client_ip: str,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
     ) -> ClientRecord:
         record = self.registry.client(client_id)
         if record is None:
@@ -137,10 +141,13 @@ class RecordingMetrics:
 
 
 def default_registry(*, max_sessions: int = 10, server_cert_thumbprint: str | None = None) -> InMemoryRegistry:
-    """One approved client (secret), server A (API key, audiences A and B, not admin), an
-    admin server, and optionally a server identified by its mTLS certificate."""
+    """Two approved clients (secret; binding bearer, and binding dpop), server A (API key,
+    audiences A and B, not admin, relays client addresses), an admin server, and
+    optionally a server identified by its mTLS certificate."""
     servers = [
-        ServerRecord("server-a", audiences=(AUDIENCE, OTHER_AUDIENCE), api_key_hash=_hash(API_KEY)),
+        ServerRecord(
+            "server-a", audiences=(AUDIENCE, OTHER_AUDIENCE), api_key_hash=_hash(API_KEY), relay_client_ip=True
+        ),
         ServerRecord("admin", audiences=(), api_key_hash=_hash(ADMIN_API_KEY), admin=True),
     ]
     if server_cert_thumbprint:
@@ -152,8 +159,10 @@ def default_registry(*, max_sessions: int = 10, server_cert_thumbprint: str | No
         allowed_audiences=(AUDIENCE, OTHER_AUDIENCE),
         allowed_scopes=("tools:call", "resources:read"),
         max_sessions=max_sessions,
+        binding=Binding.BEARER,
     )
-    return InMemoryRegistry([client], servers)
+    dpop_client = dataclasses.replace(client, client_id=DPOP_CLIENT_ID, binding=Binding.DPOP)
+    return InMemoryRegistry([client, dpop_client], servers)
 
 
 @dataclass
@@ -191,6 +200,7 @@ def running_broker(
         tls=tls,
         max_workers=8,
         stream_workers=4,
+        reflection=True,
     )
     server.start()
     try:

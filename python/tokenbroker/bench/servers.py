@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from tokenbroker import ProofSigner
 from tokenbroker.client import BrokerClient
 from tokenbroker.issuance import make_client_assertion, public_jwk
 from tokenbroker.keyring import Keyring
-from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
+from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, generate_secret, hash_secret
 
 HOST = "127.0.0.1"
@@ -45,6 +45,7 @@ ISSUER = "https://broker.bench.test"
 AUDIENCE = "https://mcp.bench.test/mcp"
 HTTP_METHOD = "POST"
 CLIENT_ID = "bench-client"
+BEARER_CLIENT_ID = "bench-bearer-client"  # binding bearer: the bench's bearer-token runs
 SERVER_ID = "bench-server"
 SCOPES = ("tools:call",)
 TOKEN_TTL_SECONDS = 3600
@@ -308,6 +309,9 @@ class Deployment:
                 max_sessions=100_000,
             )
         )
+        dpop_client = registry.client(CLIENT_ID)
+        assert dpop_client is not None
+        registry.add_client(replace(dpop_client, client_id=BEARER_CLIENT_ID, binding=Binding.BEARER))
         registry.add_server(ServerRecord(SERVER_ID, audiences=(AUDIENCE,), api_key_hash=hash_secret(api_key)))
         return cls(workdir, client_key, api_key, key_file, jwks_file, registry.path, processes)
 
@@ -375,11 +379,12 @@ class Deployment:
         bearer."""
         credentials = []
         with BrokerClient(target, timeout=10.0) as client:
+            client_id = CLIENT_ID if dpop else BEARER_CLIENT_ID
             for _ in range(count):
                 signer = ProofSigner() if dpop else None
                 issued = client.issue(
-                    client_id=CLIENT_ID,
-                    client_assertion=make_client_assertion(self.client_key, CLIENT_ID, ISSUER),
+                    client_id=client_id,
+                    client_assertion=make_client_assertion(self.client_key, client_id, ISSUER),
                     audience=AUDIENCE,
                     scopes=list(SCOPES),
                     ttl_seconds=TOKEN_TTL_SECONDS,

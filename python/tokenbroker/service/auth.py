@@ -18,6 +18,7 @@ from tokenbroker.registry import Registry, ServerRecord
 
 AUTHORIZATION = "authorization"
 API_KEY_SCHEME = "ApiKey"
+MAX_API_KEY_BYTES = 512  # minted keys are 43 characters; anything this long is not one
 
 
 @functools.lru_cache(maxsize=1024)
@@ -63,6 +64,10 @@ def _api_key(context: Any) -> str | None:
         scheme, _, credential = str(value).strip().partition(" ")
         if scheme.lower() != API_KEY_SCHEME.lower() or not credential.strip():
             raise AuthenticationError(f"authorization metadata must be `{API_KEY_SCHEME} <key>`")
+        if len(credential) > MAX_API_KEY_BYTES:
+            raise AuthenticationError(
+                f"the API key is longer than {MAX_API_KEY_BYTES} characters: check the key given to this MCP server"
+            )
         return credential.strip()
     return None
 
@@ -114,6 +119,7 @@ class CallerAuthenticator:
 __all__ = [
     "API_KEY_SCHEME",
     "AUTHORIZATION",
+    "MAX_API_KEY_BYTES",
     "CallerAuthenticator",
     "cert_thumbprint",
     "peer_cert_thumbprint",

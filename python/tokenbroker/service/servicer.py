@@ -3,7 +3,14 @@ keyword arguments, domain objects to protobuf, `tokenbroker.errors` to status co
 
 An invalid token is an answer (status OK, `valid=false`, a reason); RPC errors are for the
 caller (see `STATUS_BY_ERROR` and proto/tokenbroker/v1/broker.proto). Error messages are
-the domain exceptions' own, which never carry a token, secret or key."""
+the domain exceptions' own, which never carry a token, secret or key.
+
+Every request field is bounded here, before anything is looked up or logged: an oversized
+field is INVALID_ARGUMENT naming the field and its limit (never its value). Limits: ids
+(`client_id`, `session_id`, `jti`, `request_id`) 256 bytes; URIs (`audience`,
+`http_uri`) 2048; `client_assertion`, `token`, `dpop_proof` 8 KiB; `client_secret` 1 KiB;
+`client_ip` 128; `dpop_jkt`, `cert_thumbprint` 128; `http_method` 16; at most 64 scopes
+(`scopes`, `required_scopes`) of 256 bytes each."""
 
 from __future__ import annotations
 
@@ -24,11 +31,13 @@ from tokenbroker.errors import (
     ClientNotAllowedError,
     InvalidArgumentError,
     PermissionDeniedError,
+    RateLimitedError,
     SessionLimitExceededError,
     SessionNotFoundError,
     StoreUnavailableError,
     TokenBrokerError,
 )
+from tokenbroker.issuance import ClientAuthenticator
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.registry import ClientRecord, Registry, ServerRecord
 from tokenbroker.service.auth import CallerAuthenticator, peer_ip
@@ -41,6 +50,16 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name
 MAX_BATCH = 1000
 GRANT_RULE = "client.approved"
 
+MAX_ID_BYTES = 256
+MAX_URI_BYTES = 2048
+MAX_CREDENTIAL_BYTES = 8 * 1024
+MAX_SECRET_BYTES = 1024
+MAX_ADDRESS_BYTES = 128
+MAX_THUMBPRINT_BYTES = 128
+MAX_METHOD_BYTES = 16
+MAX_SCOPES = 64
+MAX_SCOPE_BYTES = 256
+
 # Most specific first: the first match decides.
 STATUS_BY_ERROR: tuple[tuple[type[TokenBrokerError], Any], ...] = (
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -48,6 +67,7 @@ STATUS_BY_ERROR: tuple[tuple[type[TokenBrokerError], Any], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ClientNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
     (SessionLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
@@ -78,6 +98,8 @@ class ClientAuthenticatorLike(Protocol):
         audience: str,
         scopes: Iterable[str],
         client_ip: str,
+        dpop_jkt: str | None,
+        cert_thumbprint: str | None,
     ) -> ClientRecord: ...
 
 
@@ -97,6 +119,51 @@ class MetricsLike(Protocol):
     def validation(self, reason: str) -> None: ...
 
     def issuance(self, decision: str, rule: str) -> None: ...
+
+
+# -- bounds ----------------------------------------------------------------------------------
+
+
+def _check_size(name: str, value: str, limit: int) -> None:
+    """Raises `InvalidArgumentError` when `value` is longer than `limit` UTF-8 bytes."""
+    if len(value) <= limit // 4:  # a UTF-8 character is at most 4 bytes: no need to encode
+        return
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidArgumentError(f"{name} is {size} bytes: at most {limit} are accepted")
+
+
+def _check_scopes(name: str, scopes: Any) -> None:
+    if len(scopes) > MAX_SCOPES:
+        raise InvalidArgumentError(f"{name} holds {len(scopes)} scopes: at most {MAX_SCOPES} are accepted")
+    for scope in scopes:
+        _check_size(f"a scope in {name}", scope, MAX_SCOPE_BYTES)
+
+
+def check_issue_bounds(request: pb.IssueTokenRequest) -> None:
+    """Raises `InvalidArgumentError` when a field of an IssueToken request is too large."""
+    _check_size("client_id", request.client_id, MAX_ID_BYTES)
+    _check_size("client_assertion", request.client_assertion, MAX_CREDENTIAL_BYTES)
+    _check_size("client_secret", request.client_secret, MAX_SECRET_BYTES)
+    _check_size("audience", request.audience, MAX_URI_BYTES)
+    _check_scopes("scopes", request.scopes)
+    _check_size("session_id", request.session_id, MAX_ID_BYTES)
+    _check_size("dpop_jkt", request.dpop_jkt, MAX_THUMBPRINT_BYTES)
+    _check_size("cert_thumbprint", request.cert_thumbprint, MAX_THUMBPRINT_BYTES)
+    _check_size("client_ip", request.client_ip, MAX_ADDRESS_BYTES)
+
+
+def check_validate_bounds(request: pb.ValidateTokenRequest) -> None:
+    """Raises `InvalidArgumentError` when a field of a ValidateToken request is too large."""
+    _check_size("token", request.token, MAX_CREDENTIAL_BYTES)
+    _check_size("audience", request.audience, MAX_URI_BYTES)
+    _check_size("dpop_proof", request.dpop_proof, MAX_CREDENTIAL_BYTES)
+    _check_size("http_method", request.http_method, MAX_METHOD_BYTES)
+    _check_size("http_uri", request.http_uri, MAX_URI_BYTES)
+    _check_size("cert_thumbprint", request.cert_thumbprint, MAX_THUMBPRINT_BYTES)
+    _check_size("client_ip", request.client_ip, MAX_ADDRESS_BYTES)
+    _check_scopes("required_scopes", request.required_scopes)
+    _check_size("request_id", request.request_id, MAX_ID_BYTES)
 
 
 # -- domain objects <-> protobuf ------------------------------------------------------------
@@ -208,6 +275,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
                 self._metrics.rpc(method, code.name, time.perf_counter() - started)
 
     def _validate_for(self, context: Any, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
+        check_validate_bounds(request)  # before the caller's key is looked up
         return self._validate(self._callers.identify(context), request)
 
     def _validate(self, caller: ServerRecord, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
@@ -223,7 +291,10 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         self._callers.check_audience(caller, request.audience)
 
     def _admin(self, context: Any, action: str, **fields: str) -> ServerRecord:
-        """The caller, when it is an admin; every admin decision is audited."""
+        """The caller, when it is an admin; every admin decision is audited. The fields
+        (ids) are bounded first."""
+        for name, value in fields.items():
+            _check_size("session_id" if name == "session" else name, value, MAX_ID_BYTES)
         caller = self._callers.identify(context)
         decision, rule = ("grant", "caller.admin") if caller.admin else ("refuse", "caller.not_admin")
         self._audit.record(
@@ -244,22 +315,35 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
     def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
         return self._run("IssueToken", context, lambda: self._issue(request, context))
 
-    def _client_ip(self, request: pb.IssueTokenRequest, context: Any) -> str:
-        """The request's `client_ip` is believed only from a registered server calling on
-        the client's behalf; anyone else is judged by the address it connects from, so a
-        client cannot name an address inside its `allowed_cidrs`."""
-        if request.client_ip:
-            try:
-                self._callers.identify(context)
-                return request.client_ip
-            except TokenBrokerError:
-                pass
-        return peer_ip(context)
+    def _client_ip(self, request: pb.IssueTokenRequest, context: Any) -> tuple[str, dict[str, Any]]:
+        """The client's address, and what the audit line says about a relayed one. The
+        request's `client_ip` is believed only from a registered server flagged
+        `relay_client_ip` that owns the requested audience (the gateway in front of that
+        MCP server); anyone else is judged by the address it connects from, so neither a
+        client nor an unrelated server can name an address inside the `allowed_cidrs`."""
+        peer = peer_ip(context)
+        if not request.client_ip:
+            return peer, {}
+        try:
+            caller = self._callers.identify(context)
+        except TokenBrokerError:
+            return peer, {"relayed_ip": "ignored"}
+        if caller.relay_client_ip and request.audience in caller.audiences:
+            return request.client_ip, {"relayed_by": caller.server_id, "peer_ip": peer}
+        return peer, {"relayed_ip": "ignored", "caller": caller.server_id}
 
     def _issue(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
-        client_ip = self._client_ip(request, context)
+        check_issue_bounds(request)  # before anything is looked up or logged
+        client_ip, relay = self._client_ip(request, context)
         scopes = list(request.scopes)
-        event = {"event": "issue", "client_id": request.client_id, "audience": request.audience, "source_ip": client_ip}
+        event = {
+            "event": "issue",
+            "client_id": request.client_id,
+            "audience": request.audience,
+            "source_ip": client_ip,
+            **relay,
+        }
+        record: ClientRecord | None = None
         try:
             if not request.client_id or not request.audience:
                 raise InvalidArgumentError("client_id and audience (the MCP server's resource URI) are required")
@@ -270,7 +354,11 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
                 audience=request.audience,
                 scopes=scopes,
                 client_ip=client_ip,
+                dpop_jkt=request.dpop_jkt or None,
+                cert_thumbprint=request.cert_thumbprint or None,
             )
+            # Whatever authenticator is plugged in, the client's binding decides.
+            ClientAuthenticator.check_binding(record, request.dpop_jkt or None, request.cert_thumbprint or None)
             issued = self._broker.issue(
                 client_id=request.client_id,
                 audience=request.audience,
@@ -285,7 +373,11 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             )
         except TokenBrokerError as exc:
             rule = str(getattr(exc, "rule", type(exc).__name__))
-            self._audit.record(**event, decision="refuse", rule=rule, reason=_one_line(exc))
+            # A caller that never proved itself gets rate-limited audit lines (see tokenbroker.audit).
+            authenticated = record is not None or bool(getattr(exc, "authenticated", False))
+            self._audit.record(
+                **event, decision="refuse", rule=rule, reason=_one_line(exc), authenticated=authenticated
+            )
             if self._metrics is not None:
                 self._metrics.issuance("refuse", rule)
             raise
@@ -296,7 +388,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             auth_method="private_key_jwt" if request.client_assertion else "client_secret",
             session=issued.session_id,
             jti=issued.jti,
-            binding="dpop" if request.dpop_jkt else "mtls" if request.cert_thumbprint else "bearer",
+            binding=str(record.binding),
             scope=" ".join(issued.scopes),
             expires_at=issued.expires_at,
         )
@@ -307,13 +399,15 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
     # -- validation -------------------------------------------------------------------
 
     def ValidateToken(self, request: pb.ValidateTokenRequest, context: Any) -> pb.ValidateTokenResponse:
-        return self._run("ValidateToken", context, lambda: self._validate(self._callers.identify(context), request))
+        return self._run("ValidateToken", context, lambda: self._validate_for(context, request))
 
     def ValidateTokenBatch(self, request: pb.ValidateTokenBatchRequest, context: Any) -> pb.ValidateTokenBatchResponse:
         def handle() -> pb.ValidateTokenBatchResponse:
-            caller = self._callers.identify(context)
             if len(request.requests) > MAX_BATCH:
                 raise InvalidArgumentError(f"a batch holds at most {MAX_BATCH} requests, not {len(request.requests)}")
+            for item in request.requests:
+                check_validate_bounds(item)
+            caller = self._callers.identify(context)
             # Every request is checked before any is validated: no replay record is spent
             # on a batch that is then refused.
             for item in request.requests:
@@ -426,7 +520,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         def handle() -> pb.ListSessionsResponse:
             if not request.client_id:
                 raise InvalidArgumentError("client_id is required")
-            self._callers.check_admin(self._callers.identify(context), "list sessions")
+            self._admin(context, "list_sessions", client_id=request.client_id)
             found = self._broker.sessions(request.client_id)
             return pb.ListSessionsResponse(sessions=[session_message(s) for s in found])
 
@@ -444,12 +538,18 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_CREDENTIAL_BYTES",
+    "MAX_ID_BYTES",
+    "MAX_SCOPES",
+    "MAX_URI_BYTES",
     "SERVICE_NAME",
     "STATUS_BY_ERROR",
     "AuditLogLike",
     "ClientAuthenticatorLike",
     "MetricsLike",
     "TokenBrokerServicer",
+    "check_issue_bounds",
+    "check_validate_bounds",
     "issued_response",
     "session_message",
     "status_for",
