@@ -18,7 +18,7 @@ from test_e2e_service import deploy
 from test_e2e_service import issue as e2e_issue
 
 from tokenbroker import Broker, Keyring, LimitPolicy, ProofSigner, Reason, SessionLimit
-from tokenbroker.errors import SessionLimitExceededError, StoreUnavailableError
+from tokenbroker.errors import SessionLimitExceededError, SessionNotFoundError, StoreUnavailableError
 from tokenbroker.metrics import Metrics
 from tokenbroker.models import Session
 from tokenbroker.store.base import Remembered
@@ -115,6 +115,68 @@ def test_used_assertion_is_refused_as_stale_after_a_restart_without_persistence(
     redis_server.restart()
     assert remember(store, "assertion-1", issued_at=issued) is Remembered.STALE
     assert remember(store, "assertion-2") is Remembered.NEW  # issued after the loss: accepted
+
+
+def test_revocation_lost_by_a_snapshot_restore_refuses_the_token(tmp_path: Path) -> None:
+    # A crash after the last RDB snapshot: Redis comes back with the session not revoked.
+    server = RedisServer(directory=tmp_path / "redis").start()
+    try:
+        store = make_store(server.url)
+        session = open_session(store)
+        issued = now()
+        assert check(store, session, issued_at=issued) is Reason.OK
+        _command(server.port, "SAVE", timeout=5.0)
+        assert store.revoke_session(session.session_id, now=now()) == 1
+        assert check(store, session, issued_at=issued) is Reason.SESSION_REVOKED
+        next_second()
+        server.kill()  # SIGKILL: the revocation was never saved
+        server.extra_args = ("--dbfilename", "dump.rdb")
+        server.start()
+        assert store.client.hget(store.session_key("c1", session.session_id), "revoked") is None  # restored stale
+        assert check(store, session, issued_at=issued) is Reason.SESSION_UNKNOWN
+        assert store.epoch_guard is not None
+        assert store.epoch_guard.restamped >= 1
+        assert check(store, session) is Reason.OK  # a token issued after the restart is accepted
+        store.close()
+    finally:
+        server.stop()
+
+
+def test_replay_record_lost_by_a_failover_refuses_what_was_issued_before(tmp_path: Path) -> None:
+    # The replica is promoted; the master's last writes never reached it.
+    master = RedisServer(directory=tmp_path / "master").start()
+    replica = RedisServer(directory=tmp_path / "replica", extra_args=("--replicaof", HOST, str(master.port))).start()
+    try:
+        prefix = f"s{uuid.uuid4().hex[:10]}"
+        before = make_store(master.url, prefix=prefix)
+        issued = now()
+        assert remember(before, "assertion-1", issued_at=issued) is Remembered.NEW
+        deadline = time.monotonic() + 10
+        while replica.info("replication").get("master_link_status") != "up" or not _command(
+            replica.port, "EXISTS", before.epoch_key(before.records_key("c1"))
+        ).startswith(b":1"):
+            assert time.monotonic() < deadline, "the replica never caught up"
+            time.sleep(0.05)
+        _command(replica.port, "REPLICAOF", "NO", "ONE")
+        _command(replica.port, "DEL", before.records_key("c1"))  # the write the replica missed
+        next_second()
+        after = make_store(replica.url, prefix=prefix)
+        assert remember(after, "assertion-1", issued_at=issued) is Remembered.STALE
+        assert remember(after, "assertion-2") is Remembered.NEW
+        before.close()
+        after.close()
+    finally:
+        replica.stop()
+        master.stop()
+
+
+def test_restarted_redis_with_its_state_intact_keeps_the_epoch_on_the_same_process(store: RedisStore) -> None:
+    issued = now()
+    next_second()
+    store.client.connection_pool.disconnect()  # new connections to the same process
+    assert remember(store, "assertion-1", issued_at=issued) is Remembered.NEW
+    assert store.epoch_guard is not None
+    assert store.epoch_guard.restamped == 0
 
 
 def test_token_issued_before_a_lost_epoch_is_refused_and_records_nothing(store: RedisStore) -> None:
@@ -441,6 +503,69 @@ def test_evicted_session_is_revoked_and_the_newest_stay_live(store: RedisStore) 
     limit = SessionLimit(2, LimitPolicy.EVICT_OLDEST)
     sessions = [open_session(store, limit=limit) for _ in range(3)]
     assert [check(store, s) for s in sessions] == [Reason.SESSION_REVOKED, Reason.OK, Reason.OK]
+
+
+def client_keys(store: RedisStore, client_id: str) -> tuple[int, int, int]:
+    """(the client's session hashes, all its keys, session index keys) in Redis."""
+    tagged = [str(k) for k in store.client.scan_iter(match=store.client_key(client_id, "*"), count=1000)]
+    hashes = [k for k in tagged if k.startswith(store.client_key(client_id, "session:"))]
+    indexes = list(store.client.scan_iter(match=f"{store.prefix}:sid:*", count=1000))
+    return len(hashes), len(tagged), len(indexes)
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_evicting_opens_leave_a_client_keys_bounded_by_its_session_limit(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    if kind == "single":
+        store = make_store(request.getfixturevalue("redis_server").url)
+    else:
+        store = make_store(request.getfixturevalue("redis_cluster").url, cluster=True)
+    limit = SessionLimit(3, LimitPolicy.EVICT_OLDEST)
+    for _ in range(2000):
+        open_session(store, "noisy", limit)
+    hashes, tagged, indexes = client_keys(store, "noisy")
+    # Live sessions plus the last max_sessions evicted ones; the sets and the counter.
+    assert hashes <= 2 * limit.max_sessions
+    assert indexes <= 2 * limit.max_sessions
+    assert tagged <= hashes + 4
+    store.close()
+
+
+def test_a_purged_evicted_session_is_refused_everywhere(store: RedisStore) -> None:
+    limit = SessionLimit(1, LimitPolicy.EVICT_OLDEST)
+    purged, evicted, live = (open_session(store, limit=limit) for _ in range(3))
+    assert client_keys(store, "c1")[0] == 2  # the purged session's hash is gone
+    assert [check(store, s) for s in (purged, evicted, live)] == [
+        Reason.SESSION_UNKNOWN,
+        Reason.SESSION_REVOKED,
+        Reason.OK,
+    ]
+    with pytest.raises(SessionNotFoundError):
+        store.open_session(
+            client_id="c1",
+            audience=AUD,
+            session_id=purged.session_id,
+            ttl_seconds=600,
+            limit=limit,
+            client_ip="",
+            now=now(),
+        )
+    assert store.revoke_session(purged.session_id, now=now()) == 0
+
+
+def test_evicted_sessions_a_failed_purge_left_are_purged_by_the_next_open(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = SessionLimit(2, LimitPolicy.EVICT_OLDEST)
+    with monkeypatch.context() as patched:  # the purge round trip never happens
+        patched.setattr(store, "_purge_calls", lambda *_: [])
+        for _ in range(12):
+            open_session(store, limit=limit)
+        assert client_keys(store, "c1")[0] == 12
+    open_session(store, limit=limit)
+    hashes, _, indexes = client_keys(store, "c1")
+    assert (hashes, indexes) == (2 * limit.max_sessions, 2 * limit.max_sessions)
 
 
 def test_client_revocation_covers_sessions_opened_before_it_only(store: RedisStore) -> None:

@@ -88,7 +88,7 @@ class MemoryStore:
         self,
         *,
         max_replay_records: int = 2_000_000,
-        max_replay_records_per_client: int = 100_000,
+        max_replay_records_per_client: int = 500_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`max_replay_records` bounds the replay and single-use records held at once,

@@ -9,6 +9,9 @@ Key layout (`tb` is the prefix):
   expires_at: a session is live only while it is a member (eviction removes it)
 - `tb:{<client>}:order`          the same ids scored by `seq` (opening order, for eviction);
   `tb:{<client>}:seq` numbers the client's sessions
+- `tb:{<client>}:ended`          sorted set of the client's evicted sessions, scored by seq:
+  the last max_sessions of them keep their hash (SESSION_REVOKED); older ones are
+  purged (hash and index deleted: SESSION_UNKNOWN), so a client holds O(max_sessions)
 - `tb:{<client>}:revoked`        client revocation marker: every session with seq <= it is
   CLIENT_REVOKED (so `revoke_client` and `open_session` never read session hashes)
 - `tb:{<client>}:records`        sorted set of the client's single-use records (replay
@@ -16,7 +19,8 @@ Key layout (`tb` is the prefix):
 - `tb:sid:{<sid>}`               session id -> client id, for `revoke_session` only
 - `tb:jti:{<jti>}`               revoked token id; TTL = until the token cannot be valid
 - `tb:epoch` (one Redis) or `tb:epoch:{<t>}` (cluster: one per slot, `<t>` a short tag of
-  that slot): the state epoch, "<start> <random id>", start in Redis seconds
+  that slot): the state epoch, "<start> <random id> <run_id>", start in Redis seconds,
+  run_id the Redis process that wrote it
 
 `<client>` is the client id with `%`, `{` and `}` percent-encoded (an empty id is `%`),
 so a client id such as `a}b{c` can neither move its keys out of its own cluster slot nor
@@ -25,8 +29,8 @@ them all through KEYS; scripts are registered once with `register_script` and re
 after NOSCRIPT (a restarted Redis) in pipelines too. Scripts carry a `#!lua` shebang, so
 an out-of-memory Redis refuses them before they write anything (fail closed).
 
-State loss (FLUSHALL, a restart without persistence, a failover that lost writes): the
-epoch key of a slot vanishes with its state. Scripts read it beside their other keys (no
+State loss, whole (FLUSHALL, a restart without persistence): the epoch key of a slot
+vanishes with its state. Scripts read it beside their other keys (no
 extra round trip); when it is missing they create it with start = Redis TIME, and refuse
 what was issued (`issued_at`: a token's or an assertion's `iat`) before the start:
 `check_token` answers SESSION_UNKNOWN, `remember` STALE. A record lost with the old state
@@ -38,6 +42,16 @@ loss could pass once more (d <= `max_clock_skew_seconds` for brokers; for client
 assertions, their own leeway too). On a cluster a loss may hit one master only, so each
 slot has its own epoch; the epoch tag of a slot hashes to that slot, so a script's epoch
 key lives beside the client's keys.
+
+State loss, partial (a crash after the last RDB snapshot, AOF with `appendfsync
+everysec`, a failover to a replica that had not received the last writes): the epoch
+survives, but it names the Redis process that wrote it (`run_id`, new at every start and
+different on every replica). Every new connection (`_EpochGuard`, before any other
+command on it; a restarted or promoted Redis is only reached through new connections)
+compares the epochs of the slots its node serves with the node's own run_id and starts
+them again when they differ: everything issued before is refused once (tokens answer
+SESSION_UNKNOWN, clients get new ones). The price: every Redis restart or failover,
+even a lossless one, makes clients fetch new tokens.
 
 Revoked jtis: `revoke_token` gets only a jti, which does not name the client, so revoked
 jtis cannot live under the client's hash tag. On one Redis the jti key goes into the
@@ -65,8 +79,10 @@ with an error that names the setting and the fix. With `min_replicas` > 0, batch
 write security state end with `WAIT min_replicas timeout` (in the same pipeline: one round
 trip) and fail closed when fewer replicas acknowledged. With 0, a failover to a lagging
 replica loses the writes it had not received (revocations, replay and assertion records,
-session evictions) and the epoch does not change: those replays stay possible until the
-records would have expired.
+session evictions); the epoch guard then refuses everything issued before the failover,
+so what is lost cannot be replayed, at the price of every client fetching a new token.
+`min_replicas` makes acknowledged writes survive a failover; the guard is still what
+catches a restore from an older snapshot.
 
 Batches: `check_tokens`/`acheck_tokens` send N validations as one pipeline (one round trip
 for N). Concurrent `check_token` calls from threads (the sync gRPC server's workers) and
@@ -148,11 +164,13 @@ _SCRIPTS = (
     "check_jti",
     "remember",
     "epoch_init",
+    "epoch_restamp",
     "revoke_session",
     "revoke_client",
     "revoke_token",
 )
-_FLAGS = {"epoch_init": " flags=allow-cross-slot-keys"}  # Redis 7 script flags, after `#!lua`
+# Redis 7 script flags, after `#!lua`: these two take every epoch of one node at once.
+_FLAGS = {"epoch_init": " flags=allow-cross-slot-keys", "epoch_restamp": " flags=allow-cross-slot-keys"}
 _SLOTS = 16384
 _SAFE_POLICY = "noeviction"
 _WRITES = frozenset({"SET", "DEL"})  # commands that write security state (scripts always do)
@@ -370,6 +388,90 @@ def _hook_async_cluster(client: Any, hook: Callable[[Any], Awaitable[None]]) -> 
         node.connection_kwargs["redis_connect_func"] = hook
 
 
+def script_text(name: str) -> str:
+    """A script as the store sends it: the `#!lua` line (with its flags), the shared
+    prelude, then the script's own file."""
+    package = resources.files("tokenbroker.store")
+    prelude = package.joinpath("lua", "_prelude.lua").read_text()
+    return f"#!lua{_FLAGS.get(name, '')}\n{prelude}\n{package.joinpath('lua', f'{name}.lua').read_text()}"
+
+
+def _own_slots(cluster_nodes: str) -> list[int]:
+    """The slots served by the node that answered CLUSTER NODES (its `myself` line)."""
+    for line in cluster_nodes.splitlines():
+        fields = line.split()
+        if len(fields) > 8 and "myself" in fields[2].split(","):
+            slots: list[int] = []
+            for part in fields[8:]:
+                if part.startswith("["):  # a slot being migrated or imported
+                    continue
+                low, _, high = part.partition("-")
+                slots.extend(range(int(low), int(high or low) + 1))
+            return slots
+    return []
+
+
+class _EpochGuard:
+    """Runs on every new connection, before any other command: when the epoch of a slot
+    the node serves names another Redis process (`run_id`) than the one answering, the
+    state was restored from a snapshot or AOF that may miss the last writes, or this is a
+    replica promoted by a failover; either way revocations and replay records may be
+    lost, so `epoch_restamp.lua` starts the epoch again and everything issued before now
+    is refused (tokens answer SESSION_UNKNOWN once; clients get new ones). Every new
+    connection to a restarted or promoted Redis is a new connection, so no command runs
+    against its state before this."""
+
+    def __init__(self, *, prefix: str, cluster: bool) -> None:
+        self._prefix = prefix
+        self._cluster = cluster
+        self._text = script_text("epoch_restamp")
+        self.epoch_id = _core.random_id()
+        self.restamped = 0  # epochs started again, for tests and the log
+
+    def _keys(self, cluster_nodes: str | None) -> list[str]:
+        if not self._cluster:
+            return [f"{self._prefix}:epoch"]
+        tags = slot_tags()
+        return [f"{self._prefix}:epoch:{{{tags[slot]}}}" for slot in _own_slots(cluster_nodes or "")]
+
+    def _command(self, keys: list[str]) -> tuple[Any, ...]:
+        return ("EVAL", self._text, 1, keys[0], self.epoch_id, *keys[1:])
+
+    def _done(self, where: str, reply: object) -> None:
+        count = int(_value(reply))
+        if count:
+            self.restamped += count
+            log.warning(
+                "Redis at %s is not the process that wrote its state epoch (a restart from a snapshot or AOF, or "
+                "a failover): started the epoch again for %d slot(s); tokens and assertions issued before now are "
+                "refused once",
+                where,
+                count,
+            )
+
+    def check(self, connection: Any) -> None:
+        nodes = None
+        if self._cluster:
+            connection.send_command("CLUSTER", "NODES")
+            nodes = _text(connection.read_response())
+        keys = self._keys(nodes)
+        if not keys:  # a cluster node that serves no slot holds no epoch
+            return
+        connection.send_command(*self._command(keys))
+        self._done(_EvictionGuard._where(connection), connection.read_response())
+
+    async def acheck(self, connection: Any) -> None:
+        nodes = None
+        if self._cluster:
+            await connection.send_command("CLUSTER", "NODES")
+            nodes = _text(await connection.read_response())
+        keys = self._keys(nodes)
+        if not keys:
+            return
+        await connection.send_command(*self._command(keys))
+        self._done(_EvictionGuard._where(connection), await connection.read_response())
+
+
 class RevocationSubscription:
     """A running revocation listener; `stop()` (or `await astop()`) ends it."""
 
@@ -553,7 +655,7 @@ class RedisStore:
         revocation_channel: str = "tb:revocations",
         max_batch: int = 512,
         max_pending_checks: int = 10_000,
-        max_records_per_client: int = 100_000,
+        max_records_per_client: int = 500_000,
         max_clock_skew_seconds: int = 30,
         min_replicas: int = 0,
         replica_timeout_ms: int = 100,
@@ -582,13 +684,9 @@ class RedisStore:
         self._ready_lock = threading.Lock()
         self.observed_clock_skew: int | None = None  # Redis time - broker time, last script reply
         self.eviction_guard: _EvictionGuard | None = None  # set by from_url
+        self.epoch_guard: _EpochGuard | None = None  # set by from_url
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
-        package = resources.files("tokenbroker.store")
-        prelude = package.joinpath("lua", "_prelude.lua").read_text()
-        self._texts = {
-            name: f"#!lua{_FLAGS.get(name, '')}\n{prelude}\n{package.joinpath('lua', f'{name}.lua').read_text()}"
-            for name in _SCRIPTS
-        }
+        self._texts = {name: script_text(name) for name in _SCRIPTS}
         self._scripts = {name: client.register_script(text) for name, text in self._texts.items()}
         self._ascripts = (
             {name: async_client.register_script(text) for name, text in self._texts.items()}
@@ -613,7 +711,7 @@ class RedisStore:
         revocation_channel: str = "tb:revocations",
         max_batch: int = 512,
         max_pending_checks: int = 10_000,
-        max_records_per_client: int = 100_000,
+        max_records_per_client: int = 500_000,
         max_clock_skew_seconds: int = 30,
         min_replicas: int = 0,
         replica_timeout_ms: int = 100,
@@ -632,14 +730,20 @@ class RedisStore:
         default) it runs `prepare()` at once: a failure is logged, and retried by the
         first call, which fails closed until it succeeds."""
         guard = _EvictionGuard(allow_unsafe=allow_unsafe_eviction, declared_policy=declared_maxmemory_policy)
+        epochs = _EpochGuard(prefix=prefix, cluster=cluster)
+
+        def checks(connection: Any) -> None:
+            guard.check(connection)
+            epochs.check(connection)
 
         def sync_connect(connection: Any) -> None:
             connection.on_connect()
-            guard.check(connection)
+            checks(connection)
 
         async def async_connect(connection: Any) -> None:
             await connection.on_connect()
             await guard.acheck(connection)
+            await epochs.acheck(connection)
 
         options: dict[str, Any] = {
             "decode_responses": True,
@@ -654,7 +758,7 @@ class RedisStore:
             if cluster:
                 # The cluster client calls its own handshake first, then this (its user hook).
                 client = redis.cluster.RedisCluster.from_url(
-                    url, retry=sync_retry, redis_connect_func=guard.check, **options
+                    url, retry=sync_retry, redis_connect_func=checks, **options
                 )
                 async_client = redis.asyncio.cluster.RedisCluster.from_url(url, retry=async_retry, **options)
                 _hook_async_cluster(async_client, async_connect)
@@ -678,6 +782,7 @@ class RedisStore:
             replica_timeout_ms=replica_timeout_ms,
         )
         store.eviction_guard = guard
+        store.epoch_guard = epochs
         if prepare:
             try:
                 store.prepare()
@@ -764,7 +869,8 @@ class RedisStore:
         sid = _core.random_id()
         expires_at = now + ttl_seconds
         index = self.session_index_key(sid)
-        keys = (live, order, seq, self.session_key(client_id, sid), self.epoch_key(live))
+        ended = self.client_key(client_id, "ended")
+        keys = (live, order, seq, self.session_key(client_id, sid), self.epoch_key(live), ended)
         args = (client_id, audience, now, expires_at, client_ip, limit.max_sessions, limit.policy.value)
         call = _Eval("open_session", keys, (*args, self.revocation_channel, sid, self._epoch_id))
         # The index is written beside the script: a session is only handed out once both
@@ -774,6 +880,9 @@ class RedisStore:
             _value(reply)
         reply = _texts(replies[-1])
         if reply[0] == "OK":
+            if len(reply) > 1:
+                for purged in (yield self._purge_calls(client_id, ended, reply[1:])):
+                    _value(purged)
             return Session(sid, client_id, audience, now, expires_at, now, client_ip)
         if reply[0] == "LIMIT":
             yield [_Command(("DEL", index))]
@@ -781,6 +890,14 @@ class RedisStore:
                 f"client {client_id!r} has {reply[1]} live sessions (limit {limit.max_sessions})"
             )
         raise _ReplyError(f"unexpected open_session reply {reply[0]!r}")
+
+    def _purge_calls(self, client_id: str, ended: str, sids: Sequence[str]) -> list[_Call]:
+        """Deletes evicted sessions the client no longer keeps (hash and index), then takes
+        them out of its ended set: a failure before that leaves them for the next open."""
+        hashes = [self.session_key(client_id, s) for s in sids]
+        # One DEL per index key: they live in other cluster slots than the client's keys.
+        indexes: list[_Call] = [_Command(("DEL", self.session_index_key(s))) for s in sids]
+        return [_Command(("DEL", *hashes)), *indexes, _Command(("ZREM", ended, *sids))]
 
     def _check_calls(self, r: _CheckRequest) -> list[_Call]:
         live, _, _, marker = self._session_keys(r.client_id)

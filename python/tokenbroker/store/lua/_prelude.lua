@@ -1,13 +1,19 @@
 -- Shared by every script (redis.py puts it after the shebang line of each one).
--- The state epoch: "<start> <id>", start in Redis seconds. A missing epoch means this
--- slot's state was lost (or never existed): it is created now, with start = Redis TIME,
--- so everything issued before the loss predates it and is refused.
+-- The Redis process's run_id: new at every start and on every replica, so an epoch that
+-- names another process was restored or replicated (see epoch_restamp.lua).
+local function redis_run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+end
+
+-- The state epoch: "<start> <id> <run_id>", start in Redis seconds. A missing epoch means
+-- this slot's state was lost (or never existed): it is created now, with start = Redis
+-- TIME, so everything issued before the loss predates it and is refused.
 local function epoch_start(key, id, redis_now)
   local value = redis.call('GET', key)
   if value then
     return tonumber(string.match(value, '^(%d+)'))
   end
-  redis.call('SET', key, redis_now .. ' ' .. id)
+  redis.call('SET', key, redis_now .. ' ' .. id .. ' ' .. redis_run_id())
   return redis_now
 end
 

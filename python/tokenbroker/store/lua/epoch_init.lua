@@ -5,9 +5,10 @@
 -- KEYS[1] an epoch  ARGV[1] epoch id  ARGV[2..] more epochs, on the node of KEYS[1]
 -- Returns how many were created now.
 local redis_now = redis_time()
+local value = redis_now .. ' ' .. ARGV[1] .. ' ' .. redis_run_id()
 local created = 0
 local function init(key)
-  if redis.call('SET', key, redis_now .. ' ' .. ARGV[1], 'NX') then
+  if redis.call('SET', key, value, 'NX') then
     created = created + 1
   end
 end

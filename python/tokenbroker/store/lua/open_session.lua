@@ -6,10 +6,13 @@
 -- KEYS[3] the client's session sequence counter
 -- KEYS[4] the new session's hash
 -- KEYS[5] the epoch of the client's slot
+-- KEYS[6] the client's ended (evicted) sessions (sorted set, member: session id, score: seq)
 -- ARGV[1] client_id  ARGV[2] audience  ARGV[3] now  ARGV[4] expires_at  ARGV[5] client_ip
 -- ARGV[6] max_sessions  ARGV[7] policy ("reject" or "evict_oldest")  ARGV[8] revocation channel
 -- ARGV[9] the new session id  ARGV[10] epoch id
--- Returns {"OK", evicted ids...} or {"LIMIT", live count}. All KEYS share the slot.
+-- Returns {"OK", ids to purge...} or {"LIMIT", live count}. All KEYS share the slot.
+-- Ids to purge: ended sessions beyond the last max_sessions; the caller deletes their hash
+-- and index and removes them from KEYS[6] (until it does, the next open returns them again).
 local now = tonumber(ARGV[3])
 
 -- The new session id is fresh and random: if its hash exists, this is a retried call
@@ -28,18 +31,31 @@ end
 
 local count = redis.call('ZCARD', KEYS[1])
 local max_sessions = tonumber(ARGV[6])
-local evicted = {}
 if count >= max_sessions then
   if ARGV[7] ~= 'evict_oldest' then
     return {'LIMIT', count}
   end
-  -- Evicted sessions leave the live set: check_token then answers SESSION_REVOKED.
-  for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, count - max_sessions)) do
+  -- Evicted sessions leave the live set: check_token then answers SESSION_REVOKED while
+  -- their hash is kept (the last max_sessions of them), SESSION_UNKNOWN once it is purged.
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, count - max_sessions, 'WITHSCORES')
+  for i = 1, #oldest, 2 do
+    local sid = oldest[i]
+    local expires = redis.call('ZSCORE', KEYS[1], sid)
     redis.call('ZREM', KEYS[1], sid)
     redis.call('ZREM', KEYS[2], sid)
     redis.call('PUBLISH', ARGV[8], cjson.encode({kind = 'session', id = sid}))
-    evicted[#evicted + 1] = sid
+    redis.call('ZADD', KEYS[6], oldest[i + 1], sid)
+    -- The ended set outlives every hash it names, so none is left without a purger.
+    extend_ttl(KEYS[6], (tonumber(expires) or now) - now)
   end
+end
+
+-- Only the last max_sessions evicted sessions are kept (the oldest by seq go first): a
+-- client's ended sessions stay bounded. Expired ones already took hash and index along.
+local purge = {}
+local overflow = redis.call('ZCARD', KEYS[6]) - max_sessions
+if overflow > 0 then
+  purge = redis.call('ZRANGE', KEYS[6], 0, math.min(overflow, 256) - 1)
 end
 
 local seq = redis.call('INCR', KEYS[3])
@@ -56,4 +72,4 @@ local keep = tonumber(top[2]) - now
 redis.call('EXPIRE', KEYS[1], keep)
 redis.call('EXPIRE', KEYS[2], keep)
 extend_ttl(KEYS[3], keep)
-return {'OK', unpack(evicted)}
+return {'OK', unpack(purge)}
