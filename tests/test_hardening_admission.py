@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -25,15 +26,17 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenbroker import Keyring
 from tokenbroker.bench.servers import free_port
 from tokenbroker.client import BrokerClient
+from tokenbroker.errors import SessionLimitExceededError
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 from tokenbroker.service import TlsFiles
-from tokenbroker.service.admission import AdmissionLimits
+from tokenbroker.service.admission import AdmissionInterceptor, AdmissionLimits
 from tokenbroker.v1 import broker_pb2 as pb
 
 from support.broker_process import BrokerProcess
 from support.grpc_servers import API_KEY as SUPPORT_API_KEY
 from support.grpc_servers import make_pki, running_broker
+from support.raw_h2_stalls import RawStalls
 
 ISSUER = "https://broker.admission.test"
 AUDIENCE = "https://mcp.admission.test/mcp"
@@ -210,6 +213,26 @@ def validation_latencies(process: BrokerProcess, token: str, count: int) -> list
     return latencies
 
 
+def jwks_answers(process: BrokerProcess) -> bool:
+    """True when an anonymous GetJwks gets an answer (False when refused)."""
+    with BrokerClient(process.target, timeout=TIMEOUT) as client:
+        try:
+            return bool(client.jwks()["keys"])
+        except SessionLimitExceededError:
+            return False
+
+
+@contextlib.contextmanager
+def raw_stalls(process: BrokerProcess, sources: int) -> Iterator[list[RawStalls]]:
+    """One raw HTTP/2 connection from each of 127.0.0.2, 127.0.0.3, ... (`sources` of them)."""
+    connections = [RawStalls(process.port, f"127.0.0.{2 + i}") for i in range(sources)]
+    try:
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+
+
 def p99(latencies: list[float]) -> float:
     return statistics.quantiles(latencies, n=100)[98]
 
@@ -248,15 +271,20 @@ def test_stalled_calls_do_not_starve_health_checks(deployment: Deployment) -> No
 
 def test_calls_over_the_anonymous_bound_get_resource_exhausted_at_once(deployment: Deployment) -> None:
     settings: dict[str, Any] = {"anonymous_workers": 2, "max_queued_anonymous_rpcs": 2, "message_timeout_seconds": 60}
-    with running(deployment, **settings) as broker, Stalls(broker.target) as stalls:
-        held = stalls.open(GET_JWKS, 4)
-        time.sleep(0.5)  # the four are admitted (two hold threads, two wait for one)
+    # One held call per source address: each is within its source's share.
+    with running(deployment, **settings) as broker, raw_stalls(broker, 4) as held, Stalls(broker.target) as stalls:
+        for connection in held[:2]:
+            connection.open(GET_JWKS, 1)
+        time.sleep(0.5)  # these two hold the threads, not yet under pressure: the long deadline
+        for connection in held[2:]:
+            connection.open(GET_JWKS, 1)  # these two wait for a thread
+        time.sleep(0.5)
         started = time.monotonic()
         (over,) = stalls.open(GET_JWKS, 1)
         with pytest.raises(grpc.RpcError) as refused:
             over.result(timeout=TIMEOUT)
         elapsed = time.monotonic() - started
-        assert not any(ended(call) for call in held)
+        assert sum(connection.open_count() for connection in held) == 4
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "anonymous_workers" in refused.value.details()
     assert elapsed < 1.0, f"the refusal took {elapsed:.2f} s"
@@ -311,8 +339,9 @@ def test_a_request_message_that_does_not_arrive_in_time_is_dropped(deployment: D
         (stalled,) = stalls.open(ISSUE, 1)
         code = code_of(stalled)
         dropped_after = time.monotonic() - stalls.opened_at[0]
-        with BrokerClient(broker.target, timeout=TIMEOUT) as client:
-            assert client.jwks()["keys"]  # the one anonymous thread is free again
+        # The one anonymous thread is free again (the drop reaches the caller a moment
+        # before the pool thread has unwound and returned the admission).
+        assert wait_until(lambda: jwks_answers(broker))
     assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert 0.5 <= dropped_after < 0.5 + 2.0
 
@@ -443,3 +472,147 @@ def test_every_admission_is_returned_when_its_call_ends() -> None:
         assert wait_until(lambda: all(c.admitted == 0 for c in admission.classes())), {
             c.name: c.admitted for c in admission.classes()
         }
+
+
+# -- health answers the truth, whatever holds its threads ---------------------------------------
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def test_health_checks_are_answered_while_stalled_checks_fill_their_class(deployment: Deployment) -> None:
+    with running(deployment, message_timeout_seconds=60) as broker, Stalls(broker.target) as stalls:
+        stalls.open(HEALTH_CHECK, 30)  # more than the health class admits (threads and queue)
+        time.sleep(0.5)
+        statuses = [health_check(broker).status for _ in range(5)]
+        held = sum(1 for call in stalls.calls if not ended(call))
+    assert held > 0, "no stalled Check was still open: the test did not fill the health class"
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 5
+
+
+def test_a_full_health_class_answers_not_serving_during_shutdown() -> None:
+    with running_broker() as running, Stalls(running.target) as stalls:
+        admission = running.server.admission
+        assert admission is not None
+        stalls.open(HEALTH_CHECK, admission.health.limit)
+        assert wait_until(lambda: admission.health.admitted == admission.health.limit)
+        running.server.enter_graceful_shutdown()
+        with grpc.insecure_channel(running.target) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT
+            )
+    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_an_anonymous_health_watch_ends_at_its_lifetime_cap(deployment: Deployment) -> None:
+    with running(deployment, stream_idle_timeout_seconds=1) as broker, grpc.insecure_channel(broker.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended_by:
+            next(watch)
+        lived = time.monotonic() - started
+    assert ended_by.value.code() is grpc.StatusCode.CANCELLED
+    assert lived < TIMEOUT / 2, f"the watch lived {lived:.1f} s with a 1 s cap"
+
+
+# -- per source address, at admission -------------------------------------------------------------
+
+
+def test_a_stalled_call_over_its_sources_share_frees_its_thread_within_the_grace(deployment: Deployment) -> None:
+    # anonymous_workers 8: a source's share is 2 calls waiting for their message.
+    settings: dict[str, Any] = {"anonymous_workers": 8, "message_timeout_seconds": 60}
+    with running(deployment, **settings) as broker, Stalls(broker.target) as stalls:
+        calls = stalls.open(ISSUE, 3)
+        started = time.monotonic()
+        assert wait_until(lambda: any(ended(call) for call in calls))
+        elapsed = time.monotonic() - started
+        (dropped,) = [call for call in calls if ended(call)]
+        still_open = sum(1 for call in calls if not ended(call))
+    assert code_of(dropped) in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert still_open == 2
+    assert elapsed < 1.0, f"the over-share call held its thread {elapsed:.2f} s"
+
+
+def test_anonymous_calls_get_a_short_message_deadline_once_their_class_is_more_than_half_full(
+    deployment: Deployment,
+) -> None:
+    settings: dict[str, Any] = {"anonymous_workers": 8, "max_queued_anonymous_rpcs": 0, "message_timeout_seconds": 60}
+    with running(deployment, **settings) as broker, raw_stalls(broker, 5) as sources:
+        for connection in sources:
+            connection.open(ISSUE, 1)  # five of eight admitted: more than half
+        dropped = wait_until(lambda: sum(c.open_count() for c in sources) < 5, timeout=3.0)
+    assert dropped, "no stalled call was dropped within 3 s, with message_timeout_seconds 60"
+
+
+def test_two_stalling_sources_cannot_keep_an_honest_client_from_getting_a_token(deployment: Deployment) -> None:
+    stop = threading.Event()
+
+    def keep_stalling(connection: RawStalls) -> None:
+        # Tops its stalled IssueToken calls back up as fast as the broker ends them.
+        while not stop.is_set() and not connection.closed:
+            missing = 30 - connection.open_count()
+            if missing > 0:
+                connection.open(ISSUE, missing)
+            stop.wait(0.05)
+
+    with running(deployment) as broker, raw_stalls(broker, 2) as attackers:
+        threads = [threading.Thread(target=keep_stalling, args=(a,), daemon=True) for a in attackers]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(1.0)  # the attack is in full swing
+            tokens = [deployment.token(broker) for _ in range(5)]
+            held = [a.open_count() for a in attackers]
+            opened = sum(a.opened for a in attackers)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=5)
+    assert all(tokens)
+    assert all(count > 0 for count in held), f"the attack was not live: {held} calls held"
+    print(f"\n{opened} stalled IssueToken calls opened by two sources; 5 of 5 honest IssueToken succeeded")
+
+
+# -- the interceptor does no I/O on the polling thread ----------------------------------------
+
+
+def test_the_interceptor_reads_no_registry_file_on_the_polling_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]
+    registry = FileRegistry(tmp_path / "registry.toml", clock=lambda: now[0])
+    registry.add_server(ServerRecord("server", audiences=(AUDIENCE,), api_key_hash=hash_secret(API_KEY)))
+    registry.reload()
+    file_reads: list[str] = []
+
+    def no_stat(self: FileRegistry) -> None:
+        file_reads.append("stat")
+        raise AssertionError("the registry file was read on the polling thread")
+
+    monkeypatch.setattr(FileRegistry, "_stamp", no_stat)
+    now[0] += 3600.0  # long past the registry's reload interval
+    admission = AdmissionInterceptor(registry)
+    try:
+        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+        details = SimpleNamespace(method=VALIDATE, invocation_metadata=(("authorization", f"ApiKey {API_KEY}"),))
+        assert admission.intercept_service(lambda _: handler, details) is not None
+        admitted_as_caller = admission.caller.admitted
+    finally:
+        admission.close()
+    assert file_reads == []
+    assert admitted_as_caller == 1  # the key is known from the records loaded last
+
+
+# -- health ---------------------------------------------------------------------------------------
+
+
+def test_serve_stops_on_sigterm_after_health_watches_were_cancelled(deployment: Deployment) -> None:
+    # grpc_health's own servicer sends to watchers under its lock and deadlocked here.
+    for _ in range(3):
+        with running(deployment) as broker, grpc.insecure_channel(broker.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(2)]
+            assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+            for watch in watches:
+                watch.cancel()
+        # `running` asserts that the broker exited 0 within its grace on SIGTERM

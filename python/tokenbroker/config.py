@@ -62,7 +62,10 @@ class Settings(BaseSettings):
         30, ge=0, le=300, description="clock skew allowed between brokers and Redis; replay records outlive it"
     )
     max_replay_records_per_client: int = Field(
-        100_000, ge=1, le=100_000_000, description="single-use records (proofs, assertions) kept per client"
+        500_000,
+        ge=1,
+        le=100_000_000,
+        description="single-use records (proofs, assertions) kept per client: ~7,000 proofs/s sustained each",
     )
     key_file: Path | None = Field(None, description="signing keys (JWKS or PEM); none: an ephemeral key")
     registry_file: Path = Field(Path("tokenbroker-registry.toml"), description="the clients and servers")
@@ -89,7 +92,7 @@ class Settings(BaseSettings):
         8, ge=1, le=256, description="threads for calls without a server credential (IssueToken, GetJwks, ...)"
     )
     max_queued_anonymous_rpcs: int = Field(
-        32, ge=0, le=10_000, description="anonymous calls waiting for a thread; more: RESOURCE_EXHAUSTED"
+        64, ge=0, le=10_000, description="anonymous calls waiting for a thread; more: RESOURCE_EXHAUSTED"
     )
     max_anonymous_streams: int = Field(8, ge=1, le=1024, description="open streams without a server credential")
     max_anonymous_per_source: int = Field(

@@ -367,6 +367,18 @@ class FileRegistry:
                 found = record
         return found
 
+    def cached_server_by_api_key(self, api_key: str) -> ServerRecord | None:
+        """As `server_by_api_key`, from the records loaded last: no stat, no read, no lock
+        (for gRPC's polling thread, which must not wait for I/O)."""
+        if not api_key:
+            return None
+        presented = hash_secret(api_key).encode("ascii")
+        found = None
+        for record in self._snapshot.servers.values():
+            if record.api_key_hash and hmac.compare_digest(presented, record.api_key_hash.encode("ascii", "replace")):
+                found = record
+        return found
+
     def server_by_cert(self, cert_thumbprint: str) -> ServerRecord | None:
         if not cert_thumbprint:
             return None

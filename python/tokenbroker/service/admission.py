@@ -15,19 +15,33 @@ How (`AdmissionInterceptor`):
   `anonymous` (IssueToken, GetJwks, anything with no or an unknown key), `anonymous-stream`
   (reflection and health Watch without a key), and `health` (Check, its own small share so
   a load balancer keeps getting answers while the anonymous share is full).
+- Health never says anything but the truth: when the `health` class is full (stalled
+  Checks hold it), a Check is answered inline on the polling thread without reading its
+  request, with the overall ("") status (`HealthStatus.overall`, read without a lock: the
+  servicer's lock can be held by a Watch send that only the polling thread completes).
+  The service name is in the unread request; "" is what load balancers ask.
 - Each class has its own thread pool (grpc's `experimental_thread_pool`) and its own bound
   on admitted calls (running plus waiting for a thread). Over the bound the call is refused
   at once with RESOURCE_EXHAUSTED, a message naming the bound and its setting. The refusal
   runs inline on the polling thread: it reads nothing and needs no worker.
 - Every handler is served as a stream-request handler (the wire does not distinguish), so
   the request message is read here, with a deadline (`message_timeout_seconds`): a call
-  whose message does not arrive in time is cancelled and its thread freed. A stream with no
-  request for `stream_idle_timeout_seconds` is ended too (an anonymous one after
-  `message_timeout_seconds`).
-- Per source address (known on the pool thread only): a source that already has
-  `max_anonymous_per_source` anonymous calls waiting for their message gets only
-  `CROWDED_SOURCE_GRACE_SECONDS` for the next one (a prompt sender is not affected), and it
-  may hold at most that many anonymous streams.
+  whose message does not arrive in time is cancelled and its thread freed. An anonymous
+  call gets `min(message_timeout_seconds, PRESSED_MESSAGE_TIMEOUT_SECONDS)` once its class
+  has more than half its bound admitted. A stream with no request for
+  `stream_idle_timeout_seconds` is ended too (an anonymous one after the message deadline),
+  and an anonymous stream (health Watch, reflection) lives at most
+  `stream_idle_timeout_seconds` however active: it cannot hold its slot forever.
+- Per source address (the peer is known on the pool thread only, not at admission): on
+  its thread, before anything is read, an anonymous unary call whose source already has
+  its share of calls waiting for their message gets only `CROWDED_SOURCE_GRACE_SECONDS`
+  for it, and, while the class has more than half its bound admitted, is refused at once
+  (RESOURCE_EXHAUSTED, microseconds: the bound never fills with one source's calls). The
+  share is a quarter of `anonymous_workers`, at most `max_anonymous_per_source`, at
+  least 1: a stalling source holds at most its share of threads for the full deadline.
+  An honest burst from one address (a gateway, agents behind one NAT) on a calm broker
+  is not refused: its messages are already there when its calls reach a thread. A source may also hold at most
+  `max_anonymous_per_source` anonymous streams.
 
 mTLS: the interceptor cannot see the TLS auth context. When the server requires client
 certificates, every connection has already proved a certificate that the configured CA
@@ -49,10 +63,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
+from grpc_health.v1 import health_pb2  # type: ignore[import-untyped,unused-ignore]
 
 from tokenbroker.errors import AuthenticationError
 from tokenbroker.registry import Registry
 from tokenbroker.service.auth import API_KEY_SCHEME, AUTHORIZATION, CallerAuthenticator, peer_ip
+from tokenbroker.service.health import HealthStatus
 from tokenbroker.service.servicer import SERVICE_NAME
 
 _T = TypeVar("_T")
@@ -71,6 +87,10 @@ CALLER_METHODS = frozenset(
         "ListSessions",
     )
 )
+# The message deadline of an anonymous call while its class is more than half full.
+PRESSED_MESSAGE_TIMEOUT_SECONDS = 0.5
+# What an anonymous call gets for its message when its source already has its share
+# waiting: an honest caller's message is in the socket already, a staller's is not.
 CROWDED_SOURCE_GRACE_SECONDS = 0.1
 _API_KEY_SCHEME = API_KEY_SCHEME.lower()
 _MAX_CACHED_HANDLERS = 256
@@ -88,7 +108,7 @@ class AdmissionLimits:
     max_queued_rpcs: int = 512
     max_streams: int = 16
     anonymous_workers: int = 8
-    max_queued_anonymous_rpcs: int = 32
+    max_queued_anonymous_rpcs: int = 64
     max_anonymous_streams: int = 8
     max_anonymous_per_source: int = 4
     health_workers: int = 2
@@ -133,8 +153,10 @@ class _InlineExecutor(ThreadPoolExecutor):
 
 
 class _Watchdog:
-    """Cancels calls whose awaited request message is late. One thread; the table holds
-    only the calls waiting right now (at most one entry per pool thread)."""
+    """Cancels calls whose awaited request message is late, and anonymous streams at the
+    end of their lifetime. One thread; the table holds only the calls waiting right now
+    (at most one entry per pool thread) and the open anonymous streams (bounded by
+    `max_anonymous_streams`)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -217,14 +239,22 @@ class _CallClass:
 
 
 class _Slot:
-    """A call's admission, released exactly once (from the handler or when the RPC ends)."""
+    """A call's admission, released exactly once (from the handler or when the RPC ends);
+    with a `lifetime` (the watchdog and its key), the stream's lifetime cap is disarmed then."""
 
-    __slots__ = ("_call_class", "_lock", "_released", "_source", "_sources")
+    __slots__ = ("_call_class", "_lifetime", "_lock", "_released", "_source", "_sources")
 
-    def __init__(self, call_class: _CallClass, sources: _Sources | None = None, source: str = "") -> None:
+    def __init__(
+        self,
+        call_class: _CallClass,
+        sources: _Sources | None = None,
+        source: str = "",
+        lifetime: tuple[_Watchdog, int] | None = None,
+    ) -> None:
         self._call_class = call_class
         self._sources = sources
         self._source = source
+        self._lifetime = lifetime
         self._released = False
         self._lock = threading.Lock()
 
@@ -233,6 +263,9 @@ class _Slot:
             if self._released:
                 return
             self._released = True
+        if self._lifetime is not None:
+            watchdog, key = self._lifetime
+            watchdog.disarm(key)
         self._call_class.release()
         if self._sources is not None:
             self._sources.leave(self._source)
@@ -274,6 +307,18 @@ class _Refuse:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
 
 
+class _AnswerHealth:
+    """Answers a Check inline on the polling thread without reading its request: the
+    overall status (for ""), never a refusal."""
+
+    def __init__(self, status: HealthStatus, executor: _InlineExecutor) -> None:
+        self._status = status
+        self.experimental_thread_pool = executor
+
+    def __call__(self, request_iterator: Iterator[Any], context: Any) -> Any:
+        return health_pb2.HealthCheckResponse(status=self._status.overall)
+
+
 class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-ignore]
     """Classifies, bounds and times every call (see the module docstring). `close()`
     after the server has stopped."""
@@ -285,6 +330,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         *,
         mutual_tls: bool = False,
         on_refusal: RefusalRecorder | None = None,
+        health_status: HealthStatus | None = None,
     ) -> None:
         self.limits = limits = limits or AdmissionLimits()
         self._registry = registry
@@ -292,7 +338,8 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         self._mutual_tls = mutual_tls
         self._on_refusal = on_refusal
         self._watchdog = _Watchdog()
-        self._sources = _Sources()
+        self._waiting_by_source = _Sources()
+        self.source_share = max(1, min(limits.max_anonymous_per_source, limits.anonymous_workers // 4))
         self._streams_by_source = _Sources()
         self.caller = _CallClass("caller", limits.max_workers, limits.max_queued_rpcs, "max_workers", anonymous=False)
         self.caller_stream = _CallClass("caller-stream", limits.max_streams, 0, "max_streams", anonymous=False)
@@ -310,6 +357,14 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         self._refusals = {
             c.name: grpc.stream_unary_rpc_method_handler(_Refuse(c.refusal, self._inline)) for c in self.classes()
         }
+        self._health_answer = (
+            None
+            if health_status is None
+            else grpc.stream_unary_rpc_method_handler(
+                _AnswerHealth(health_status, self._inline),
+                response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+            )
+        )
         self._wrapped: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
         # SHA-256 of recently confirmed API keys -> until when (monotonic). Only the pool
         # choice relies on it; the servicer authenticates every call itself.
@@ -333,6 +388,8 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         method = handler_call_details.method
         call_class, check_cert = self._classify(method, handler_call_details.invocation_metadata, handler)
         if not call_class.try_admit():
+            if call_class is self.health and self._health_answer is not None:
+                return self._health_answer
             self._refused(call_class.name, "bound")
             return self._refusals[call_class.name]
         return self._wrap(method, handler, call_class, check_cert)
@@ -366,8 +423,10 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         now = time.monotonic()
         if self._known_keys.get(digest, 0.0) > now:
             return True
-        # FileRegistry answers from memory (hash, compare_digest), no I/O.
-        if self._registry.server_by_api_key(api_key) is None:
+        # From the records loaded last (a FileRegistry would otherwise stat and re-read
+        # its file here, on the polling thread); the servicer's own lookup reloads.
+        lookup = getattr(self._registry, "cached_server_by_api_key", self._registry.server_by_api_key)
+        if lookup(api_key) is None:
             self._known_keys.pop(digest, None)
             return False
         if len(self._known_keys) >= _MAX_KNOWN_KEYS:
@@ -425,7 +484,8 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
 
     def stream_slot(self, call_class: _CallClass, context: Any, check_cert: bool) -> _Slot:
         """A stream's admission, released once when it ends, after the checks that need no
-        request (certificate, the source's share of anonymous streams). Aborts on failure."""
+        request (certificate, the source's share of anonymous streams). Aborts on failure.
+        An anonymous stream is cancelled `stream_idle_timeout_seconds` after it started."""
         if check_cert:
             self.check_certificate(call_class, context)
         if call_class.anonymous:
@@ -439,17 +499,45 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
                     f"this address already holds {self.limits.max_anonymous_per_source} anonymous streams "
                     "(max_anonymous_per_source): close one, or call as a registered MCP server",
                 )
-            return _Slot(call_class, self._streams_by_source, source)
+            lifetime = self._watchdog.arm(context, self.limits.stream_idle_timeout_seconds)
+            return _Slot(call_class, self._streams_by_source, source, (self._watchdog, lifetime))
         return _Slot(call_class)
+
+    def enter_source(self, call_class: _CallClass, context: Any) -> tuple[str, bool]:
+        """For an anonymous unary call on its thread, before anything is read: counts it as
+        waiting for its message from its source; returns the source and whether the source
+        already had its share (`source_share`) waiting: such a call gets only
+        `CROWDED_SOURCE_GRACE_SECONDS` for its message (an honest caller's is already
+        there), or, while its class has more than half its bound admitted, is refused at
+        once (RESOURCE_EXHAUSTED; its admission released). `leave_source` when read."""
+        source = peer_ip(context)
+        if self._waiting_by_source.enter(source) < self.source_share:
+            return source, False
+        if 2 * call_class.admitted <= call_class.limit:
+            return source, True
+        # Under pressure a grace is too dear (stallers refill faster than it frees threads):
+        # the over-share call is refused at once, which costs microseconds, not a thread.
+        self._waiting_by_source.leave(source)
+        call_class.release()
+        self._refused(call_class.name, "per_source")
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this address already has {self.source_share} anonymous calls waiting for their request message "
+            "while the broker is busy (its share: a quarter of anonymous_workers, at most "
+            "max_anonymous_per_source): retry shortly, send each request promptly, or call as a registered MCP server",
+        )
+        raise AssertionError("unreachable: abort raises")
+
+    def leave_source(self, source: str) -> None:
+        self._waiting_by_source.leave(source)
 
     def receive(self, requests: Iterator[Any], context: Any, call_class: _CallClass, timeout: float) -> Any:
         """The next request, or None when the caller sent no more. Cancels the call (and
-        raises, via `context.abort`) when none arrives within `timeout` seconds."""
-        source = ""
-        if call_class.anonymous:
-            source = peer_ip(context)
-            if self._sources.enter(source) >= self.limits.max_anonymous_per_source:
-                timeout = min(timeout, CROWDED_SOURCE_GRACE_SECONDS)
+        raises, via `context.abort`) when none arrives within `timeout` seconds (an
+        anonymous call's, within `PRESSED_MESSAGE_TIMEOUT_SECONDS` while its class is more
+        than half full)."""
+        if call_class.anonymous and 2 * call_class.admitted > call_class.limit:
+            timeout = min(timeout, PRESSED_MESSAGE_TIMEOUT_SECONDS)
         key = self._watchdog.arm(context, timeout)
         try:
             return next(requests)
@@ -459,8 +547,6 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
             return None
         finally:
             late = self._watchdog.disarm(key)
-            if call_class.anonymous:
-                self._sources.leave(source)
             if late:
                 self._refused(call_class.name, "message_timeout")
                 context.abort(
@@ -488,10 +574,11 @@ class _Behavior:
         self.check_cert = check_cert
         self.experimental_thread_pool = call_class.pool
 
-    def first(self, requests: Iterator[Any], context: Any) -> Any:
-        request = self.admission.receive(
-            requests, context, self.call_class, self.admission.limits.message_timeout_seconds
-        )
+    def first(self, requests: Iterator[Any], context: Any, *, crowded: bool = False) -> Any:
+        timeout = self.admission.limits.message_timeout_seconds
+        if crowded:
+            timeout = min(timeout, CROWDED_SOURCE_GRACE_SECONDS)
+        request = self.admission.receive(requests, context, self.call_class, timeout)
         if request is None:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{self.method} takes exactly one request message; none was sent"
@@ -507,8 +594,16 @@ class _UnaryUnary(_Behavior):
     def __call__(self, requests: Iterator[Any], context: Any) -> Any:
         if self.check_cert:
             self.admission.check_certificate(self.call_class, context)
+        # Health Check is not counted per source: when its class is full it is answered inline.
+        per_source = self.call_class is self.admission.anonymous
+        source, crowded = self.admission.enter_source(self.call_class, context) if per_source else ("", False)
         try:
-            return self.original(self.first(requests, context), context)
+            try:
+                request = self.first(requests, context, crowded=crowded)
+            finally:
+                if per_source:
+                    self.admission.leave_source(source)
+            return self.original(request, context)
         finally:
             self.call_class.release()
 
@@ -586,6 +681,7 @@ __all__ = [
     "CROWDED_SOURCE_GRACE_SECONDS",
     "DEFAULT_MAX_WORKERS",
     "HEALTH_CHECK",
+    "PRESSED_MESSAGE_TIMEOUT_SECONDS",
     "AdmissionInterceptor",
     "AdmissionLimits",
     "RefusalRecorder",

@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped,unused-ignore]
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped,unused-ignore]
 from grpc_reflection.v1alpha import reflection as server_reflection  # type: ignore[import-untyped,unused-ignore]
 
 from tokenbroker.broker import Broker
 from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.registry import Registry
 from tokenbroker.service.admission import DEFAULT_MAX_WORKERS, AdmissionInterceptor, AdmissionLimits
+from tokenbroker.service.health import HealthStatus
 from tokenbroker.service.servicer import (
     SERVICE_NAME,
     AuditLogLike,
@@ -168,11 +169,16 @@ def build_server(
     if max_workers is not None:
         limits = dataclasses.replace(limits, max_workers=max_workers)
     on_refusal = getattr(metrics, "admission_refused", None)
+    # Watch streams hold no thread once their request is read (admission reads it).
+    health_servicer = HealthStatus()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     interceptor = AdmissionInterceptor(
         registry,
         limits,
         mutual_tls=tls is not None and tls.client_ca_file is not None,
         on_refusal=on_refusal if callable(on_refusal) else None,
+        health_status=health_servicer,
     )
     servicer = TokenBrokerServicer(
         broker,
@@ -191,10 +197,6 @@ def build_server(
         options=list(options),
     )
     broker_pb2_grpc.add_TokenBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    # Watch streams hold no thread once their request is read (admission reads it).
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection:
         server_reflection.enable_server_reflection(
