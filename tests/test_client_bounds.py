@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tokenbroker import Broker, Keyring, LimitPolicy, MemoryStore, ProofSigner, Reason, SessionLimit
 from tokenbroker.client import BrokerClient
-from tokenbroker.errors import AuthenticationError
-from tokenbroker.issuance import make_client_assertion, public_jwk
+from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
+from tokenbroker.issuance import ClientAuthenticator, make_client_assertion, public_jwk
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 from tokenbroker.store.base import Remembered
@@ -365,3 +365,24 @@ def test_a_restarted_memory_store_broker_refuses_an_already_used_assertion(deplo
             assert c.issue(client_assertion=deployment.assertion("quiet"), **request).access_token
     finally:
         assert second.stop() == 0, second.log.read_text()[-2000:]
+
+
+# -- a refused client writes no assertion record ----------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "said"), [(ClientStatus.PENDING, "pending"), (ClientStatus.DISABLED, "disabled")])
+def test_an_unapproved_clients_assertions_leave_no_record(tmp_path: Path, status: ClientStatus, said: str):
+    key = ed25519.Ed25519PrivateKey.generate()
+    registry = FileRegistry(tmp_path / "registry.toml")
+    registry.add_client(
+        ClientRecord("waiting", public_jwk=public_jwk(key), status=status, allowed_audiences=(AUDIENCE,))
+    )
+    store = MemoryStore()
+    auth = ClientAuthenticator(registry, store, assertion_audience=ISSUER)
+    before = store.sizes().replay_records
+    for _ in range(5):
+        with pytest.raises(ClientNotAllowedError, match=said):
+            auth.authenticate(
+                client_id="waiting", client_assertion=make_client_assertion(key, "waiting", ISSUER), audience=AUDIENCE
+            )
+    assert store.sizes().replay_records == before

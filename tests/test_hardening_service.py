@@ -497,12 +497,61 @@ def test_failed_authentications_are_rate_limited_per_client_id(fresh: Deployment
             for _ in range(3):
                 code, _ = refusal(lambda: issue(stub, fresh, client_assertion=fresh.assertion("agent", key=wrong)))
                 assert code is grpc.StatusCode.UNAUTHENTICATED
-            code, details = refusal(lambda: issue(stub, fresh))  # even the right credential now
+            code, details = refusal(lambda: issue(stub, fresh, client_assertion=fresh.assertion("agent", key=wrong)))
             assert (code, "client id" in details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, True)
-            assert issue(stub, fresh, "bearer-agent").access_token  # another client is not affected
+            assert issue(stub, fresh).access_token  # the right credential still passes
     finally:
         assert process.stop() == 0
     assert lines(fresh, rule="auth.rate_limited")
+
+
+def _throttling_authenticator(tmp_path: Path, key: ed25519.Ed25519PrivateKey) -> ClientAuthenticator:
+    """An authenticator whose client id bucket holds 3 failures and never refills."""
+    registry = FileRegistry(tmp_path / "registry.toml")
+    registry.add_client(_client("agent", public_jwk=public_jwk(key)))
+    return ClientAuthenticator(
+        registry, MemoryStore(), assertion_audience=ISSUER, client_failure_burst=3, client_failures_per_second=0
+    )
+
+
+def test_failures_from_one_address_do_not_lock_the_client_out_from_another(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    auth = _throttling_authenticator(tmp_path, key)
+    wrong = ed25519.Ed25519PrivateKey.generate()
+    for _ in range(3):  # the attacker drains the client id's bucket
+        with pytest.raises(AuthenticationError):
+            auth.authenticate(
+                client_id="agent",
+                client_assertion=make_client_assertion(wrong, "agent", ISSUER),
+                audience=SERVER_A,
+                client_ip="198.51.100.7",
+            )
+    record = auth.authenticate(
+        client_id="agent",
+        client_assertion=make_client_assertion(key, "agent", ISSUER),
+        audience=SERVER_A,
+        client_ip="203.0.113.9",
+        dpop_jkt=ProofSigner().jkt,
+    )
+    assert record.client_id == "agent"
+
+
+def test_a_failing_credential_for_a_throttled_client_id_is_rate_limited(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    auth = _throttling_authenticator(tmp_path, key)
+    wrong = ed25519.Ed25519PrivateKey.generate()
+    rules = []
+    for n in range(4):  # from four addresses: only the client id's bucket runs dry
+        with pytest.raises((AuthenticationError, RateLimitedError)) as raised:
+            auth.authenticate(
+                client_id="agent",
+                client_assertion=make_client_assertion(wrong, "agent", ISSUER),
+                audience=SERVER_A,
+                client_ip=f"198.51.100.{n + 1}",
+            )
+        rules.append((type(raised.value).__name__, getattr(raised.value, "rule", "")))
+    assert rules[3] == ("ClientThrottledError", "auth.rate_limited")
+    assert [r for _, r in rules[:3]] == ["credential.assertion_invalid"] * 3
 
 
 def test_failed_authentications_are_rate_limited_per_source_address(fresh: Deployment) -> None:

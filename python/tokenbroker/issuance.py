@@ -3,12 +3,15 @@
 `ClientAuthenticator.authenticate` applies these rules in order; the first that fails
 raises, and the exception's `.rule` names it for the audit log:
 
-1. `auth.rate_limited`: the client id and the source address are under their limits of
-   failed authentications (checked before anything is verified);
+1. `auth.rate_limited`: the source address is under its limit of failed
+   authentications (checked before anything is verified, which protects the CPU); a
+   client id over its limit is refused only when its credential then fails to verify, so
+   nobody can lock a client out by failing on its behalf;
 2. `credential.*` / `client.unknown`: an RFC 7523 `private_key_jwt` assertion signed by
    the client's registered key (EdDSA/Ed25519 or ES256/P-256), whose `aud` is one string,
-   the issuer or the token endpoint, used once; or the client's secret;
+   the issuer or the token endpoint; or the client's secret;
 3. `client.pending` / `client.disabled`: the client is approved;
+   then an assertion is recorded as used, once (a refused client writes no record);
 4. `audience.not_allowed`: the audience is one the client may get tokens for;
 5. `scope.not_allowed`: every requested scope is allowed;
 6. `source.cidr`: the request comes from one of the client's networks, when it has any;
@@ -79,8 +82,9 @@ class ClientRefusedError(ClientNotAllowedError):
 
 
 class ClientThrottledError(RateLimitedError):
-    """Too many failed authentications (`auth.rate_limited`, before any verification) or
-    the client's quota of assertion records is used (`credential.quota`)."""
+    """Too many failed authentications (`auth.rate_limited`: from the source, before any
+    verification; for the client id, once the credential failed) or the client's quota of
+    assertion records is used (`credential.quota`)."""
 
     def __init__(self, message: str, rule: str, *, authenticated: bool) -> None:
         super().__init__(message)
@@ -155,8 +159,9 @@ class ClientAuthenticator:
     accepted once: their `jti` is remembered in the `store` (shared between replicas with
     Redis). Failed authentications are limited per client id (`client_failure_burst`,
     refilled at `client_failures_per_second`) and per source address (`source_*`; IPv6 by
-    /64), each in a table of at most `failure_table_size` keys; over a limit, requests are
-    refused before anything is verified."""
+    /64), each in a table of at most `failure_table_size` keys. Over the source limit,
+    requests are refused before anything is verified; over the client id's limit, a
+    credential that fails is refused as throttled and a credential that verifies passes."""
 
     def __init__(
         self,
@@ -194,7 +199,7 @@ class ClientAuthenticator:
 
     # -- rate limits ------------------------------------------------------------------
 
-    def _check_rate(self, client_id: str, source: str) -> None:
+    def _check_source_rate(self, source: str) -> None:
         if not self._source_failures.allowed(source):
             raise ClientThrottledError(
                 "too many failed client authentications from this address: wait a minute before retrying, and "
@@ -202,13 +207,15 @@ class ClientAuthenticator:
                 "auth.rate_limited",
                 authenticated=False,
             )
-        if not self._client_failures.allowed(client_id):
-            raise ClientThrottledError(
-                "too many failed authentications for this client id: wait a minute before retrying, and check "
-                "the client's credential",
-                "auth.rate_limited",
-                authenticated=False,
-            )
+
+    @staticmethod
+    def _client_throttled() -> ClientThrottledError:
+        return ClientThrottledError(
+            "too many failed authentications for this client id: wait a minute before retrying, and check "
+            "the client's credential",
+            "auth.rate_limited",
+            authenticated=False,
+        )
 
     def _charge(self, client_id: str, source: str) -> None:
         self._client_failures.charge(client_id)
@@ -461,15 +468,23 @@ class ClientAuthenticator:
         client_secret: str | None,
         client_ip: str | None,
         now: int,
-    ) -> tuple[ClientRecord, tuple[str, int, int] | None, str]:
+    ) -> tuple[ClientRecord, tuple[str, int, int] | None, str, bool]:
+        """The verified client's record, its assertion's replay record, the source's
+        rate-limit key and whether the client id is over its failure limit; then its status
+        is checked (before anything is recorded for it)."""
         source = source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else "")
-        self._check_rate(client_id, source)
+        self._check_source_rate(source)
+        # Looked at before verifying, charged after: a correct credential passes anyway.
+        throttled = not self._client_failures.allowed(client_id)
         try:
             record, replay = self._check_credential(client_id, client_assertion or None, client_secret or None, now)
         except CredentialRefusedError:
             self._charge(client_id, source)
+            if throttled:
+                raise self._client_throttled() from None
             raise
-        return record, replay, source
+        self._check_status(record)
+        return record, replay, source, throttled
 
     def _after_credential(
         self,
@@ -480,7 +495,6 @@ class ClientAuthenticator:
         dpop_jkt: str | None,
         cert_thumbprint: str | None,
     ) -> ClientRecord:
-        self._check_status(record)
         self._check_policy(record, audience, scopes, client_ip)
         self.check_binding(record, dpop_jkt, cert_thumbprint)
         return record
@@ -503,11 +517,11 @@ class ClientAuthenticator:
         `StoreUnavailableError` when the replay store is down. `dpop_jkt` and
         `cert_thumbprint` are what the token is to be bound to (see `check_binding`)."""
         now = int(self._clock())
-        record, replay, source = self._verify(client_id, client_assertion, client_secret, client_ip, now)
+        record, replay, source, throttled = self._verify(client_id, client_assertion, client_secret, client_ip, now)
         if replay is not None:
             key, issued_at, until = replay
             outcome = self.store.remember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
-            self._remembered_or_charge(record, outcome, source)
+            self._remembered_or_charge(record, outcome, source, throttled)
         return self._after_credential(record, audience, scopes, client_ip, dpop_jkt, cert_thumbprint)
 
     async def aauthenticate(
@@ -524,18 +538,20 @@ class ClientAuthenticator:
     ) -> ClientRecord:
         """The asyncio twin of `authenticate`."""
         now = int(self._clock())
-        record, replay, source = self._verify(client_id, client_assertion, client_secret, client_ip, now)
+        record, replay, source, throttled = self._verify(client_id, client_assertion, client_secret, client_ip, now)
         if replay is not None:
             key, issued_at, until = replay
             outcome = await self.store.aremember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
-            self._remembered_or_charge(record, outcome, source)
+            self._remembered_or_charge(record, outcome, source, throttled)
         return self._after_credential(record, audience, scopes, client_ip, dpop_jkt, cert_thumbprint)
 
-    def _remembered_or_charge(self, record: ClientRecord, outcome: Remembered, source: str) -> None:
+    def _remembered_or_charge(self, record: ClientRecord, outcome: Remembered, source: str, throttled: bool) -> None:
         try:
             self._remembered(record, Remembered(outcome))
         except CredentialRefusedError:  # a replayed or stale assertion is a failed authentication
             self._charge(record.client_id, source)
+            if throttled:
+                raise self._client_throttled() from None
             raise
 
 
