@@ -322,9 +322,11 @@ def test_refused_and_dropped_calls_are_counted_in_metrics(deployment: Deployment
         "metrics_port": port,
     }
     with running(deployment, **settings) as broker, Stalls(broker.target) as stalls:
-        held, over = stalls.open(GET_JWKS, 2)
-        assert code_of(over) is grpc.StatusCode.RESOURCE_EXHAUSTED
-        code_of(held)  # dropped after the message deadline
+        # Either call may arrive first: one is admitted and dropped after the message
+        # deadline, the other refused at once (the bound is one).
+        codes = {code_of(call) for call in stalls.open(GET_JWKS, 2)}
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert codes & {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
         refused = metric(port, 'tokenbroker_admission_refusals_total{call_class="anonymous",reason="bound"}')
         dropped = metric(port, 'tokenbroker_admission_refusals_total{call_class="anonymous",reason="message_timeout"}')
     assert (refused, dropped) == (1, 1)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp.server.auth.middleware.auth_context import get_access_token
 from test_mcp_e2e import ISSUER, McpServerProcess
-from test_mcp_unit import self_signed_certificate
+from test_mcp_unit import Recording, self_signed_certificate
 
 from tokenbroker import Broker, Keyring, ProofSigner, Reason
 from tokenbroker._core import normalize_htu
@@ -63,18 +63,6 @@ DOUBLE_ENCODED_TARGETS = ["/admin/%252e%252e/mcp", "/admin/%252E%252E/mcp", "/ad
 @pytest.fixture
 def broker() -> Broker:
     return Broker(Keyring.generate(), issuer=ISSUER)
-
-
-class Recording:
-    """A validator that records each call's keyword arguments, then asks `inner`."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: list[dict[str, Any]] = []
-
-    async def avalidate(self, token: str, **kw: Any) -> Validation:
-        self.calls.append(kw)
-        return await self.inner.avalidate(token, **kw)  # type: ignore[no-any-return]
 
 
 class Accepting:

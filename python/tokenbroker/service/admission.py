@@ -585,6 +585,17 @@ class _Behavior:
             )
         return request
 
+    def first_in_slot(self, requests: Iterator[Any], context: Any) -> Any:
+        """A unary-request stream's request, read once it holds its stream slot (released
+        when the RPC ends, or at once when no request comes)."""
+        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
+        self.release_when_done(slot, context)
+        try:
+            return self.first(requests, context)
+        except BaseException:
+            slot.release()
+            raise
+
     def release_when_done(self, slot: _Slot, context: Any) -> None:
         if not context.add_callback(slot.release):
             slot.release()
@@ -610,13 +621,7 @@ class _UnaryUnary(_Behavior):
 
 class _UnaryStream(_Behavior):
     def __call__(self, requests: Iterator[Any], context: Any) -> Any:
-        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
-        self.release_when_done(slot, context)
-        try:
-            request = self.first(requests, context)
-        except BaseException:
-            slot.release()
-            raise
+        request = self.first_in_slot(requests, context)
         return self.original(request, context)
 
 
@@ -627,13 +632,7 @@ class _UnaryStreamNonBlocking(_Behavior):
     experimental_non_blocking = True
 
     def __call__(self, requests: Iterator[Any], context: Any, send_response_callback: Any) -> Any:
-        slot = self.admission.stream_slot(self.call_class, context, self.check_cert)
-        self.release_when_done(slot, context)
-        try:
-            request = self.first(requests, context)
-        except BaseException:
-            slot.release()
-            raise
+        request = self.first_in_slot(requests, context)
         return self.original(request, context, send_response_callback)
 
 
