@@ -42,6 +42,8 @@ class BrokerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"broker exited: {self.log.read_text()[-2000:]}")
             if time.monotonic() > deadline:
+                self.process.kill()  # a test that fails here must not leave a broker behind
+                self.process.wait()
                 raise RuntimeError(f"broker did not become SERVING: {self.log.read_text()[-2000:]}")
             time.sleep(0.1)
         return self
