@@ -149,7 +149,7 @@ class Agent:
 
     def cached_tokens(self) -> int:
         """How many tokens the broker's verified-token cache holds (each miss adds one)."""
-        return int(self.broker._engine.stats()[0])
+        return int(self.broker.engine.stats().cached_tokens)
 
 
 def _broker(keyring: Keyring, **options: Any) -> Broker:

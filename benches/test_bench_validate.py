@@ -112,7 +112,7 @@ def test_batch_validate(benchmark: Any, fresh: Any, cold_agent: Any, audience: s
     answers: list[list[Any]] = []
 
     def validate(batch: list[dict[str, str]]) -> list[Any]:
-        results = broker.validate_batch(batch)
+        results: list[Any] = broker.validate_batch(batch)
         answers.append(results)  # checked below, outside the timed call
         return results
 
@@ -140,35 +140,38 @@ def test_engine_cold_validate(benchmark: Any, fresh: Any, engine: Any, cold_agen
     tokens = fresh(cold_agent.issue, rounds=100, iterations=100)
 
     def validate(token: str) -> Any:
-        verdict = engine.validate(token, audience)
+        verdict = engine.validate(_core.ValidateRequest(token, audience=audience))
         assert verdict.ok, verdict.detail
         return verdict
 
-    assert tokens.bench(benchmark, validate).audience == audience
-    assert engine.stats()[0] == len(tokens)
+    assert tokens.bench(benchmark, validate).claims.audience == audience
+    assert engine.stats().cached_tokens == len(tokens)
 
 
 @pytest.mark.benchmark(group="engine")
 def test_engine_warm_validate(benchmark: Any, engine: Any, token: str, audience: str) -> None:
     """The engine call alone on a cached token: the floor under `test_warm_validate`."""
-    assert engine.validate(token, audience).ok
-    verdict = benchmark(engine.validate, token, audience)
+    request = _core.ValidateRequest(token, audience=audience)
+    assert engine.validate(request).ok
+    verdict = benchmark(lambda: engine.validate(_core.ValidateRequest(token, audience=audience)))
     assert verdict.ok, verdict.detail
-    assert engine.stats()[0] == 1
+    assert engine.stats().cached_tokens == 1
 
 
 @pytest.mark.benchmark(group="engine")
 def test_engine_batch_validate(benchmark: Any, fresh: Any, engine: Any, cold_agent: Any, audience: str) -> None:
     """The engine's batch call alone on 64 fresh tokens: the floor under `test_batch_validate[64]`."""
-    batches = fresh(lambda: [(cold_agent.issue(), audience, None, None, None, None) for _ in range(64)], rounds=100)
+    batches = fresh(
+        lambda: [_core.ValidateRequest(cold_agent.issue(), audience=audience) for _ in range(64)], rounds=100
+    )
     answers: list[list[Any]] = []
 
-    def validate(batch: list[tuple[str, str, None, None, None, None]]) -> list[Any]:
-        verdicts = engine.validate_batch(batch)
+    def validate(batch: list[Any]) -> list[Any]:
+        verdicts: list[Any] = engine.validate_batch(batch)
         answers.append(verdicts)  # checked below, outside the timed call
         return verdicts
 
     benchmark.extra_info["tokens_per_call"] = 64
     batches.bench(benchmark, validate)
     assert all(len(verdicts) == 64 and all(v.ok for v in verdicts) for verdicts in answers)
-    assert engine.stats()[0] == 64 * len(batches)
+    assert engine.stats().cached_tokens == 64 * len(batches)

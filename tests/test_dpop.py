@@ -1,6 +1,7 @@
 """DPoP (RFC 9449 section 4.3) through the embedded broker."""
 
 import time
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -121,7 +122,7 @@ def test_bad_proofs_are_invalid(variant):
     key = ed25519.Ed25519PrivateKey.generate()
     jwk = jose.okp_public_jwk(key)
     token = broker.issue(client_id="c", audience=AUDIENCE, dpop_jkt=jose.thumbprint(jwk)).access_token
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     alg = "EdDSA"
     if variant == "private-d":
         jwk = {**jwk, "d": jose.b64(b"\x00" * 32)}
@@ -150,8 +151,8 @@ def test_bad_proofs_are_invalid(variant):
         proof = _proof(key, jwk, token, "EdDSA", **kwargs)
         if alg == "none":
             h, p, _ = proof.split(".")
-            header = jose.unb64(h).replace(b'"EdDSA"', b'"none"')
-            proof = f"{jose.b64(header)}.{p}."
+            raw_header = jose.unb64(h).replace(b'"EdDSA"', b'"none"')
+            proof = f"{jose.b64(raw_header)}.{p}."
     assert check(broker, token, proof).reason is Reason.PROOF_INVALID
 
 
@@ -164,7 +165,7 @@ def test_replay_cache_memory_is_fixed_by_configuration():
     broker, clock = make_broker(replay_capacity=10_000)
     signer = ProofSigner()
     token = broker.issue(client_id="c", audience=AUDIENCE, dpop_jkt=signer.jkt).access_token
-    before = broker._engine.stats()[2]
+    before = broker.engine.stats().bloom_bytes
     for _ in range(2000):
         assert check(broker, token, signer.sign("POST", URI, token, iat=int(clock.now))).valid
-    assert broker._engine.stats()[2] == before > 0
+    assert broker.engine.stats().bloom_bytes == before > 0

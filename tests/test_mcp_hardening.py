@@ -26,13 +26,13 @@ from test_mcp_unit import Recording, self_signed_certificate
 
 from tokenbroker import Broker, Keyring, ProofSigner, Reason
 from tokenbroker._core import normalize_htu
-from tokenbroker.bench.servers import free_port
 from tokenbroker.client import BrokerClient
-from tokenbroker.issuance import make_client_assertion, public_jwk
+from tokenbroker.client_assertion import make_client_assertion, public_jwk
 from tokenbroker.mcp import BrokerAuthMiddleware, BrokerTokenVerifier, cert_thumbprint
 from tokenbroker.models import Validation
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
+from tokenbroker_bench.servers import free_port
 
 from support.broker_process import BrokerProcess
 
@@ -275,14 +275,18 @@ async def test_by_default_a_dpop_request_with_its_proof_is_accepted(broker: Brok
 async def test_by_default_a_certificate_bound_token_with_an_unchecked_proof_is_refused(broker: Broker) -> None:
     pem = self_signed_certificate()
     token = broker.issue(client_id="agent", audience=URL, scopes=["tools:call"], cert_thumbprint=cert_thumbprint(pem))
-    proof = ProofSigner().sign("POST", URL, token.access_token)  # any key: the broker checks the certificate only
+    proof = ProofSigner().sign("POST", URL, token.access_token)  # any key: never checked against the token
     headers = [(b"authorization", f"DPoP {token.access_token}".encode()), (b"dpop", proof.encode())]
     scope = uvicorn_scope("/mcp", headers)
     scope["extensions"] = {"tls": {"client_cert_chain": [pem]}}
-    assert (await call(protected(broker, require_dpop=False), dict(scope)))[0] == 200  # the broker accepts it
+    # The engine refuses it too (a token binds to a DPoP key or a certificate, never both),
+    # whatever the middleware's own setting.
+    status, body, _ = await call(protected(broker, require_dpop=False), dict(scope))
+    assert status == 401
+    assert "bound to a client certificate" in body["error_description"]
     status, body, _ = await call(protected(broker), scope)
     assert status == 401
-    assert "only DPoP-bound tokens" in body["error_description"]
+    assert "bound to a client certificate" in body["error_description"]
 
 
 async def test_without_require_dpop_an_unbound_bearer_token_is_accepted(broker: Broker) -> None:

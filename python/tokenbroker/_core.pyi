@@ -1,14 +1,19 @@
 """Type stubs of the compiled `tokenbroker._core` (checked by mypy.stubtest)."""
 
+from collections.abc import Iterable
 from typing import final
 
 __all__ = [
-    "MAX_LIFETIME_SECONDS",
-    "MAX_TOKEN_BYTES",
+    "LIMITS",
+    "Claims",
     "Engine",
+    "EngineStats",
+    "IssueRequest",
     "KeySet",
+    "Limits",
     "ProofSigner",
     "SignedToken",
+    "ValidateRequest",
     "Verdict",
     "jwk_thumbprint",
     "normalize_htu",
@@ -16,8 +21,20 @@ __all__ = [
     "reason_names",
 ]
 
-MAX_TOKEN_BYTES: int
-MAX_LIFETIME_SECONDS: int
+@final
+class Limits:
+    @property
+    def max_token_bytes(self) -> int: ...
+    @property
+    def max_lifetime_seconds(self) -> int: ...
+    @property
+    def max_claim_bytes(self) -> int: ...
+    @property
+    def max_leeway_seconds(self) -> int: ...
+    @property
+    def max_dpop_age_seconds(self) -> int: ...
+
+LIMITS: Limits
 
 @final
 class KeySet:
@@ -35,6 +52,99 @@ class KeySet:
     def jwks_json(self) -> str: ...
 
 @final
+class ValidateRequest:
+    def __new__(
+        cls,
+        token: str,
+        *,
+        audience: str,
+        dpop_proof: str | None = None,
+        http_method: str | None = None,
+        http_uri: str | None = None,
+        cert_thumbprint: str | None = None,
+        client_ip: str | None = None,
+        required_scopes: Iterable[str] | str | None = None,
+        request_id: str | None = None,
+    ) -> ValidateRequest: ...
+    @property
+    def token(self) -> str: ...
+    @property
+    def audience(self) -> str: ...
+    @property
+    def dpop_proof(self) -> str | None: ...
+    @property
+    def http_method(self) -> str | None: ...
+    @property
+    def http_uri(self) -> str | None: ...
+    @property
+    def cert_thumbprint(self) -> str | None: ...
+    @property
+    def required_scopes(self) -> tuple[str, ...]: ...
+    @property
+    def client_ip(self) -> str | None: ...
+    @property
+    def request_id(self) -> str: ...
+
+@final
+class IssueRequest:
+    def __new__(
+        cls,
+        *,
+        client_id: str,
+        audience: str,
+        scopes: Iterable[str] | str | None = None,
+        ttl_seconds: int | None = None,
+        session_id: str | None = None,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
+        once: bool = False,
+        client_ip: str | None = None,
+    ) -> IssueRequest: ...
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def audience(self) -> str: ...
+    @property
+    def scopes(self) -> tuple[str, ...]: ...
+    @property
+    def ttl_seconds(self) -> int | None: ...
+    @property
+    def session_id(self) -> str | None: ...
+    @property
+    def dpop_jkt(self) -> str | None: ...
+    @property
+    def cert_thumbprint(self) -> str | None: ...
+    @property
+    def once(self) -> bool: ...
+    @property
+    def client_ip(self) -> str | None: ...
+
+@final
+class Claims:
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def audience(self) -> str: ...
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def jti(self) -> str: ...
+    @property
+    def scopes(self) -> tuple[str, ...]: ...
+    @property
+    def issued_at(self) -> int: ...
+    @property
+    def expires_at(self) -> int: ...
+    @property
+    def once(self) -> bool: ...
+    @property
+    def confirmation(self) -> tuple[str, str] | None: ...
+
+@final
 class Verdict:
     @property
     def reason(self) -> int: ...
@@ -43,29 +153,22 @@ class Verdict:
     @property
     def detail(self) -> str: ...
     @property
-    def client_id(self) -> str | None: ...
+    def claims(self) -> Claims | None: ...
     @property
-    def subject(self) -> str | None: ...
+    def replay(self) -> tuple[tuple[str, int], ...]: ...
     @property
-    def session_id(self) -> str | None: ...
+    def missing_scopes(self) -> str | None: ...
+
+@final
+class EngineStats:
     @property
-    def audience(self) -> str | None: ...
+    def cached_tokens(self) -> int: ...
     @property
-    def issuer(self) -> str | None: ...
+    def replay_marked(self) -> int: ...
     @property
-    def jti(self) -> str | None: ...
+    def bloom_bytes(self) -> int: ...
     @property
-    def scope(self) -> str | None: ...
-    @property
-    def issued_at(self) -> int | None: ...
-    @property
-    def expires_at(self) -> int | None: ...
-    @property
-    def once(self) -> bool | None: ...
-    @property
-    def confirmation(self) -> tuple[str, str] | None: ...
-    @property
-    def replay(self) -> list[tuple[str, int]]: ...
+    def maybe_seen(self) -> int: ...
 
 @final
 class SignedToken:
@@ -87,6 +190,7 @@ class Engine:
         keys: KeySet,
         issuer: str,
         *,
+        default_ttl_seconds: int = 300,
         leeway_seconds: int = 5,
         dpop_max_age_seconds: int = 60,
         token_cache_capacity: int = 100000,
@@ -95,36 +199,11 @@ class Engine:
     ) -> Engine: ...
     @property
     def issuer(self) -> str: ...
-    def issue(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str,
-        scopes: list[str],
-        ttl_seconds: int,
-        dpop_jkt: str | None = None,
-        cert_thumbprint: str | None = None,
-        once: bool = False,
-        now: int | None = None,
-    ) -> SignedToken: ...
-    def validate(
-        self,
-        token: str,
-        audience: str,
-        dpop_proof: str | None = None,
-        http_method: str | None = None,
-        http_uri: str | None = None,
-        cert_thumbprint: str | None = None,
-        now: int | None = None,
-    ) -> Verdict: ...
-    def validate_batch(
-        self,
-        requests: list[tuple[str, str, str | None, str | None, str | None, str | None]],
-        now: int | None = None,
-    ) -> list[Verdict]: ...
+    def issue(self, request: IssueRequest, *, session_id: str, not_after: int, now: int | None = None) -> SignedToken: ...
+    def validate(self, request: ValidateRequest, now: int | None = None) -> Verdict: ...
+    def validate_batch(self, requests: list[ValidateRequest], now: int | None = None) -> list[Verdict]: ...
     def clear_cache(self) -> None: ...
-    def stats(self) -> tuple[int, int, int, int]: ...
+    def stats(self) -> EngineStats: ...
 
 @final
 class ProofSigner:

@@ -1,9 +1,14 @@
 """`Broker`: issues short-lived, session- and audience-bound tokens and validates them.
 
 Validation is one Rust call (structure, signature, claims, DPoP or certificate binding,
-the replay keys), then one store check (session, revocation, and the one exact replay
-record), then the scope check. A request that lacks a scope goes to the store without its
-replay records, so nothing is recorded for a request that is refused."""
+required scopes, the replay keys), then one store check (session, revocation, and the one
+exact replay record). A request that lacks a scope goes to the store without its replay
+records, so nothing is recorded for a request that is refused; the store's own reason
+(revoked, say) still comes first.
+
+Every door builds the same request types, `ValidateRequest` and `IssueRequest` (Rust
+types: their constructors are where "" becomes None and where the stateless rules are
+checked), and gets the same answers: `Validation` and `IssuedToken`."""
 
 from __future__ import annotations
 
@@ -11,15 +16,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from tokenbroker import _core
-from tokenbroker.errors import InvalidArgumentError
+from tokenbroker._core import LIMITS, Claims, Engine, IssueRequest, ValidateRequest, Verdict
+from tokenbroker.errors import InvalidArgumentError, SessionNotFoundError
 from tokenbroker.keyring import Keyring
 from tokenbroker.models import IssuedToken, Session, SessionLimit, Validation
 from tokenbroker.reason import BY_NUMBER, Reason
 from tokenbroker.store.base import Store
 from tokenbroker.store.memory import MemoryStore
 
-MAX_TTL_SECONDS = int(_core.MAX_LIFETIME_SECONDS)
+MAX_TTL_SECONDS = LIMITS.max_lifetime_seconds
+
+BatchRequest = ValidateRequest | Validation | Mapping[str, Any]
 
 _STATE_DETAILS = {
     Reason.SESSION_UNKNOWN: "session is unknown, expired or not this client's for this audience",
@@ -34,8 +41,8 @@ _STATE_DETAILS = {
 }
 
 
-def _text(value: object) -> str | None:
-    """A token or proof as text, or None when it cannot be one."""
+def _ascii_text(value: object) -> str | None:
+    """A token or proof as ASCII text (str or bytes), or None when it cannot be one."""
     if isinstance(value, str):
         return value if value.isascii() else None
     if isinstance(value, bytes | bytearray | memoryview):
@@ -46,15 +53,143 @@ def _text(value: object) -> str | None:
     return None
 
 
-def _field(value: object) -> str | None:
-    """A request field the engine can take (UTF-8 encodable text), else None."""
-    if not isinstance(value, str) or not value:
+def validate_request(
+    token: object,
+    *,
+    audience: str,
+    dpop_proof: object = None,
+    http_method: str | None = None,
+    http_uri: str | None = None,
+    cert_thumbprint: str | None = None,
+    client_ip: str | None = None,
+    required_scopes: Iterable[str] = (),
+    request_id: str = "",
+) -> ValidateRequest | Validation:
+    """The `ValidateRequest` for `Broker.validate`'s keyword arguments, or the refusal when
+    a field cannot be one (a token that is not text is an answer, never an exception).
+    Raises `InvalidArgumentError` for an empty audience: the caller's own configuration."""
+    rid = request_id if isinstance(request_id, str) else ""
+    text = _ascii_text(token)
+    if text is None:
+        return Validation.rejected(Reason.MALFORMED, "token is not ASCII text", rid)
+    proof = None
+    if dpop_proof is not None and dpop_proof != "":
+        proof = _ascii_text(dpop_proof)
+        if proof is None:
+            return Validation.rejected(Reason.PROOF_INVALID, "DPoP proof is not ASCII text", rid)
+    try:
+        return ValidateRequest(
+            text,
+            audience=audience,
+            dpop_proof=proof,
+            http_method=http_method,
+            http_uri=http_uri,
+            cert_thumbprint=cert_thumbprint,
+            client_ip=client_ip,
+            required_scopes=tuple(required_scopes),
+            request_id=rid,
+        )
+    except (TypeError, UnicodeError):  # e.g. a non-str method, a lone surrogate: never raise
+        pass
+    # Off the hot path: an optional field that is not text is absent (the engine then
+    # refuses what needed it, e.g. a DPoP proof without its method); anything else that
+    # is not text is a malformed request.
+    try:
+        return ValidateRequest(
+            text,
+            audience=audience,
+            dpop_proof=proof,
+            http_method=_text_or_none(http_method),
+            http_uri=_text_or_none(http_uri),
+            cert_thumbprint=_text_or_none(cert_thumbprint),
+            client_ip=_text_or_none(client_ip),
+            required_scopes=tuple(required_scopes),
+            request_id=rid,
+        )
+    except (TypeError, UnicodeError):
+        return Validation.rejected(Reason.MALFORMED, "request fields are not text", rid)
+
+
+def _text_or_none(value: object) -> str | None:
+    """`value` when it is text the engine can take (UTF-8 encodable), else None."""
+    if not isinstance(value, str):
         return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return None
     return value
+
+
+def issue_request(
+    *,
+    client_id: str,
+    audience: str,
+    scopes: Iterable[str] | str = (),
+    ttl_seconds: int | None = None,
+    session_id: str | None = None,
+    dpop_jkt: str | None = None,
+    cert_thumbprint: str | None = None,
+    once: bool = False,
+    client_ip: str | None = None,
+) -> IssueRequest:
+    """The `IssueRequest` for `Broker.issue`'s keyword arguments. Raises
+    `InvalidArgumentError` for a request no store needs to see (lifetime, ids, scopes,
+    binding)."""
+    try:
+        return IssueRequest(
+            client_id=client_id,
+            audience=audience,
+            scopes=scopes,
+            ttl_seconds=ttl_seconds,
+            session_id=session_id,
+            dpop_jkt=dpop_jkt,
+            cert_thumbprint=cert_thumbprint,
+            once=once,
+            client_ip=client_ip,
+        )
+    except (TypeError, UnicodeError, OverflowError) as exc:
+        raise InvalidArgumentError(f"issue request: {exc}") from None
+
+
+def _refusal(verdict: Verdict, request_id: str) -> Validation:
+    return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
+
+
+def _answer(verdict: Verdict, claims: Claims, state: Reason, request_id: str) -> Validation:
+    """The answer once the store has spoken: its refusal first, then a missing scope."""
+    if state is not Reason.OK:
+        return Validation.rejected(state, _STATE_DETAILS.get(state, state.name.lower()), request_id)
+    if verdict.missing_scopes is not None:
+        return Validation.rejected(Reason.INSUFFICIENT_SCOPE, verdict.missing_scopes, request_id)
+    return Validation(
+        True,
+        Reason.OK,
+        "",
+        claims.client_id,
+        claims.subject,
+        claims.session_id,
+        claims.audience,
+        claims.scopes,
+        claims.expires_at,
+        claims.jti,
+        claims.issuer,
+        request_id,
+    )
+
+
+def _state_args(claims: Claims, verdict: Verdict, request: ValidateRequest, now: int) -> dict[str, Any]:
+    """`Store.check_tokens` arguments for one request of a batch."""
+    return {
+        "client_id": claims.client_id,
+        "session_id": claims.session_id,
+        "audience": claims.audience,
+        "jti": claims.jti,
+        "issued_at": claims.issued_at,
+        "client_ip": request.client_ip or "",
+        "replay": verdict.replay,
+        "now": now,
+    }
 
 
 class Broker:
@@ -78,10 +213,19 @@ class Broker:
     ) -> None:
         if not isinstance(keyring, Keyring):
             raise InvalidArgumentError("keyring must be a tokenbroker.Keyring")
-        if not 1 <= default_ttl_seconds <= MAX_TTL_SECONDS:
-            raise InvalidArgumentError(f"default_ttl_seconds must be 1 to {MAX_TTL_SECONDS}")
         if session_ttl_seconds < 1:
             raise InvalidArgumentError("session_ttl_seconds must be positive")
+        # The engine checks every bound it enforces (lifetimes, leeway, proof age).
+        self._engine = Engine(
+            keyring.key_set,
+            issuer,
+            default_ttl_seconds=default_ttl_seconds,
+            leeway_seconds=leeway_seconds,
+            dpop_max_age_seconds=dpop_max_age_seconds,
+            token_cache_capacity=token_cache_capacity,
+            replay_capacity=replay_capacity,
+            replay_fp_rate=replay_fp_rate,
+        )
         self.keyring = keyring
         self.issuer = issuer
         # The store's state epoch comes from the clock that stamps the tokens' iat.
@@ -91,94 +235,23 @@ class Broker:
         self.session_limit = session_limit or SessionLimit()
         self._leeway = leeway_seconds
         self._clock = clock
-        self._engine = _core.Engine(
-            keyring._keys,
-            issuer,
-            leeway_seconds=leeway_seconds,
-            dpop_max_age_seconds=dpop_max_age_seconds,
-            token_cache_capacity=token_cache_capacity,
-            replay_capacity=replay_capacity,
-            replay_fp_rate=replay_fp_rate,
-        )
+
+    @property
+    def engine(self) -> Engine:
+        """The Rust engine (its `stats()` feed metrics)."""
+        return self._engine
 
     def _now(self) -> int:
         return int(self._clock())
 
     # -- issuance -------------------------------------------------------------------
 
-    def _issue_args(self, ttl_seconds: int | None, scopes: Iterable[str], audience: str) -> tuple[int, list[str]]:
-        ttl = self.default_ttl_seconds if ttl_seconds is None or ttl_seconds == 0 else ttl_seconds
-        if not 1 <= ttl <= MAX_TTL_SECONDS:
-            raise InvalidArgumentError(f"ttl_seconds must be 1 to {MAX_TTL_SECONDS}")
-        if isinstance(scopes, str):
-            scopes = scopes.split()
-        if not audience:
-            raise InvalidArgumentError("audience (the MCP server's resource URI) is required")
-        return ttl, list(dict.fromkeys(scopes))
-
-    def _session_args(
-        self,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        session_limit: SessionLimit | None,
-        client_ip: str | None,
-        now: int,
-    ) -> dict[str, Any]:
-        """The store's open_session arguments, shared by `issue` and `aissue`."""
-        return {
-            "client_id": client_id,
-            "audience": audience,
-            "session_id": session_id or None,
-            "ttl_seconds": self.session_ttl_seconds,
-            "limit": session_limit or self.session_limit,
-            "client_ip": client_ip or "",
-            "now": now,
-        }
-
-    def _sign(
-        self,
-        session: Session,
-        client_id: str,
-        audience: str,
-        scopes: list[str],
-        ttl: int,
-        dpop_jkt: str | None,
-        cert_thumbprint: str | None,
-        once: bool,
-        now: int,
-    ) -> IssuedToken:
-        ttl = min(ttl, session.expires_at - now)
-        if ttl < 1:
-            from tokenbroker.errors import SessionNotFoundError
-
-            raise SessionNotFoundError(f"session {session.session_id!r} has expired")
-        signed = self._engine.issue(
-            client_id=client_id,
-            audience=audience,
-            session_id=session.session_id,
-            scopes=scopes,
-            ttl_seconds=ttl,
-            dpop_jkt=dpop_jkt or None,
-            cert_thumbprint=cert_thumbprint or None,
-            once=once,
-            now=now,
-        )
-        return IssuedToken(
-            access_token=signed.access_token,
-            token_type="DPoP" if dpop_jkt else "Bearer",
-            expires_at=signed.expires_at,
-            session_id=session.session_id,
-            scopes=tuple(scopes),
-            jti=signed.jti,
-        )
-
     def issue(
         self,
         *,
         client_id: str,
         audience: str,
-        scopes: Iterable[str] = (),
+        scopes: Iterable[str] | str = (),
         ttl_seconds: int | None = None,
         session_id: str | None = None,
         dpop_jkt: str | None = None,
@@ -192,21 +265,25 @@ class Broker:
 
         Raises `InvalidArgumentError`, `SessionNotFoundError`, `SessionLimitExceededError`
         or `StoreUnavailableError`. The caller has already authenticated the client."""
-        if not client_id:
-            raise InvalidArgumentError("client_id is required")
-        ttl, scope_list = self._issue_args(ttl_seconds, scopes, audience)
-        now = self._now()
-        session = self.store.open_session(
-            **self._session_args(client_id, audience, session_id, session_limit, client_ip, now)
+        request = issue_request(
+            client_id=client_id,
+            audience=audience,
+            scopes=scopes,
+            ttl_seconds=ttl_seconds,
+            session_id=session_id,
+            dpop_jkt=dpop_jkt,
+            cert_thumbprint=cert_thumbprint,
+            once=once,
+            client_ip=client_ip,
         )
-        return self._sign(session, client_id, audience, scope_list, ttl, dpop_jkt, cert_thumbprint, once, now)
+        return self.issue_request(request, session_limit=session_limit)
 
     async def aissue(
         self,
         *,
         client_id: str,
         audience: str,
-        scopes: Iterable[str] = (),
+        scopes: Iterable[str] | str = (),
         ttl_seconds: int | None = None,
         session_id: str | None = None,
         dpop_jkt: str | None = None,
@@ -216,74 +293,57 @@ class Broker:
         session_limit: SessionLimit | None = None,
     ) -> IssuedToken:
         """The asyncio twin of `issue`."""
-        if not client_id:
-            raise InvalidArgumentError("client_id is required")
-        ttl, scope_list = self._issue_args(ttl_seconds, scopes, audience)
-        now = self._now()
-        session = await self.store.aopen_session(
-            **self._session_args(client_id, audience, session_id, session_limit, client_ip, now)
+        request = issue_request(
+            client_id=client_id,
+            audience=audience,
+            scopes=scopes,
+            ttl_seconds=ttl_seconds,
+            session_id=session_id,
+            dpop_jkt=dpop_jkt,
+            cert_thumbprint=cert_thumbprint,
+            once=once,
+            client_ip=client_ip,
         )
-        return self._sign(session, client_id, audience, scope_list, ttl, dpop_jkt, cert_thumbprint, once, now)
+        return await self.aissue_request(request, session_limit=session_limit)
+
+    def issue_request(self, request: IssueRequest, *, session_limit: SessionLimit | None = None) -> IssuedToken:
+        """`issue` for a request already built (as the gRPC and HTTP doors do)."""
+        now = self._now()
+        session = self.store.open_session(**self._session_args(request, session_limit, now))
+        return self._sign(request, session, now)
+
+    async def aissue_request(self, request: IssueRequest, *, session_limit: SessionLimit | None = None) -> IssuedToken:
+        """The asyncio twin of `issue_request`."""
+        now = self._now()
+        session = await self.store.aopen_session(**self._session_args(request, session_limit, now))
+        return self._sign(request, session, now)
+
+    def _session_args(self, request: IssueRequest, session_limit: SessionLimit | None, now: int) -> dict[str, Any]:
+        """The store's open_session arguments."""
+        return {
+            "client_id": request.client_id,
+            "audience": request.audience,
+            "session_id": request.session_id,
+            "ttl_seconds": self.session_ttl_seconds,
+            "limit": session_limit or self.session_limit,
+            "client_ip": request.client_ip or "",
+            "now": now,
+        }
+
+    def _sign(self, request: IssueRequest, session: Session, now: int) -> IssuedToken:
+        if session.expires_at <= now:
+            raise SessionNotFoundError(f"session {session.session_id!r} has expired")
+        signed = self._engine.issue(request, session_id=session.session_id, not_after=session.expires_at, now=now)
+        return IssuedToken(
+            access_token=signed.access_token,
+            token_type="DPoP" if request.dpop_jkt else "Bearer",
+            expires_at=signed.expires_at,
+            session_id=session.session_id,
+            scopes=request.scopes,
+            jti=signed.jti,
+        )
 
     # -- validation -----------------------------------------------------------------
-
-    def _verdict(
-        self,
-        token: object,
-        audience: str,
-        dpop_proof: object,
-        http_method: str | None,
-        http_uri: str | None,
-        cert_thumbprint: str | None,
-        now: int,
-    ) -> Any:
-        text = _text(token)
-        if text is None:
-            return Reason.MALFORMED, "token is not ASCII text"
-        proof = _text(dpop_proof) if dpop_proof is not None else None
-        if dpop_proof is not None and proof is None:
-            return Reason.PROOF_INVALID, "DPoP proof is not ASCII text"
-        try:
-            return self._engine.validate(
-                text,
-                _field(audience) or "",
-                proof or None,
-                _field(http_method),
-                _field(http_uri),
-                _field(cert_thumbprint),
-                now,
-            )
-        except (TypeError, UnicodeError):  # e.g. a non-str method, a lone surrogate: never raise
-            return Reason.MALFORMED, "request fields are not text"
-
-    @staticmethod
-    def _lacking_scope(scopes: tuple[str, ...], required_scopes: Sequence[str], request_id: str) -> Validation | None:
-        """The refusal when the token lacks a required scope, else None. Known before the
-        store is asked, so such a request is sent without replay records to set; the
-        store's own reason still comes first."""
-        if required_scopes and not set(required_scopes).issubset(scopes):
-            missing = " ".join(sorted(set(required_scopes) - set(scopes)))[:200]
-            return Validation.rejected(Reason.INSUFFICIENT_SCOPE, f"token lacks scope: {missing}", request_id)
-        return None
-
-    @staticmethod
-    def _answer(verdict: Any, scopes: tuple[str, ...], state: Reason, request_id: str) -> Validation:
-        if state is not Reason.OK:
-            return Validation.rejected(state, _STATE_DETAILS.get(state, state.name.lower()), request_id)
-        return Validation(
-            True,
-            Reason.OK,
-            "",
-            verdict.client_id,
-            verdict.subject,
-            verdict.session_id,
-            verdict.audience,
-            scopes,
-            verdict.expires_at,
-            verdict.jti,
-            verdict.issuer,
-            request_id,
-        )
 
     def validate(
         self,
@@ -299,31 +359,23 @@ class Broker:
         request_id: str = "",
     ) -> Validation:
         """Validates `token` for the caller's own `audience`. Never raises for a bad token:
-        the answer is a `Validation` with a `Reason`. Raises `StoreUnavailableError` when
-        the state store is down (fail closed)."""
-        now = self._now()
-        verdict = self._verdict(token, audience, dpop_proof, http_method, http_uri, cert_thumbprint, now)
-        if isinstance(verdict, tuple):
-            return Validation.rejected(verdict[0], verdict[1], request_id)
-        if not verdict.ok:
-            return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
-        scopes = tuple(verdict.scope.split())
-        lacking = self._lacking_scope(scopes, required_scopes, request_id)
-        # Keywords spelled out rather than `**self._state_args(...)`: this is the hot path,
-        # and building and unpacking a dict costs about a microsecond per validation.
-        state = self.store.check_token(
-            client_id=verdict.client_id,
-            session_id=verdict.session_id,
-            audience=verdict.audience,
-            jti=verdict.jti,
-            issued_at=verdict.issued_at,
-            client_ip=client_ip or "",
-            replay=tuple(verdict.replay) if lacking is None else (),
-            now=now,
+        the answer is a `Validation` with a `Reason`. Raises `InvalidArgumentError` for an
+        empty audience and `StoreUnavailableError` when the state store is down (fail
+        closed)."""
+        request = validate_request(
+            token,
+            audience=audience,
+            dpop_proof=dpop_proof,
+            http_method=http_method,
+            http_uri=http_uri,
+            cert_thumbprint=cert_thumbprint,
+            client_ip=client_ip,
+            required_scopes=required_scopes,
+            request_id=request_id,
         )
-        if lacking is not None and state is Reason.OK:
-            return lacking
-        return self._answer(verdict, scopes, state, request_id)
+        if isinstance(request, Validation):
+            return request
+        return self.validate_request(request)
 
     async def avalidate(
         self,
@@ -339,105 +391,76 @@ class Broker:
         request_id: str = "",
     ) -> Validation:
         """The asyncio twin of `validate`."""
+        request = validate_request(
+            token,
+            audience=audience,
+            dpop_proof=dpop_proof,
+            http_method=http_method,
+            http_uri=http_uri,
+            cert_thumbprint=cert_thumbprint,
+            client_ip=client_ip,
+            required_scopes=required_scopes,
+            request_id=request_id,
+        )
+        if isinstance(request, Validation):
+            return request
+        return await self.avalidate_request(request)
+
+    def validate_request(self, request: ValidateRequest) -> Validation:
+        """`validate` for a request already built (as the gRPC and HTTP doors do)."""
         now = self._now()
-        verdict = self._verdict(token, audience, dpop_proof, http_method, http_uri, cert_thumbprint, now)
-        if isinstance(verdict, tuple):
-            return Validation.rejected(verdict[0], verdict[1], request_id)
-        if not verdict.ok:
-            return Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id)
-        scopes = tuple(verdict.scope.split())
-        lacking = self._lacking_scope(scopes, required_scopes, request_id)
-        # Keywords spelled out rather than `**self._state_args(...)`: this is the hot path,
-        # and building and unpacking a dict costs about a microsecond per validation.
-        state = await self.store.acheck_token(
-            client_id=verdict.client_id,
-            session_id=verdict.session_id,
-            audience=verdict.audience,
-            jti=verdict.jti,
-            issued_at=verdict.issued_at,
-            client_ip=client_ip or "",
-            replay=tuple(verdict.replay) if lacking is None else (),
+        verdict = self._engine.validate(request, now)
+        claims = verdict.claims
+        if claims is None:
+            return _refusal(verdict, request.request_id)
+        # Keywords spelled out rather than `**_state_args(...)`: this is the hot path, and
+        # building and unpacking a dict costs about a microsecond per validation.
+        state = self.store.check_token(
+            client_id=claims.client_id,
+            session_id=claims.session_id,
+            audience=claims.audience,
+            jti=claims.jti,
+            issued_at=claims.issued_at,
+            client_ip=request.client_ip or "",
+            replay=verdict.replay,
             now=now,
         )
-        if lacking is not None and state is Reason.OK:
-            return lacking
-        return self._answer(verdict, scopes, state, request_id)
+        return _answer(verdict, claims, state, request.request_id)
 
-    def validate_batch(self, requests: Iterable[Mapping[str, Any]]) -> list[Validation]:
-        """Validates many tokens: one engine call (signatures batch-verified, the GIL
-        released) and one store call (pipelined: one round trip for the batch). Each
-        request holds `validate`'s keyword arguments plus `token`; answers keep the order."""
-        reqs, verdicts, checks = self._batch_prepare(requests)
-        states = self.store.check_tokens([args for _, args in checks]) if checks else []
-        return self._batch_answers(reqs, verdicts, checks, states)
-
-    async def avalidate_batch(self, requests: Iterable[Mapping[str, Any]]) -> list[Validation]:
-        """The asyncio twin of `validate_batch`."""
-        reqs, verdicts, checks = self._batch_prepare(requests)
-        states = await self.store.acheck_tokens([args for _, args in checks]) if checks else []
-        return self._batch_answers(reqs, verdicts, checks, states)
-
-    def _batch_prepare(
-        self, requests: Iterable[Mapping[str, Any]]
-    ) -> tuple[list[Mapping[str, Any]], list[Any], list[tuple[int, dict[str, Any]]]]:
-        """The engine's verdicts and the store checks to make, for the requests that passed
-        the engine (without replay records for those that lack a scope)."""
+    async def avalidate_request(self, request: ValidateRequest) -> Validation:
+        """The asyncio twin of `validate_request`."""
         now = self._now()
-        reqs = list(requests)
-        verdicts = self._engine.validate_batch([self._batch_item(r) for r in reqs], now)
-        checks = [(i, self._state_args(v, reqs[i], now)) for i, v in enumerate(verdicts) if v.ok]
-        return reqs, verdicts, checks
-
-    def _batch_answers(
-        self,
-        reqs: list[Mapping[str, Any]],
-        verdicts: list[Any],
-        checks: list[tuple[int, dict[str, Any]]],
-        states: list[Reason],
-    ) -> list[Validation]:
-        state_of = {i: state for (i, _), state in zip(checks, states, strict=True)}
-        answers = []
-        for i, (verdict, r) in enumerate(zip(verdicts, reqs, strict=True)):
-            request_id = r.get("request_id", "")
-            if not verdict.ok:
-                answers.append(Validation.rejected(BY_NUMBER[verdict.reason], verdict.detail, request_id))
-                continue
-            scopes = tuple(verdict.scope.split())
-            lacking = self._lacking_scope(scopes, r.get("required_scopes", ()), request_id)
-            state = state_of[i]
-            if lacking is not None and state is Reason.OK:
-                answers.append(lacking)
-            else:
-                answers.append(self._answer(verdict, scopes, state, request_id))
-        return answers
-
-    @staticmethod
-    def _batch_item(r: Mapping[str, Any]) -> tuple[str, str, str | None, str | None, str | None, str | None]:
-        # Fields that are not text become empty, so the engine refuses them in order
-        # (MALFORMED, WRONG_AUDIENCE or PROOF_INVALID) instead of the whole batch raising.
-        proof = r.get("dpop_proof")
-        return (
-            _text(r.get("token")) or "",
-            _field(r.get("audience")) or "",
-            (_text(proof) or "\x00") if proof else None,  # a non-ASCII proof is refused, not dropped
-            _field(r.get("http_method")),
-            _field(r.get("http_uri")),
-            _field(r.get("cert_thumbprint")),
+        verdict = self._engine.validate(request, now)
+        claims = verdict.claims
+        if claims is None:
+            return _refusal(verdict, request.request_id)
+        state = await self.store.acheck_token(
+            client_id=claims.client_id,
+            session_id=claims.session_id,
+            audience=claims.audience,
+            jti=claims.jti,
+            issued_at=claims.issued_at,
+            client_ip=request.client_ip or "",
+            replay=verdict.replay,
+            now=now,
         )
+        return _answer(verdict, claims, state, request.request_id)
 
-    @classmethod
-    def _state_args(cls, verdict: Any, r: Mapping[str, Any], now: int) -> dict[str, Any]:
-        lacking = cls._lacking_scope(tuple(verdict.scope.split()), r.get("required_scopes", ()), "")
-        return {
-            "client_id": verdict.client_id,
-            "session_id": verdict.session_id,
-            "audience": verdict.audience,
-            "jti": verdict.jti,
-            "issued_at": verdict.issued_at,
-            "client_ip": r.get("client_ip") or "",
-            "replay": tuple(verdict.replay) if lacking is None else (),
-            "now": now,
-        }
+    def validate_batch(self, requests: Iterable[BatchRequest]) -> list[Validation]:
+        """Validates many tokens: one engine call (token and proof signatures
+        batch-verified, the GIL released) and one store call (pipelined: one round trip
+        for the batch). Each request is a `ValidateRequest` or a mapping of `validate`'s
+        keyword arguments plus `token` (or a `Validation`: a request a door has already
+        answered, kept in its place); answers keep the order."""
+        batch = _Batch(self, requests)
+        states = self.store.check_tokens(batch.checks) if batch.checks else []
+        return batch.answers(states)
+
+    async def avalidate_batch(self, requests: Iterable[BatchRequest]) -> list[Validation]:
+        """The asyncio twin of `validate_batch`."""
+        batch = _Batch(self, requests)
+        states = await self.store.acheck_tokens(batch.checks) if batch.checks else []
+        return batch.answers(states)
 
     # -- revocation and sessions ----------------------------------------------------
 
@@ -477,3 +500,67 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"Broker(issuer={self.issuer!r}, store={type(self.store).__name__})"
+
+
+class _Batch:
+    """One batch through the engine: each request built (or refused at once), the engine's
+    verdicts for the built ones, and the store checks of those that passed it."""
+
+    def __init__(self, broker: Broker, requests: Iterable[BatchRequest]) -> None:
+        # Every request is built before any is validated: a batch refused for one bad
+        # request (an empty audience) spends no replay record.
+        self.items = [_built(r) for r in requests]
+        built = [r for r in self.items if isinstance(r, ValidateRequest)]
+        now = broker._now()
+        verdicts = iter(broker.engine.validate_batch(built, now))
+        self.checks: list[dict[str, Any]] = []
+        self.order: list[Validation | tuple[Verdict, ValidateRequest]] = []
+        for item in self.items:
+            if isinstance(item, Validation):
+                self.order.append(item)
+                continue
+            verdict = next(verdicts)
+            self.order.append((verdict, item))
+            if verdict.claims is not None:
+                self.checks.append(_state_args(verdict.claims, verdict, item, now))
+
+    def answers(self, states: list[Reason]) -> list[Validation]:
+        state_of = iter(states)
+        out: list[Validation] = []
+        for entry in self.order:
+            if isinstance(entry, Validation):
+                out.append(entry)
+                continue
+            verdict, request = entry
+            claims = verdict.claims
+            if claims is None:
+                out.append(_refusal(verdict, request.request_id))
+            else:
+                out.append(_answer(verdict, claims, next(state_of), request.request_id))
+        return out
+
+
+def _built(r: BatchRequest) -> ValidateRequest | Validation:
+    """A batch entry as a request (or its answer, when it cannot be one)."""
+    if isinstance(r, ValidateRequest | Validation):
+        return r
+    return validate_request(**_keywords(r))
+
+
+def _keywords(r: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch mapping as `validate_request` keywords (`token` required, the rest optional;
+    unknown keys are ignored, as before)."""
+    names = (
+        "dpop_proof",
+        "http_method",
+        "http_uri",
+        "cert_thumbprint",
+        "client_ip",
+        "required_scopes",
+        "request_id",
+    )
+    out: dict[str, Any] = {"token": r.get("token"), "audience": r.get("audience")}
+    for name in names:
+        if name in r:
+            out[name] = r[name]
+    return out

@@ -25,7 +25,9 @@ from typing import Any, Protocol, TypeVar
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
 
-from tokenbroker.broker import Broker
+from tokenbroker._core import ValidateRequest
+from tokenbroker.broker import Broker, issue_request, validate_request
+from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.errors import (
     AuthenticationError,
     ClientNotAllowedError,
@@ -37,7 +39,6 @@ from tokenbroker.errors import (
     StoreUnavailableError,
     TokenBrokerError,
 )
-from tokenbroker.issuance import ClientAuthenticator
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.registry import ClientRecord, Registry, ServerRecord
 from tokenbroker.service.auth import CallerAuthenticator, peer_ip
@@ -207,19 +208,21 @@ def session_message(session: Session) -> pb.Session:
     )
 
 
-def _validate_kwargs(request: pb.ValidateTokenRequest) -> dict[str, Any]:
-    """`Broker.validate`'s arguments (with `token`) from a request; empty fields are None."""
-    return {
-        "token": request.token,
-        "audience": request.audience,
-        "dpop_proof": request.dpop_proof or None,
-        "http_method": request.http_method or None,
-        "http_uri": request.http_uri or None,
-        "cert_thumbprint": request.cert_thumbprint or None,
-        "client_ip": request.client_ip or None,
-        "required_scopes": tuple(request.required_scopes),
-        "request_id": request.request_id,
-    }
+def engine_request(request: pb.ValidateTokenRequest) -> ValidateRequest | Validation:
+    """The `ValidateRequest` a `ValidateTokenRequest` carries (its constructor maps the
+    wire's empty fields to None), or the answer for a token that cannot be one. Raises
+    `InvalidArgumentError` for an empty audience."""
+    return validate_request(
+        request.token,
+        audience=request.audience,
+        dpop_proof=request.dpop_proof,
+        http_method=request.http_method,
+        http_uri=request.http_uri,
+        cert_thumbprint=request.cert_thumbprint,
+        client_ip=request.client_ip,
+        required_scopes=request.required_scopes,
+        request_id=request.request_id,
+    )
 
 
 _T = TypeVar("_T")
@@ -279,16 +282,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         return self._validate(self._callers.identify(context), request)
 
     def _validate(self, caller: ServerRecord, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
-        self._check_validate_request(caller, request)
-        answer = self._broker.validate(**_validate_kwargs(request))
+        built = engine_request(request)
+        self._callers.check_audience(caller, request.audience)
+        answer = built if isinstance(built, Validation) else self._broker.validate_request(built)
         if self._metrics is not None:
             self._metrics.validation(answer.reason.name)
         return validation_response(answer)
-
-    def _check_validate_request(self, caller: ServerRecord, request: pb.ValidateTokenRequest) -> None:
-        if not request.audience:
-            raise InvalidArgumentError("audience (your own resource URI) is required")
-        self._callers.check_audience(caller, request.audience)
 
     def _admin(self, context: Any, action: str, **fields: str) -> ServerRecord:
         """The caller, when it is an admin; every admin decision is audited. The fields
@@ -345,32 +344,32 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         }
         record: ClientRecord | None = None
         try:
-            if not request.client_id or not request.audience:
-                raise InvalidArgumentError("client_id and audience (the MCP server's resource URI) are required")
-            record = self._authenticator.authenticate(
-                client_id=request.client_id,
-                client_assertion=request.client_assertion or None,
-                client_secret=request.client_secret or None,
-                audience=request.audience,
-                scopes=scopes,
-                client_ip=client_ip,
-                dpop_jkt=request.dpop_jkt or None,
-                cert_thumbprint=request.cert_thumbprint or None,
-            )
-            # Whatever authenticator is plugged in, the client's binding decides.
-            ClientAuthenticator.check_binding(record, request.dpop_jkt or None, request.cert_thumbprint or None)
-            issued = self._broker.issue(
+            # The stateless rules (ids, lifetime, scopes, binding) before the client is
+            # looked up; the constructor maps the wire's empty fields to None.
+            wanted = issue_request(
                 client_id=request.client_id,
                 audience=request.audience,
                 scopes=scopes,
-                ttl_seconds=request.ttl_seconds or None,
-                session_id=request.session_id or None,
-                dpop_jkt=request.dpop_jkt or None,
-                cert_thumbprint=request.cert_thumbprint or None,
+                ttl_seconds=request.ttl_seconds,
+                session_id=request.session_id,
+                dpop_jkt=request.dpop_jkt,
+                cert_thumbprint=request.cert_thumbprint,
                 once=request.once,
                 client_ip=client_ip,
-                session_limit=record.session_limit,
             )
+            record = self._authenticator.authenticate(
+                client_id=wanted.client_id,
+                client_assertion=request.client_assertion or None,
+                client_secret=request.client_secret or None,
+                audience=wanted.audience,
+                scopes=wanted.scopes,
+                client_ip=client_ip,
+                dpop_jkt=wanted.dpop_jkt,
+                cert_thumbprint=wanted.cert_thumbprint,
+            )
+            # Whatever authenticator is plugged in, the client's binding decides.
+            ClientAuthenticator.check_binding(record, wanted.dpop_jkt, wanted.cert_thumbprint)
+            issued = self._broker.issue_request(wanted, session_limit=record.session_limit)
         except TokenBrokerError as exc:
             rule = str(getattr(exc, "rule", type(exc).__name__))
             # A caller that never proved itself gets rate-limited audit lines (see tokenbroker.audit).
@@ -408,11 +407,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             for item in request.requests:
                 check_validate_bounds(item)
             caller = self._callers.identify(context)
-            # Every request is checked before any is validated: no replay record is spent
-            # on a batch that is then refused.
+            # Every request is built and checked before any is validated: no replay record
+            # is spent on a batch that is then refused.
+            built = [engine_request(item) for item in request.requests]
             for item in request.requests:
-                self._check_validate_request(caller, item)
-            answers = self._broker.validate_batch([_validate_kwargs(item) for item in request.requests])
+                self._callers.check_audience(caller, item.audience)
+            answers = self._broker.validate_batch(built)
             if self._metrics is not None:
                 for answer in answers:
                     self._metrics.validation(answer.reason.name)

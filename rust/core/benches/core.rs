@@ -29,16 +29,22 @@ fn issue(e: &Engine, cnf: Option<Confirmation>) -> String {
 
 fn issue_at(e: &Engine, cnf: Option<Confirmation>, at: u64) -> String {
     let scopes = vec!["tools:call".to_string()];
+    let (dpop_jkt, cert_thumbprint) = match &cnf {
+        Some(Confirmation::DpopJkt(j)) => (Some(j.as_str()), None),
+        Some(Confirmation::CertThumbprint(x)) => (None, Some(x.as_str())),
+        None => (None, None),
+    };
     let req = IssueRequest {
         client_id: "agent",
         audience: AUD,
-        session_id: "s",
         scopes: &scopes,
-        ttl_secs: 300,
-        cnf,
+        ttl_secs: Some(300),
+        dpop_jkt,
+        cert_thumbprint,
         once: false,
+        ..Default::default()
     };
-    e.issue(&req, at).unwrap().0
+    e.issue(&req, "s", u64::MAX, at).unwrap().0
 }
 
 fn benches(c: &mut Criterion) {
@@ -89,6 +95,7 @@ fn benches(c: &mut Criterion) {
                     http_method: Some("POST"),
                     http_uri: Some(AUD),
                     cert_thumbprint: None,
+                    required_scopes: &[],
                 };
                 e.validate(&req, t).unwrap()
             },

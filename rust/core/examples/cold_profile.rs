@@ -17,13 +17,11 @@ fn main() {
     let req = IssueRequest {
         client_id: "agent",
         audience: "https://a/mcp",
-        session_id: "s",
         scopes: &scopes,
-        ttl_secs: 300,
-        cnf: None,
-        once: false,
+        ttl_secs: Some(300),
+        ..Default::default()
     };
-    let toks: Vec<String> = (0..20000).map(|_| e.issue(&req, 1_800_000_000).unwrap().0).collect();
+    let toks: Vec<String> = (0..20000).map(|_| e.issue(&req, "s", u64::MAX, 1_800_000_000).unwrap().0).collect();
     let t = Instant::now();
     for tok in &toks {
         let _: [u8; 32] = Sha256::digest(tok.as_bytes()).into();

@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 
 /// Hard maximum of a token's lifetime (DESIGN.md: default 300 s, at most 3600 s).
 pub const MAX_LIFETIME_SECS: u64 = 3600;
+/// The longest string claim (and issue-request id) accepted, in bytes.
+pub const MAX_CLAIM_BYTES: usize = 1024;
 /// Times beyond this are not plausible Unix seconds (and would overflow arithmetic).
 const MAX_TIME: u64 = 1 << 40;
 
@@ -46,8 +48,10 @@ fn malformed(detail: impl Into<std::borrow::Cow<'static, str>>) -> Rejection {
 
 fn string(map: &Map<String, Value>, name: &'static str) -> Result<String, Rejection> {
     match map.get(name) {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => Ok(s.clone()),
-        Some(Value::String(_)) => Err(malformed(format!("claim '{name}' is empty or longer than 1024 bytes"))),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_CLAIM_BYTES => Ok(s.clone()),
+        Some(Value::String(_)) => {
+            Err(malformed(format!("claim '{name}' is empty or longer than {MAX_CLAIM_BYTES} bytes")))
+        }
         Some(Value::Array(_)) if name == "aud" => Err(malformed("claim 'aud' must be one string, not an array")),
         Some(_) => Err(malformed(format!("claim '{name}' is not a string"))),
         None => Err(malformed(format!("claim '{name}' is missing"))),
@@ -63,6 +67,11 @@ fn time(map: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, Rej
         },
         Some(_) => Err(malformed(format!("claim '{name}' is not a number"))),
     }
+}
+
+/// A base64url SHA-256 digest (43 characters): the form of `cnf.jkt` and `cnf.x5t#S256`.
+pub fn is_thumbprint(s: &str) -> bool {
+    s.len() == 43 && crate::b64::decode(s.as_bytes()).is_some()
 }
 
 /// RFC 6749 section 3.3 scope-token characters.
@@ -128,7 +137,7 @@ impl AccessClaims {
 
 fn confirmation(c: &Map<String, Value>) -> Result<Confirmation, Rejection> {
     let thumb = |v: &Value| match v {
-        Value::String(s) if s.len() == 43 && crate::b64::decode(s.as_bytes()).is_some() => Ok(s.clone()),
+        Value::String(s) if is_thumbprint(s) => Ok(s.clone()),
         _ => Err(malformed("'cnf' thumbprint is not a base64url SHA-256 digest")),
     };
     match (c.len(), c.get("jkt"), c.get("x5t#S256")) {

@@ -102,15 +102,20 @@ pub fn access_token_hash(token: &[u8]) -> String {
     b64::encode(&Sha256::digest(token))
 }
 
-/// Verifies a DPoP proof for one request. `now` is Unix seconds.
-pub fn verify_proof(
-    proof: &[u8],
-    http_method: &str,
-    http_uri: &str,
-    access_token: &[u8],
-    now: u64,
-    cfg: &DpopConfig,
-) -> Result<VerifiedProof, Rejection> {
+/// A proof parsed up to its signature check: header, public key and thumbprint. The
+/// signature is checked alone (`verify_signature`) or, for Ed25519, with others in one
+/// batch (`ed25519_item`); only then are its claims read (`check_claims`).
+pub struct ParsedProof<'a> {
+    key: ProofKey,
+    /// RFC 7638 thumbprint of the proof's public key.
+    pub jkt: String,
+    signing_input: &'a [u8],
+    signature: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+/// Steps of RFC 9449 section 4.3 before the signature: structure, `typ`, `alg`, `jwk`.
+pub fn parse_proof(proof: &[u8]) -> Result<ParsedProof<'_>, Rejection> {
     let compact = jws::parse(proof, "proof", Reason::ProofInvalid)?;
     let h = &compact.header;
     if str_member(h, "typ", "proof header", Reason::ProofInvalid)? != "dpop+jwt" {
@@ -128,42 +133,98 @@ pub fn verify_proof(
         _ => return Err(invalid("proof 'jwk' is missing or not an object")),
     };
     let (key, jkt) = public_key(jwk, alg)?;
-    match key {
-        ProofKey::Ed25519(k) => verify_ed25519(&k, compact.signing_input, &compact.signature)
-            .map_err(|_| invalid("proof signature does not verify"))?,
-        ProofKey::P256(k) => {
-            let sig = p256::ecdsa::Signature::from_slice(&compact.signature)
-                .map_err(|_| invalid("proof signature is not a 64-byte ES256 signature"))?;
-            k.verify(compact.signing_input, &sig).map_err(|_| invalid("proof signature does not verify"))?
+    Ok(ParsedProof {
+        key,
+        jkt,
+        signing_input: compact.signing_input,
+        signature: compact.signature,
+        payload: compact.payload,
+    })
+}
+
+/// The one answer for a proof whose signature does not verify, however it was checked.
+pub fn bad_signature() -> Rejection {
+    invalid("proof signature does not verify")
+}
+
+impl<'a> ParsedProof<'a> {
+    /// (key, message, signature) for `keys::verify_batch_strict`, when the proof is
+    /// Ed25519. The key is the client's own and is never weak (`public_key` refuses small
+    /// order keys); whatever a batch accepts that `verify_strict` would not is a second
+    /// encoding of a signature by that key, which the key's owner could make anyway, and
+    /// the replay record is keyed by the signed `jti`, not by the signature bytes.
+    pub fn ed25519_item(&self) -> Option<(&VerifyingKey, &[u8], &[u8])> {
+        match &self.key {
+            ProofKey::Ed25519(k) => Some((k, self.signing_input, self.signature.as_slice())),
+            ProofKey::P256(_) => None,
         }
     }
-    let claims = json::parse_object(&compact.payload).map_err(|e| invalid(format!("proof claims: {e}")))?;
-    let jti = str_member(&claims, "jti", "proof claim", Reason::ProofInvalid)?;
-    if jti.is_empty() || jti.len() > 256 {
-        return Err(invalid("proof 'jti' must be 1 to 256 characters"));
+
+    /// Checks the signature alone.
+    pub fn verify_signature(&self) -> Result<(), Rejection> {
+        match &self.key {
+            ProofKey::Ed25519(k) => verify_ed25519(k, self.signing_input, &self.signature).map_err(|_| bad_signature()),
+            ProofKey::P256(k) => {
+                let sig = p256::ecdsa::Signature::from_slice(&self.signature)
+                    .map_err(|_| invalid("proof signature is not a 64-byte ES256 signature"))?;
+                k.verify(self.signing_input, &sig).map_err(|_| bad_signature())
+            }
+        }
     }
-    if str_member(&claims, "htm", "proof claim", Reason::ProofInvalid)? != http_method {
-        return Err(invalid("proof 'htm' does not match the request method"));
+
+    /// After the signature verified: `jti`, `htm`, `htu`, `iat` window and `ath`.
+    pub fn check_claims(
+        self,
+        http_method: &str,
+        http_uri: &str,
+        access_token: &[u8],
+        now: u64,
+        cfg: &DpopConfig,
+    ) -> Result<VerifiedProof, Rejection> {
+        let claims = json::parse_object(&self.payload).map_err(|e| invalid(format!("proof claims: {e}")))?;
+        let jti = str_member(&claims, "jti", "proof claim", Reason::ProofInvalid)?;
+        if jti.is_empty() || jti.len() > 256 {
+            return Err(invalid("proof 'jti' must be 1 to 256 characters"));
+        }
+        if str_member(&claims, "htm", "proof claim", Reason::ProofInvalid)? != http_method {
+            return Err(invalid("proof 'htm' does not match the request method"));
+        }
+        let htu = str_member(&claims, "htu", "proof claim", Reason::ProofInvalid)?;
+        match (normalize_htu(htu), normalize_htu(http_uri)) {
+            (Some(a), Some(b)) if a == b => {}
+            (_, None) => return Err(reject(Reason::Malformed, "the request URI is not an absolute http(s) URI")),
+            _ => return Err(invalid("proof 'htu' does not match the request URI")),
+        }
+        let iat = claims
+            .get("iat")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| invalid("proof 'iat' is missing or not an integer"))?;
+        if iat > now + cfg.leeway_secs {
+            return Err(invalid("proof 'iat' is in the future"));
+        }
+        if iat + cfg.window_secs() < now {
+            return Err(invalid("proof is too old"));
+        }
+        let ath = str_member(&claims, "ath", "proof claim", Reason::ProofInvalid)?;
+        if !bool::from(ath.as_bytes().ct_eq(access_token_hash(access_token).as_bytes())) {
+            return Err(invalid("proof 'ath' does not match the access token"));
+        }
+        Ok(VerifiedProof { jkt: self.jkt, jti: jti.to_owned(), iat })
     }
-    let htu = str_member(&claims, "htu", "proof claim", Reason::ProofInvalid)?;
-    match (normalize_htu(htu), normalize_htu(http_uri)) {
-        (Some(a), Some(b)) if a == b => {}
-        (_, None) => return Err(reject(Reason::Malformed, "the request URI is not an absolute http(s) URI")),
-        _ => return Err(invalid("proof 'htu' does not match the request URI")),
-    }
-    let iat =
-        claims.get("iat").and_then(Value::as_u64).ok_or_else(|| invalid("proof 'iat' is missing or not an integer"))?;
-    if iat > now + cfg.leeway_secs {
-        return Err(invalid("proof 'iat' is in the future"));
-    }
-    if iat + cfg.window_secs() < now {
-        return Err(invalid("proof is too old"));
-    }
-    let ath = str_member(&claims, "ath", "proof claim", Reason::ProofInvalid)?;
-    if !bool::from(ath.as_bytes().ct_eq(access_token_hash(access_token).as_bytes())) {
-        return Err(invalid("proof 'ath' does not match the access token"));
-    }
-    Ok(VerifiedProof { jkt, jti: jti.to_owned(), iat })
+}
+
+/// Verifies a DPoP proof for one request. `now` is Unix seconds.
+pub fn verify_proof(
+    proof: &[u8],
+    http_method: &str,
+    http_uri: &str,
+    access_token: &[u8],
+    now: u64,
+    cfg: &DpopConfig,
+) -> Result<VerifiedProof, Rejection> {
+    let parsed = parse_proof(proof)?;
+    parsed.verify_signature()?;
+    parsed.check_claims(http_method, http_uri, access_token, now, cfg)
 }
 
 /// Header names come from the attacker: keep details one short line.

@@ -7,8 +7,8 @@
 
 use crate::b64;
 use crate::cache::{CachedToken, VerifiedTokenCache};
-use crate::claims::{is_scope_token, AccessClaims, Confirmation, MAX_LIFETIME_SECS};
-use crate::dpop::{self, DpopConfig};
+use crate::claims::{is_scope_token, is_thumbprint, AccessClaims, Confirmation, MAX_CLAIM_BYTES, MAX_LIFETIME_SECS};
+use crate::dpop::{self, DpopConfig, ParsedProof, VerifiedProof};
 use crate::error::{reject, Error, Reason, Rejection};
 use crate::json;
 use crate::jws::{self, str_member};
@@ -17,17 +17,22 @@ use crate::replay::{Mark, ReplayCache, ReplayConfig};
 use ed25519_dalek::VerifyingKey;
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use subtle::ConstantTimeEq;
 
 /// Leeway is for clock skew, not for policy: it may not exceed this.
 pub const MAX_LEEWAY_SECS: u64 = 60;
+/// The oldest a DPoP proof may be allowed to be (its replay record lives this long).
+pub const MAX_DPOP_AGE_SECS: u64 = 600;
 /// Header parameters that must never be honoured (RFC 8725 section 3.10 and DESIGN.md).
 const FORBIDDEN_HEADER: [&str; 9] = ["jku", "x5u", "jwk", "crit", "b64", "cty", "x5c", "x5t", "x5t#S256"];
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub issuer: String,
+    /// A token's lifetime when the issue request names none.
+    pub default_ttl_secs: u64,
     pub leeway_secs: u64,
     pub dpop: DpopConfig,
     pub token_cache_capacity: usize,
@@ -38,6 +43,7 @@ impl EngineConfig {
     pub fn new(issuer: impl Into<String>) -> Self {
         EngineConfig {
             issuer: issuer.into(),
+            default_ttl_secs: 300,
             leeway_secs: 5,
             dpop: DpopConfig::default(),
             token_cache_capacity: 100_000,
@@ -46,7 +52,7 @@ impl EngineConfig {
     }
 }
 
-/// One validation request; the fields of `ValidateTokenRequest` the engine needs.
+/// One validation request: the fields of `ValidateTokenRequest` the engine decides on.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ValidateRequest<'a> {
     pub token: &'a [u8],
@@ -55,16 +61,63 @@ pub struct ValidateRequest<'a> {
     pub http_method: Option<&'a str>,
     pub http_uri: Option<&'a str>,
     pub cert_thumbprint: Option<&'a str>,
+    /// Scopes the token must carry (see `Validated::missing_scopes`).
+    pub required_scopes: &'a [String],
 }
 
+/// One issue request: the fields of `IssueTokenRequest` the engine decides on. The
+/// session the token is bound to is the caller's (its store opens or continues it).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct IssueRequest<'a> {
     pub client_id: &'a str,
     pub audience: &'a str,
-    pub session_id: &'a str,
     pub scopes: &'a [String],
-    pub ttl_secs: u64,
-    pub cnf: Option<Confirmation>,
+    /// None: the engine's `default_ttl_secs`.
+    pub ttl_secs: Option<u64>,
+    /// A live session to continue; None opens a new one.
+    pub session_id: Option<&'a str>,
+    pub dpop_jkt: Option<&'a str>,
+    pub cert_thumbprint: Option<&'a str>,
     pub once: bool,
+}
+
+impl IssueRequest<'_> {
+    /// Every rule on an issue request that needs no state: lifetime, id and scope shapes,
+    /// and the binding (a DPoP key or a certificate, never both). Returns the binding.
+    /// Checked before the caller opens a session, so a bad request opens none.
+    pub fn check(&self) -> Result<Option<Confirmation>, Error> {
+        let arg = |m: String| Err(Error::InvalidArgument(m));
+        if let Some(ttl) = self.ttl_secs {
+            if ttl == 0 || ttl > MAX_LIFETIME_SECS {
+                return arg(format!("ttl_seconds must be 1 to {MAX_LIFETIME_SECS}"));
+            }
+        }
+        let ids =
+            [("client_id", Some(self.client_id)), ("audience", Some(self.audience)), ("session_id", self.session_id)];
+        for (name, value) in ids {
+            if let Some(v) = value {
+                if v.is_empty() || v.len() > MAX_CLAIM_BYTES {
+                    return arg(format!("{name} must be 1 to {MAX_CLAIM_BYTES} bytes"));
+                }
+            }
+        }
+        if let Some(bad) = self.scopes.iter().find(|s| !is_scope_token(s)) {
+            return arg(format!("scope {:?} is not a valid scope token", truncate(bad)));
+        }
+        let thumbprint = |value: &str, name: &str| -> Result<String, Error> {
+            if is_thumbprint(value) {
+                Ok(value.to_owned())
+            } else {
+                Err(Error::InvalidArgument(format!("{name} must be a base64url SHA-256 thumbprint (43 characters)")))
+            }
+        };
+        match (self.dpop_jkt, self.cert_thumbprint) {
+            (Some(_), Some(_)) => arg("a token binds to a DPoP key or a certificate, not both".into()),
+            (Some(j), None) => Ok(Some(Confirmation::DpopJkt(thumbprint(j, "dpop_jkt")?))),
+            (None, Some(x)) => Ok(Some(Confirmation::CertThumbprint(thumbprint(x, "cert_thumbprint")?))),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// A replay record the state store must set if absent (it is the one exact record, and
@@ -84,6 +137,21 @@ pub struct Validated {
     /// At most two: the DPoP proof's and a single-use token's. The caller must record them
     /// in its store before accepting the token.
     pub replay: Vec<ReplayRecord>,
+    /// When the token lacks a required scope: the `INSUFFICIENT_SCOPE` detail. The caller
+    /// still checks the token's state (a revoked token is answered as revoked), then
+    /// refuses; `replay` is empty, so nothing is recorded for the refused request.
+    pub missing_scopes: Option<String>,
+}
+
+/// The sender-constraint step of one request, split so that a batch verifies every
+/// Ed25519 proof signature together. Lives for one request, on the stack or in the
+/// batch's vector: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Binding<'a> {
+    /// Nothing left to check (a bearer or certificate-bound token).
+    Done,
+    /// A DPoP proof parsed up to its signature (the token is DPoP-bound).
+    Proof { parsed: ParsedProof<'a>, method: &'a str, uri: &'a str },
 }
 
 /// A token parsed up to its signature check.
@@ -139,8 +207,11 @@ impl Engine {
         if cfg.leeway_secs > MAX_LEEWAY_SECS {
             return Err(Error::InvalidArgument(format!("leeway must be at most {MAX_LEEWAY_SECS} seconds")));
         }
-        if cfg.dpop.max_age_secs == 0 || cfg.dpop.max_age_secs > 600 {
-            return Err(Error::InvalidArgument("DPoP proof max age must be 1 to 600 seconds".into()));
+        if cfg.default_ttl_secs == 0 || cfg.default_ttl_secs > MAX_LIFETIME_SECS {
+            return Err(Error::InvalidArgument(format!("default_ttl_seconds must be 1 to {MAX_LIFETIME_SECS}")));
+        }
+        if cfg.dpop.max_age_secs == 0 || cfg.dpop.max_age_secs > MAX_DPOP_AGE_SECS {
+            return Err(Error::InvalidArgument(format!("DPoP proof max age must be 1 to {MAX_DPOP_AGE_SECS} seconds")));
         }
         if cfg.replay.capacity == 0 || !(cfg.replay.fp_rate > 0.0 && cfg.replay.fp_rate < 0.5) {
             return Err(Error::InvalidArgument("replay capacity must be positive and fp rate in (0, 0.5)".into()));
@@ -167,33 +238,36 @@ impl Engine {
         &self.cache
     }
 
-    /// Signs a new access token with the active key. Returns the token and its claims.
-    pub fn issue(&self, req: &IssueRequest, now: u64) -> Result<(String, AccessClaims), Error> {
-        let arg = |m: &str| Err(Error::InvalidArgument(m.into()));
-        if req.ttl_secs == 0 || req.ttl_secs > MAX_LIFETIME_SECS {
-            return arg("ttl_seconds must be 1 to 3600");
+    /// Signs a new access token with the active key, bound to `session_id`, expiring at
+    /// the request's lifetime or at `not_after` (the session's end), whichever is first.
+    /// Returns the token and its claims.
+    pub fn issue(
+        &self,
+        req: &IssueRequest,
+        session_id: &str,
+        not_after: u64,
+        now: u64,
+    ) -> Result<(String, AccessClaims), Error> {
+        let cnf = req.check()?;
+        if session_id.is_empty() || session_id.len() > MAX_CLAIM_BYTES {
+            return Err(Error::InvalidArgument(format!("session_id must be 1 to {MAX_CLAIM_BYTES} bytes")));
         }
-        for (name, value) in [("client_id", req.client_id), ("audience", req.audience), ("session_id", req.session_id)]
-        {
-            if value.is_empty() || value.len() > 1024 {
-                return Err(Error::InvalidArgument(format!("{name} must be 1 to 1024 bytes")));
-            }
-        }
-        if let Some(bad) = req.scopes.iter().find(|s| !is_scope_token(s)) {
-            return Err(Error::InvalidArgument(format!("scope {:?} is not a valid scope token", truncate(bad))));
+        let exp = now.saturating_add(req.ttl_secs.unwrap_or(self.cfg.default_ttl_secs)).min(not_after);
+        if exp <= now {
+            return Err(Error::InvalidArgument("the session has ended: no token can outlive it".into()));
         }
         let claims = AccessClaims {
             iss: self.cfg.issuer.clone(),
             sub: req.client_id.to_owned(),
             client_id: req.client_id.to_owned(),
             aud: req.audience.to_owned(),
-            sid: req.session_id.to_owned(),
+            sid: session_id.to_owned(),
             jti: random_id(),
             iat: now,
             nbf: now,
-            exp: now + req.ttl_secs,
+            exp,
             scope: req.scopes.join(" "),
-            cnf: req.cnf.clone(),
+            cnf,
             once: req.once,
         };
         let token = self.sign(&claims)?;
@@ -218,13 +292,19 @@ impl Engine {
     /// Steps 1 to 6 of the validation path. `now` is Unix seconds.
     pub fn validate(&self, req: &ValidateRequest, now: u64) -> Result<Validated, Rejection> {
         let claims = self.verified_claims(req.token, now)?;
-        let mut replay = Vec::new();
-        self.check_request(&claims, req, now, &mut replay)?;
-        Ok(Validated { claims, replay })
+        let proof = match self.binding(&claims, req, now)? {
+            Binding::Done => None,
+            Binding::Proof { parsed, method, uri } => {
+                parsed.verify_signature()?;
+                Some(self.proof_claims(&claims, parsed, method, uri, req, now)?)
+            }
+        };
+        Ok(self.validated(claims, req, proof, now))
     }
 
     /// Many validations in one call: the same checks and answers as `validate`, with the
-    /// signatures of uncached tokens verified together (`verify_batch_strict`).
+    /// signatures of uncached tokens verified together, then those of the Ed25519 DPoP
+    /// proofs together (`verify_batch_strict`).
     pub fn validate_batch(&self, reqs: &[ValidateRequest], now: u64) -> Vec<Result<Validated, Rejection>> {
         let mut claims: Vec<Option<Result<Arc<AccessClaims>, Rejection>>> = Vec::with_capacity(reqs.len());
         let mut pending: Vec<(usize, Box<Unverified>)> = Vec::new();
@@ -246,14 +326,53 @@ impl Engine {
         for ((i, u), outcome) in pending.into_iter().zip(verified) {
             claims[i] = Some(outcome.and_then(|()| self.accept(u)));
         }
+        let claims: Vec<Result<Arc<AccessClaims>, Rejection>> =
+            claims.into_iter().map(|c| c.expect("every request answered")).collect();
+        // The sender constraint up to each proof's signature, then the Ed25519 proof
+        // signatures in one batch (ES256 ones alone), then each proof's claims.
+        let mut bindings: Vec<Result<Binding, Rejection>> = claims
+            .iter()
+            .zip(reqs)
+            .map(|(c, req)| match c {
+                Ok(c) => self.binding(c, req, now),
+                Err(r) => Err(r.clone()),
+            })
+            .collect();
+        let proofs: Vec<usize> = (0..bindings.len())
+            .filter(|&i| matches!(&bindings[i], Ok(Binding::Proof { parsed, .. }) if parsed.ed25519_item().is_some()))
+            .collect();
+        let proof_items: Vec<(&VerifyingKey, &[u8], &[u8])> = proofs
+            .iter()
+            .filter_map(|&i| match &bindings[i] {
+                Ok(Binding::Proof { parsed, .. }) => parsed.ed25519_item(),
+                _ => None,
+            })
+            .collect();
+        let proof_signatures = verify_batch_strict(&proof_items);
+        drop(proof_items);
+        for (&i, outcome) in proofs.iter().zip(proof_signatures) {
+            if outcome.is_err() {
+                bindings[i] = Err(dpop::bad_signature());
+            }
+        }
+        let proven: Vec<usize> = proofs;
         claims
             .into_iter()
+            .zip(bindings)
             .zip(reqs)
-            .map(|(c, req)| {
-                let claims = c.expect("every request answered")?;
-                let mut replay = Vec::new();
-                self.check_request(&claims, req, now, &mut replay)?;
-                Ok(Validated { claims, replay })
+            .enumerate()
+            .map(|(i, ((c, binding), req))| {
+                let claims = c?;
+                let proof = match binding? {
+                    Binding::Done => None,
+                    Binding::Proof { parsed, method, uri } => {
+                        if proven.binary_search(&i).is_err() {
+                            parsed.verify_signature()?; // ES256: verified alone
+                        }
+                        Some(self.proof_claims(&claims, parsed, method, uri, req, now)?)
+                    }
+                };
+                Ok(self.validated(claims, req, proof, now))
             })
             .collect()
     }
@@ -323,14 +442,14 @@ impl Engine {
         Ok(claims)
     }
 
-    /// Everything that depends on the request or the clock: run on every call.
-    fn check_request(
+    /// Everything that depends on the request or the clock, up to a DPoP proof's
+    /// signature: run on every call (a cached token skips only its own signature).
+    fn binding<'r>(
         &self,
         claims: &AccessClaims,
-        req: &ValidateRequest,
+        req: &ValidateRequest<'r>,
         now: u64,
-        replay: &mut Vec<ReplayRecord>,
-    ) -> Result<(), Rejection> {
+    ) -> Result<Binding<'r>, Rejection> {
         let leeway = self.cfg.leeway_secs;
         if now >= claims.exp.saturating_add(leeway) {
             return Err(reject(Reason::Expired, "token has expired"));
@@ -347,57 +466,109 @@ impl Engine {
         if claims.aud != req.audience {
             return Err(reject(Reason::WrongAudience, "token was issued for another audience"));
         }
+        let proof = req.dpop_proof.filter(|p| !p.is_empty());
         match &claims.cnf {
-            Some(Confirmation::DpopJkt(jkt)) => replay.push(self.check_dpop(jkt, req, now)?),
+            Some(Confirmation::DpopJkt(_)) => {
+                let proof = proof
+                    .ok_or_else(|| reject(Reason::ProofMissing, "token is DPoP-bound; no DPoP proof presented"))?;
+                let (method, uri) = match (req.http_method, req.http_uri) {
+                    (Some(m), Some(u)) if !m.is_empty() && !u.is_empty() => (m, u),
+                    _ => {
+                        return Err(reject(
+                            Reason::Malformed,
+                            "a DPoP proof needs the request's http_method and http_uri",
+                        ))
+                    }
+                };
+                Ok(Binding::Proof { parsed: dpop::parse_proof(proof)?, method, uri })
+            }
+            // A token binds to a DPoP key or a certificate, never both: a proof presented
+            // with a certificate-bound token claims a binding the token does not have.
+            Some(Confirmation::CertThumbprint(_)) if proof.is_some() => Err(reject(
+                Reason::BindingMismatch,
+                "a DPoP proof was presented with a token bound to a client certificate",
+            )),
             Some(Confirmation::CertThumbprint(x5t)) => match req.cert_thumbprint {
-                Some(presented) if bool::from(presented.as_bytes().ct_eq(x5t.as_bytes())) => {}
-                Some(_) => return Err(reject(Reason::BindingMismatch, "client certificate does not match the token")),
-                None => {
-                    return Err(reject(
-                        Reason::BindingMismatch,
-                        "token is bound to a client certificate; none presented",
-                    ))
-                }
+                Some(presented) if bool::from(presented.as_bytes().ct_eq(x5t.as_bytes())) => Ok(Binding::Done),
+                Some(_) => Err(reject(Reason::BindingMismatch, "client certificate does not match the token")),
+                None => Err(reject(Reason::BindingMismatch, "token is bound to a client certificate; none presented")),
             },
             // RFC 9449 section 7.1: a DPoP proof claims a DPoP-bound token; an unbound one is
             // refused rather than the proof being silently ignored.
-            None if req.dpop_proof.is_some_and(|p| !p.is_empty()) => {
-                return Err(reject(
-                    Reason::BindingMismatch,
-                    "a DPoP proof was presented with a token that is not DPoP-bound",
-                ));
+            None if proof.is_some() => {
+                Err(reject(Reason::BindingMismatch, "a DPoP proof was presented with a token that is not DPoP-bound"))
             }
-            None => {}
+            None => Ok(Binding::Done),
         }
-        if claims.once {
-            replay.push(self.replay_record(replay_key("once", &claims.iss, &claims.jti), claims.exp + leeway, now));
-        }
-        Ok(())
     }
 
-    fn check_dpop(&self, jkt: &str, req: &ValidateRequest, now: u64) -> Result<ReplayRecord, Rejection> {
-        let proof = match req.dpop_proof {
-            Some(p) if !p.is_empty() => p,
-            _ => return Err(reject(Reason::ProofMissing, "token is DPoP-bound; no DPoP proof presented")),
+    /// After the proof's signature verified: its claims, and its key against `cnf.jkt`.
+    fn proof_claims(
+        &self,
+        claims: &AccessClaims,
+        parsed: ParsedProof,
+        method: &str,
+        uri: &str,
+        req: &ValidateRequest,
+        now: u64,
+    ) -> Result<VerifiedProof, Rejection> {
+        let jkt = match &claims.cnf {
+            Some(Confirmation::DpopJkt(jkt)) => jkt.as_str(),
+            // Not reached (a proof is parsed only for a DPoP-bound token): fail closed, never panic.
+            _ => return Err(reject(Reason::BindingMismatch, "token is not DPoP-bound")),
         };
-        let (method, uri) = match (req.http_method, req.http_uri) {
-            (Some(m), Some(u)) if !m.is_empty() && !u.is_empty() => (m, u),
-            _ => return Err(reject(Reason::Malformed, "a DPoP proof needs the request's http_method and http_uri")),
-        };
-        let verified = dpop::verify_proof(proof, method, uri, req.token, now, &self.cfg.dpop)?;
+        let verified = parsed.check_claims(method, uri, req.token, now, &self.cfg.dpop)?;
         if !bool::from(verified.jkt.as_bytes().ct_eq(jkt.as_bytes())) {
             return Err(reject(Reason::BindingMismatch, "DPoP proof key is not the key the token is bound to"));
         }
-        // Exclusive: the proof is accepted through second iat + window, so its record must
-        // still be live then (a record is live while until > now), whatever the leeway.
-        let until = verified.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs + 1;
-        Ok(self.replay_record(replay_key("dpop", &verified.jkt, &verified.jti), until, now))
+        Ok(verified)
+    }
+
+    /// The scope check, then the replay records (none for a token that lacks a scope).
+    fn validated(
+        &self,
+        claims: Arc<AccessClaims>,
+        req: &ValidateRequest,
+        proof: Option<VerifiedProof>,
+        now: u64,
+    ) -> Validated {
+        let missing_scopes = missing_scopes(&claims, req.required_scopes);
+        let mut replay = Vec::new();
+        if missing_scopes.is_none() {
+            if let Some(p) = proof {
+                // Exclusive: the proof is accepted through second iat + window, so its record
+                // must still be live then (a record is live while until > now), whatever the
+                // leeway.
+                let until = p.iat + self.cfg.dpop.window_secs() + self.cfg.dpop.leeway_secs + 1;
+                replay.push(self.replay_record(replay_key("dpop", &p.jkt, &p.jti), until, now));
+            }
+            if claims.once {
+                let until = claims.exp + self.cfg.leeway_secs;
+                replay.push(self.replay_record(replay_key("once", &claims.iss, &claims.jti), until, now));
+            }
+        }
+        Validated { claims, replay, missing_scopes }
     }
 
     /// The record the store must set, marked by the bloom filter (advisory only).
     fn replay_record(&self, key: [u8; 32], until: u64, now: u64) -> ReplayRecord {
         ReplayRecord { key, until, mark: self.replay.mark(&key, now) }
     }
+}
+
+/// The `INSUFFICIENT_SCOPE` detail when `claims` lack one of `required`: the missing
+/// scopes sorted, at most 200 characters of them.
+fn missing_scopes(claims: &AccessClaims, required: &[String]) -> Option<String> {
+    if required.is_empty() {
+        return None;
+    }
+    let held: BTreeSet<&str> = claims.scopes().collect();
+    let missing: BTreeSet<&str> = required.iter().map(String::as_str).filter(|s| !held.contains(s)).collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let list: String = missing.into_iter().collect::<Vec<_>>().join(" ").chars().take(200).collect();
+    Some(format!("token lacks scope: {list}"))
 }
 
 fn truncate(s: &str) -> String {

@@ -21,16 +21,22 @@ fn engine() -> Engine {
 
 fn issue(e: &Engine, cnf: Option<Confirmation>, once: bool) -> String {
     let scopes = vec!["tools:read".to_string()];
+    let (dpop_jkt, cert_thumbprint) = match &cnf {
+        Some(Confirmation::DpopJkt(j)) => (Some(j.as_str()), None),
+        Some(Confirmation::CertThumbprint(x)) => (None, Some(x.as_str())),
+        None => (None, None),
+    };
     let req = IssueRequest {
         client_id: "agent-1",
         audience: AUD,
-        session_id: "sess-1",
         scopes: &scopes,
-        ttl_secs: 300,
-        cnf,
+        ttl_secs: Some(300),
+        dpop_jkt,
+        cert_thumbprint,
         once,
+        ..Default::default()
     };
-    e.issue(&req, NOW).unwrap().0
+    e.issue(&req, "sess-1", u64::MAX, NOW).unwrap().0
 }
 
 fn validate(e: &Engine, token: &str, now: u64) -> Result<(), Reason> {
@@ -162,6 +168,7 @@ fn dpop_bound_token_needs_a_fresh_proof_from_the_bound_key() {
                 http_method: Some(method),
                 http_uri: Some(u),
                 cert_thumbprint: None,
+                required_scopes: &[],
             },
             NOW,
         )
@@ -233,6 +240,7 @@ fn es256_proofs_verify_and_private_keys_in_jwk_are_rejected() {
                 http_method: Some("POST"),
                 http_uri: Some(uri),
                 cert_thumbprint: None,
+                required_scopes: &[],
             },
             NOW,
         )
@@ -269,6 +277,7 @@ fn dpop_request<'a>(token: &'a str, proof: &'a str) -> ValidateRequest<'a> {
         http_method: Some("POST"),
         http_uri: Some(AUD),
         cert_thumbprint: None,
+        required_scopes: &[],
     }
 }
 
@@ -380,6 +389,7 @@ fn a_proof_record_outlives_its_last_accepted_second_even_without_leeway() {
         http_method: Some("POST"),
         http_uri: Some(AUD),
         cert_thumbprint: None,
+        required_scopes: &[],
     };
     let record = records(&e, &req, NOW);
     assert!(record[0].until > NOW, "still live in the proof's last accepted second");
@@ -398,6 +408,94 @@ fn a_proof_with_an_unbound_token_is_a_binding_mismatch() {
         http_method: Some("POST"),
         http_uri: Some(AUD),
         cert_thumbprint: None,
+        required_scopes: &[],
     };
     assert_eq!(e.validate(&req, NOW).unwrap_err().reason, Reason::BindingMismatch);
+}
+
+fn outcome(
+    r: Result<tokenbroker_core::Validated, tokenbroker_core::Rejection>,
+) -> Result<(usize, Option<String>), Reason> {
+    r.map(|v| (v.replay.len(), v.missing_scopes)).map_err(|r| r.reason)
+}
+
+// Batch verification of the proofs must not change one answer: good Ed25519 proofs, one
+// whose signature is broken, an ES256 proof (verified alone), a proof for another key,
+// and a token that lacks a scope, in one batch and one by one.
+#[test]
+fn a_batch_of_dpop_requests_gets_the_answers_of_single_validation() {
+    let e = engine();
+    let clients: Vec<ProofSigner> = (0..6).map(|_| ProofSigner::generate()).collect();
+    let tokens: Vec<String> =
+        clients.iter().map(|c| issue(&e, Some(Confirmation::DpopJkt(c.jkt().into())), false)).collect();
+    let mut proofs: Vec<String> =
+        clients.iter().zip(&tokens).map(|(c, t)| c.sign("POST", AUD, Some(t.as_bytes()), NOW, &rand_jti())).collect();
+    let last = proofs[1].pop().unwrap();
+    proofs[1].push(if last == 'A' { 'B' } else { 'A' }); // a broken signature
+    proofs[2] = clients[3].sign("POST", AUD, Some(tokens[2].as_bytes()), NOW, &rand_jti()); // another key
+    let p256_key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let (_, jkt) = es256_proof(&p256_key, None, "", AUD);
+    let es_token = issue(&e, Some(Confirmation::DpopJkt(jkt)), false);
+    let (es_proof, _) = es256_proof(&p256_key, None, &es_token, AUD);
+    let mut reqs: Vec<ValidateRequest> = tokens.iter().zip(&proofs).map(|(t, p)| dpop_request(t, p)).collect();
+    reqs.push(dpop_request(&es_token, &es_proof));
+    let admin = vec!["admin".to_string()];
+    reqs[4].required_scopes = &admin;
+    let batch: Vec<_> = engine_with_keys_of(&e).validate_batch(&reqs, NOW).into_iter().map(outcome).collect();
+    let single: Vec<_> = reqs.iter().map(|r| outcome(engine_with_keys_of(&e).validate(r, NOW))).collect();
+    assert_eq!(batch, single);
+    assert_eq!(batch[0], Ok((1, None)));
+    assert_eq!(batch[1], Err(Reason::ProofInvalid));
+    assert_eq!(batch[2], Err(Reason::BindingMismatch));
+    assert_eq!(batch[4], Ok((0, Some("token lacks scope: admin".into()))), "no replay record for a refusal");
+    assert_eq!(batch[6], Ok((1, None)), "ES256 proof");
+}
+
+#[test]
+fn required_scopes_are_decided_by_the_engine_after_the_binding() {
+    let e = engine();
+    let t = issue(&e, None, true);
+    let check = |required: &[String]| {
+        outcome(e.validate(
+            &ValidateRequest { token: t.as_bytes(), audience: AUD, required_scopes: required, ..Default::default() },
+            NOW,
+        ))
+    };
+    assert_eq!(check(&["tools:read".into()]), Ok((1, None)));
+    let missing = ["b".to_string(), "tools:read".into(), "a".into()];
+    assert_eq!(check(&missing), Ok((0, Some("token lacks scope: a b".into()))), "sorted, and no once record");
+}
+
+#[test]
+fn a_token_binds_to_a_dpop_key_or_a_certificate_never_both() {
+    let e = engine();
+    let thumb = b64::encode(&[7u8; 32]);
+    let both = IssueRequest {
+        client_id: "c",
+        audience: AUD,
+        dpop_jkt: Some(&thumb),
+        cert_thumbprint: Some(&thumb),
+        ..Default::default()
+    };
+    assert!(both.check().is_err());
+    assert!(e.issue(&both, "s", u64::MAX, NOW).is_err());
+    let short = IssueRequest { client_id: "c", audience: AUD, cert_thumbprint: Some("short"), ..Default::default() };
+    assert!(short.check().is_err());
+    // A DPoP proof presented with a certificate-bound token claims a binding it lacks.
+    let t = issue(&e, Some(Confirmation::CertThumbprint(thumb.clone())), false);
+    let proof = ProofSigner::generate().sign("POST", AUD, Some(t.as_bytes()), NOW, "p");
+    let req = ValidateRequest { cert_thumbprint: Some(&thumb), ..dpop_request(&t, &proof) };
+    assert_eq!(e.validate(&req, NOW).unwrap_err().reason, Reason::BindingMismatch);
+}
+
+#[test]
+fn a_token_never_outlives_its_session() {
+    let e = engine();
+    let scopes: Vec<String> = vec![];
+    let req = IssueRequest { client_id: "c", audience: AUD, scopes: &scopes, ..Default::default() };
+    let (_, claims) = e.issue(&req, "s", NOW + 10, NOW).unwrap();
+    assert_eq!(claims.exp, NOW + 10);
+    let (_, claims) = e.issue(&req, "s", u64::MAX, NOW).unwrap();
+    assert_eq!(claims.exp, NOW + 300, "the engine's default lifetime");
+    assert!(e.issue(&req, "s", NOW, NOW).is_err());
 }

@@ -4,17 +4,15 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyString, PyTuple};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokenbroker_core::claims::{AccessClaims, Confirmation};
+use tokenbroker_core::claims::{AccessClaims, Confirmation, MAX_CLAIM_BYTES, MAX_LIFETIME_SECS};
 use tokenbroker_core::dpop::{DpopConfig, ProofSigner as CoreProofSigner};
+use tokenbroker_core::engine::{MAX_DPOP_AGE_SECS, MAX_LEEWAY_SECS};
 use tokenbroker_core::keys::KeySet as CoreKeySet;
 use tokenbroker_core::replay::ReplayConfig;
-use tokenbroker_core::{
-    Engine as CoreEngine, EngineConfig, Error, IssueRequest, Reason, Rejection, ReplayRecord, ValidateRequest,
-    Validated,
-};
+use tokenbroker_core::{Engine as CoreEngine, EngineConfig, Error, Reason, Rejection, Validated};
 
 pyo3::import_exception!(tokenbroker.errors, InvalidKeyError);
 pyo3::import_exception!(tokenbroker.errors, UnknownKeyIdError);
@@ -113,115 +111,313 @@ impl KeySet {
     }
 }
 
-/// The outcome of steps 1 to 6 of a validation: a reason and, when the token's signature
-/// verified, its claims.
+/// One validation request, as every door (embedded, gRPC, HTTP, CLI) hands it to the
+/// engine. Empty optional fields are None: this constructor is where "" becomes None.
 #[pyclass(frozen, module = "tokenbroker._core")]
+struct ValidateRequest {
+    #[pyo3(get)]
+    token: String,
+    #[pyo3(get)]
+    audience: String,
+    #[pyo3(get)]
+    dpop_proof: Option<String>,
+    #[pyo3(get)]
+    http_method: Option<String>,
+    #[pyo3(get)]
+    http_uri: Option<String>,
+    #[pyo3(get)]
+    cert_thumbprint: Option<String>,
+    required_scopes: Vec<String>,
+    #[pyo3(get)]
+    client_ip: Option<String>,
+    #[pyo3(get)]
+    request_id: String,
+}
+
+/// "" and None are one thing: absent.
+fn present(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// A space-separated string or an iterable of strings, deduplicated in order.
+fn scope_list(scopes: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |s: String| {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    };
+    match scopes {
+        None => {}
+        Some(v) if v.is_instance_of::<PyString>() => {
+            v.extract::<String>()?.split_whitespace().for_each(|s| push(s.to_owned()))
+        }
+        Some(v) => {
+            for item in v.try_iter()? {
+                push(item?.extract::<String>()?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl ValidateRequest {
+    fn core(&self) -> tokenbroker_core::ValidateRequest<'_> {
+        tokenbroker_core::ValidateRequest {
+            token: self.token.as_bytes(),
+            audience: &self.audience,
+            dpop_proof: self.dpop_proof.as_deref().map(str::as_bytes),
+            http_method: self.http_method.as_deref(),
+            http_uri: self.http_uri.as_deref(),
+            cert_thumbprint: self.cert_thumbprint.as_deref(),
+            required_scopes: &self.required_scopes,
+        }
+    }
+}
+
+#[pymethods]
+impl ValidateRequest {
+    #[new]
+    #[pyo3(signature = (token, *, audience, dpop_proof=None, http_method=None, http_uri=None, cert_thumbprint=None, client_ip=None, required_scopes=None, request_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        token: String,
+        audience: String,
+        dpop_proof: Option<String>,
+        http_method: Option<String>,
+        http_uri: Option<String>,
+        cert_thumbprint: Option<String>,
+        client_ip: Option<String>,
+        required_scopes: Option<&Bound<'_, PyAny>>,
+        request_id: Option<String>,
+    ) -> PyResult<Self> {
+        if audience.is_empty() {
+            // One answer at every door: the caller's own resource URI is configuration,
+            // not something a token can get wrong.
+            return Err(InvalidArgumentError::new_err("audience (your own resource URI) is required"));
+        }
+        Ok(ValidateRequest {
+            token,
+            audience,
+            dpop_proof: present(dpop_proof),
+            http_method: present(http_method),
+            http_uri: present(http_uri),
+            cert_thumbprint: present(cert_thumbprint),
+            required_scopes: scope_list(required_scopes)?,
+            client_ip: present(client_ip),
+            request_id: request_id.unwrap_or_default(),
+        })
+    }
+
+    #[getter]
+    fn required_scopes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.required_scopes)
+    }
+
+    fn __repr__(&self) -> String {
+        // Never the token or the proof.
+        format!("ValidateRequest(audience={:?}, request_id={:?})", self.audience, self.request_id)
+    }
+}
+
+/// One issue request. Its constructor checks every rule that needs no state (lifetime,
+/// ids, scope tokens, the binding: a DPoP key or a certificate, never both), so a bad
+/// request raises `InvalidArgumentError` before any session is opened.
+#[pyclass(frozen, module = "tokenbroker._core")]
+struct IssueRequest {
+    #[pyo3(get)]
+    client_id: String,
+    #[pyo3(get)]
+    audience: String,
+    scopes: Vec<String>,
+    #[pyo3(get)]
+    ttl_seconds: Option<u64>,
+    #[pyo3(get)]
+    session_id: Option<String>,
+    #[pyo3(get)]
+    dpop_jkt: Option<String>,
+    #[pyo3(get)]
+    cert_thumbprint: Option<String>,
+    #[pyo3(get)]
+    once: bool,
+    #[pyo3(get)]
+    client_ip: Option<String>,
+}
+
+impl IssueRequest {
+    fn core(&self) -> tokenbroker_core::IssueRequest<'_> {
+        tokenbroker_core::IssueRequest {
+            client_id: &self.client_id,
+            audience: &self.audience,
+            scopes: &self.scopes,
+            ttl_secs: self.ttl_seconds,
+            session_id: self.session_id.as_deref(),
+            dpop_jkt: self.dpop_jkt.as_deref(),
+            cert_thumbprint: self.cert_thumbprint.as_deref(),
+            once: self.once,
+        }
+    }
+}
+
+#[pymethods]
+impl IssueRequest {
+    #[new]
+    #[pyo3(signature = (*, client_id, audience, scopes=None, ttl_seconds=None, session_id=None, dpop_jkt=None, cert_thumbprint=None, once=false, client_ip=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        client_id: String,
+        audience: String,
+        scopes: Option<&Bound<'_, PyAny>>,
+        ttl_seconds: Option<i64>,
+        session_id: Option<String>,
+        dpop_jkt: Option<String>,
+        cert_thumbprint: Option<String>,
+        once: bool,
+        client_ip: Option<String>,
+    ) -> PyResult<Self> {
+        let ttl_seconds = match ttl_seconds {
+            None | Some(0) => None, // the broker's default lifetime
+            Some(t) => Some(u64::try_from(t).map_err(|_| {
+                PyErr::from(PyCoreError(Error::InvalidArgument(format!(
+                    "ttl_seconds must be 1 to {MAX_LIFETIME_SECS}"
+                ))))
+            })?),
+        };
+        let request = IssueRequest {
+            client_id,
+            audience,
+            scopes: scope_list(scopes)?,
+            ttl_seconds,
+            session_id: present(session_id),
+            dpop_jkt: present(dpop_jkt),
+            cert_thumbprint: present(cert_thumbprint),
+            once,
+            client_ip: present(client_ip),
+        };
+        request.core().check().map_err(PyCoreError)?;
+        Ok(request)
+    }
+
+    #[getter]
+    fn scopes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.scopes)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("IssueRequest(client_id={:?}, audience={:?})", self.client_id, self.audience)
+    }
+}
+
+/// A verified token's claims, converted to Python objects once.
+#[pyclass(frozen, module = "tokenbroker._core", get_all)]
+struct Claims {
+    client_id: Py<PyString>,
+    subject: Py<PyString>,
+    session_id: Py<PyString>,
+    audience: Py<PyString>,
+    issuer: Py<PyString>,
+    jti: Py<PyString>,
+    scopes: Py<PyTuple>,
+    issued_at: u64,
+    expires_at: u64,
+    once: bool,
+    /// ("jkt" or "x5t#S256", thumbprint) when the token is sender-constrained.
+    confirmation: Option<(&'static str, String)>,
+}
+
+impl Claims {
+    fn new(py: Python<'_>, c: &AccessClaims) -> PyResult<Self> {
+        let client_id = PyString::new(py, &c.client_id).unbind();
+        Ok(Claims {
+            // `sub` equals `client_id` (the claims parser refuses a token where they differ).
+            subject: client_id.clone_ref(py),
+            client_id,
+            session_id: PyString::new(py, &c.sid).unbind(),
+            audience: PyString::new(py, &c.aud).unbind(),
+            issuer: PyString::new(py, &c.iss).unbind(),
+            jti: PyString::new(py, &c.jti).unbind(),
+            scopes: PyTuple::new(py, c.scopes().collect::<Vec<_>>())?.unbind(),
+            issued_at: c.iat,
+            expires_at: c.exp,
+            once: c.once,
+            confirmation: match c.cnf.as_ref() {
+                Some(Confirmation::DpopJkt(j)) => Some(("jkt", j.clone())),
+                Some(Confirmation::CertThumbprint(x)) => Some(("x5t#S256", x.clone())),
+                None => None,
+            },
+        })
+    }
+}
+
+/// The outcome of steps 1 to 6 of a validation: a reason and, when the token passed
+/// them, its claims and the replay records the store must set.
+#[pyclass(frozen, module = "tokenbroker._core", get_all)]
 struct Verdict {
-    reason: Reason,
+    /// The `Reason` number.
+    reason: u8,
+    ok: bool,
     detail: String,
-    claims: Option<Arc<AccessClaims>>,
-    replay: Vec<ReplayRecord>,
+    claims: Option<Py<Claims>>,
+    /// Replay records the state store must set if absent: (hex key, forget after).
+    replay: Py<PyTuple>,
+    /// The `INSUFFICIENT_SCOPE` detail when the token lacks a required scope: refuse after
+    /// the state check (which then sets no replay record: `replay` is empty).
+    missing_scopes: Option<String>,
 }
 
 impl Verdict {
-    fn from_result(result: Result<Validated, Rejection>) -> Self {
-        match result {
-            Ok(v) => Verdict { reason: Reason::Ok, detail: String::new(), claims: Some(v.claims), replay: v.replay },
-            Err(r) => Verdict { reason: r.reason, detail: r.detail.into_owned(), claims: None, replay: Vec::new() },
-        }
-    }
-
-    fn claim<T>(&self, f: impl FnOnce(&AccessClaims) -> T) -> Option<T> {
-        self.claims.as_deref().map(f)
+    fn from_result(py: Python<'_>, result: Result<Validated, Rejection>) -> PyResult<Self> {
+        Ok(match result {
+            Ok(v) => Verdict {
+                reason: Reason::Ok as u8,
+                ok: true,
+                detail: String::new(),
+                claims: Some(Py::new(py, Claims::new(py, &v.claims)?)?),
+                replay: PyTuple::new(py, v.replay.iter().map(|r| (hex(&r.key), r.until)))?.unbind(),
+                missing_scopes: v.missing_scopes,
+            },
+            Err(r) => Verdict {
+                reason: r.reason as u8,
+                ok: false,
+                detail: r.detail.into_owned(),
+                claims: None,
+                replay: PyTuple::empty(py).unbind(),
+                missing_scopes: None,
+            },
+        })
     }
 }
 
 #[pymethods]
 impl Verdict {
-    /// The `Reason` number.
-    #[getter]
-    fn reason(&self) -> u8 {
-        self.reason as u8
-    }
-
-    #[getter]
-    fn ok(&self) -> bool {
-        self.reason == Reason::Ok
-    }
-
-    #[getter]
-    fn detail(&self) -> &str {
-        &self.detail
-    }
-
-    #[getter]
-    fn client_id(&self) -> Option<String> {
-        self.claim(|c| c.client_id.clone())
-    }
-
-    #[getter]
-    fn subject(&self) -> Option<String> {
-        self.claim(|c| c.sub.clone())
-    }
-
-    #[getter]
-    fn session_id(&self) -> Option<String> {
-        self.claim(|c| c.sid.clone())
-    }
-
-    #[getter]
-    fn audience(&self) -> Option<String> {
-        self.claim(|c| c.aud.clone())
-    }
-
-    #[getter]
-    fn issuer(&self) -> Option<String> {
-        self.claim(|c| c.iss.clone())
-    }
-
-    #[getter]
-    fn jti(&self) -> Option<String> {
-        self.claim(|c| c.jti.clone())
-    }
-
-    #[getter]
-    fn scope(&self) -> Option<String> {
-        self.claim(|c| c.scope.clone())
-    }
-
-    #[getter]
-    fn issued_at(&self) -> Option<u64> {
-        self.claim(|c| c.iat)
-    }
-
-    #[getter]
-    fn expires_at(&self) -> Option<u64> {
-        self.claim(|c| c.exp)
-    }
-
-    #[getter]
-    fn once(&self) -> Option<bool> {
-        self.claim(|c| c.once)
-    }
-
-    /// ("jkt" or "x5t#S256", thumbprint) when the token is sender-constrained.
-    #[getter]
-    fn confirmation(&self) -> Option<(&'static str, String)> {
-        match self.claims.as_deref()?.cnf.as_ref()? {
-            Confirmation::DpopJkt(j) => Some(("jkt", j.clone())),
-            Confirmation::CertThumbprint(x) => Some(("x5t#S256", x.clone())),
-        }
-    }
-
-    /// Replay records the state store must set if absent: (hex key, forget after).
-    #[getter]
-    fn replay(&self) -> Vec<(String, u64)> {
-        self.replay.iter().map(|r| (hex(&r.key), r.until)).collect()
-    }
-
     fn __repr__(&self) -> String {
-        format!("Verdict(reason={}, detail={:?})", self.reason.name(), self.detail)
+        let name = Reason::ALL.iter().find(|r| **r as u8 == self.reason).map_or("?", |r| r.name());
+        format!("Verdict(reason={name}, detail={:?})", self.detail)
     }
+}
+
+/// The engine's counters, for metrics and tests. It holds no exact replay record: the
+/// store does.
+#[pyclass(frozen, module = "tokenbroker._core", get_all)]
+struct EngineStats {
+    /// Verified tokens in the cache.
+    cached_tokens: u64,
+    /// Replay keys the bloom filter has marked.
+    replay_marked: u64,
+    /// The bloom filter's memory.
+    bloom_bytes: u64,
+    /// Keys the bloom filter marked "maybe seen".
+    maybe_seen: u64,
+}
+
+/// The bounds the engine enforces, for the layers that describe them (settings, CLI).
+#[pyclass(frozen, module = "tokenbroker._core", get_all)]
+struct Limits {
+    max_token_bytes: usize,
+    max_lifetime_seconds: u64,
+    max_claim_bytes: usize,
+    max_leeway_seconds: u64,
+    max_dpop_age_seconds: u64,
 }
 
 /// A token the engine signed, with the claims a caller records.
@@ -240,15 +436,15 @@ struct Engine {
     inner: Arc<CoreEngine>,
 }
 
-type BatchItem = (String, String, Option<String>, Option<String>, Option<String>, Option<String>);
-
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (keys, issuer, *, leeway_seconds=5, dpop_max_age_seconds=60, token_cache_capacity=100_000, replay_capacity=1_000_000, replay_fp_rate=0.001))]
+    #[pyo3(signature = (keys, issuer, *, default_ttl_seconds=300, leeway_seconds=5, dpop_max_age_seconds=60, token_cache_capacity=100_000, replay_capacity=1_000_000, replay_fp_rate=0.001))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         keys: &KeySet,
         issuer: String,
+        default_ttl_seconds: u64,
         leeway_seconds: u64,
         dpop_max_age_seconds: u64,
         token_cache_capacity: usize,
@@ -257,6 +453,7 @@ impl Engine {
     ) -> CoreResult<Self> {
         let cfg = EngineConfig {
             issuer,
+            default_ttl_secs: default_ttl_seconds,
             leeway_secs: leeway_seconds,
             dpop: DpopConfig { max_age_secs: dpop_max_age_seconds, leeway_secs: leeway_seconds },
             token_cache_capacity,
@@ -270,32 +467,18 @@ impl Engine {
         &self.inner.config().issuer
     }
 
-    #[pyo3(signature = (*, client_id, audience, session_id, scopes, ttl_seconds, dpop_jkt=None, cert_thumbprint=None, once=false, now=None))]
-    #[allow(clippy::too_many_arguments)]
+    /// Signs a token for `request`, bound to `session_id` and ending by `not_after` (the
+    /// session's end) at the latest.
+    #[pyo3(signature = (request, *, session_id, not_after, now=None))]
     fn issue(
         &self,
-        client_id: &str,
-        audience: &str,
+        request: &IssueRequest,
         session_id: &str,
-        scopes: Vec<String>,
-        ttl_seconds: u64,
-        dpop_jkt: Option<String>,
-        cert_thumbprint: Option<String>,
-        once: bool,
+        not_after: u64,
         now: Option<u64>,
     ) -> CoreResult<SignedToken> {
-        let cnf = match (dpop_jkt, cert_thumbprint) {
-            (Some(_), Some(_)) => {
-                return Err(
-                    Error::InvalidArgument("a token binds to a DPoP key or a certificate, not both".into()).into()
-                )
-            }
-            (Some(j), None) => Some(Confirmation::DpopJkt(check_thumbprint(j, "dpop_jkt")?)),
-            (None, Some(x)) => Some(Confirmation::CertThumbprint(check_thumbprint(x, "cert_thumbprint")?)),
-            (None, None) => None,
-        };
-        let req = IssueRequest { client_id, audience, session_id, scopes: &scopes, ttl_secs: ttl_seconds, cnf, once };
-        let (access_token, claims) = self.inner.issue(&req, now.unwrap_or_else(unix_now))?;
+        let (access_token, claims) =
+            self.inner.issue(&request.core(), session_id, not_after, now.unwrap_or_else(unix_now))?;
         Ok(SignedToken {
             access_token,
             jti: claims.jti,
@@ -305,52 +488,29 @@ impl Engine {
         })
     }
 
-    /// Steps 1 to 6 of the validation path; never raises for a bad token.
-    #[pyo3(signature = (token, audience, dpop_proof=None, http_method=None, http_uri=None, cert_thumbprint=None, now=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn validate(
-        &self,
-        py: Python<'_>,
-        token: &str,
-        audience: &str,
-        dpop_proof: Option<&str>,
-        http_method: Option<&str>,
-        http_uri: Option<&str>,
-        cert_thumbprint: Option<&str>,
-        now: Option<u64>,
-    ) -> Verdict {
-        let req = ValidateRequest {
-            token: token.as_bytes(),
-            audience,
-            dpop_proof: dpop_proof.map(str::as_bytes),
-            http_method,
-            http_uri,
-            cert_thumbprint,
-        };
+    /// Steps 1 to 6 of the validation path, the GIL released; never raises for a bad token.
+    #[pyo3(signature = (request, now=None))]
+    fn validate(&self, py: Python<'_>, request: &ValidateRequest, now: Option<u64>) -> PyResult<Verdict> {
+        let req = request.core();
         let now = now.unwrap_or_else(unix_now);
         let engine = &self.inner;
-        Verdict::from_result(py.allow_threads(|| engine.validate(&req, now)))
+        Verdict::from_result(py, py.allow_threads(|| engine.validate(&req, now)))
     }
 
-    /// Many validations in one call, the GIL released throughout. Each item is
-    /// `(token, audience, dpop_proof, http_method, http_uri, cert_thumbprint)`.
+    /// Many validations in one call, the GIL released throughout: token signatures, then
+    /// Ed25519 proof signatures, each verified as one batch.
     #[pyo3(signature = (requests, now=None))]
-    fn validate_batch(&self, py: Python<'_>, requests: Vec<BatchItem>, now: Option<u64>) -> Vec<Verdict> {
-        let reqs: Vec<ValidateRequest> = requests
-            .iter()
-            .map(|(token, audience, proof, method, uri, cert)| ValidateRequest {
-                token: token.as_bytes(),
-                audience,
-                dpop_proof: proof.as_deref().map(str::as_bytes),
-                http_method: method.as_deref(),
-                http_uri: uri.as_deref(),
-                cert_thumbprint: cert.as_deref(),
-            })
-            .collect();
+    fn validate_batch(
+        &self,
+        py: Python<'_>,
+        requests: Vec<PyRef<'_, ValidateRequest>>,
+        now: Option<u64>,
+    ) -> PyResult<Vec<Verdict>> {
+        let reqs: Vec<tokenbroker_core::ValidateRequest> = requests.iter().map(|r| r.core()).collect();
         let now = now.unwrap_or_else(unix_now);
         let engine = &self.inner;
         let results = py.allow_threads(|| engine.validate_batch(&reqs, now));
-        results.into_iter().map(Verdict::from_result).collect()
+        results.into_iter().map(|r| Verdict::from_result(py, r)).collect()
     }
 
     /// Drops every cached verification (after a key is retired elsewhere, say).
@@ -358,33 +518,20 @@ impl Engine {
         self.inner.token_cache().clear();
     }
 
-    /// Counters for metrics and tests: (cached tokens, replay keys marked, bloom filter
-    /// bytes, keys the bloom filter marked "maybe seen"). The engine holds no exact replay
-    /// record: the store does.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let (marked, maybe_seen) = self.inner.replay_cache().stats();
-        PyTuple::new(
-            py,
-            [
-                self.inner.token_cache().len() as u64,
-                marked,
-                self.inner.replay_cache().bloom().memory_bytes() as u64,
-                maybe_seen,
-            ],
-        )
+    /// The engine's counters.
+    fn stats(&self) -> EngineStats {
+        let (replay_marked, maybe_seen) = self.inner.replay_cache().stats();
+        EngineStats {
+            cached_tokens: self.inner.token_cache().len() as u64,
+            replay_marked,
+            bloom_bytes: self.inner.replay_cache().bloom().memory_bytes() as u64,
+            maybe_seen,
+        }
     }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn check_thumbprint(value: String, name: &str) -> Result<String, PyCoreError> {
-    if value.len() == 43 && tokenbroker_core::b64::decode(value.as_bytes()).is_some() {
-        Ok(value)
-    } else {
-        Err(Error::InvalidArgument(format!("{name} must be a base64url SHA-256 thumbprint (43 characters)")).into())
-    }
 }
 
 /// A client's DPoP key: signs one proof per request.
@@ -471,13 +618,24 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<KeySet>()?;
     m.add_class::<Engine>()?;
     m.add_class::<Verdict>()?;
+    m.add_class::<Claims>()?;
+    m.add_class::<ValidateRequest>()?;
+    m.add_class::<IssueRequest>()?;
+    m.add_class::<EngineStats>()?;
+    m.add_class::<Limits>()?;
     m.add_class::<SignedToken>()?;
     m.add_class::<ProofSigner>()?;
     m.add_function(wrap_pyfunction!(random_id, m)?)?;
     m.add_function(wrap_pyfunction!(reason_names, m)?)?;
     m.add_function(wrap_pyfunction!(jwk_thumbprint, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_htu, m)?)?;
-    m.add("MAX_TOKEN_BYTES", tokenbroker_core::jws::MAX_COMPACT_BYTES)?;
-    m.add("MAX_LIFETIME_SECONDS", tokenbroker_core::claims::MAX_LIFETIME_SECS)?;
+    let limits = Limits {
+        max_token_bytes: tokenbroker_core::jws::MAX_COMPACT_BYTES,
+        max_lifetime_seconds: MAX_LIFETIME_SECS,
+        max_claim_bytes: MAX_CLAIM_BYTES,
+        max_leeway_seconds: MAX_LEEWAY_SECS,
+        max_dpop_age_seconds: MAX_DPOP_AGE_SECS,
+    };
+    m.add("LIMITS", Py::new(m.py(), limits)?)?;
     Ok(())
 }
