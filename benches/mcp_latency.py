@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tokenbroker import Broker, Keyring
 from tokenbroker.client import BrokerClient
-from tokenbroker.issuance import public_jwk
+from tokenbroker.client_assertion import public_jwk
 from tokenbroker.mcp import BrokerAuth, Validator
 from tokenbroker.models import IssuedToken
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord

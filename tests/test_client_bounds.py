@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tokenbroker import Broker, Keyring, LimitPolicy, MemoryStore, ProofSigner, Reason, SessionLimit
+from tokenbroker import Broker, Keyring, LimitPolicy, MemoryStore, ProofSigner, Reason, SessionLimit, ValidateRequest
 from tokenbroker.client import BrokerClient
+from tokenbroker.client_assertion import make_client_assertion, public_jwk
+from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
-from tokenbroker.issuance import ClientAuthenticator, make_client_assertion, public_jwk
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 from tokenbroker.store.base import Remembered
@@ -49,12 +50,13 @@ def test_the_engine_passes_a_replayed_proof_and_leaves_the_decision_to_the_store
     signer, token = _dpop(broker)
     proof = _fresh_proof(signer, token, clock)
     now = int(clock.now)
-    first = broker._engine.validate(token, AUDIENCE, proof, "POST", AUDIENCE, None, now)
-    again = broker._engine.validate(token, AUDIENCE, proof, "POST", AUDIENCE, None, now)
+    request = ValidateRequest(token, audience=AUDIENCE, dpop_proof=proof, http_method="POST", http_uri=AUDIENCE)
+    first = broker.engine.validate(request, now)
+    again = broker.engine.validate(request, now)
     assert first.ok
     assert again.ok
     assert first.replay == again.replay  # the same key: the store refuses the second
-    assert broker._engine.stats()[3] == 1  # the bloom filter marked the second "maybe seen"
+    assert broker.engine.stats().maybe_seen == 1  # the bloom filter marked the second "maybe seen"
 
 
 def test_a_replayed_proof_is_refused_by_the_store_record():
@@ -93,7 +95,7 @@ def test_bloom_false_positives_never_refuse_a_fresh_proof():
     broker, clock = make_broker(replay_capacity=1, replay_fp_rate=0.4)  # a filter that saturates at once
     signer, token = _dpop(broker)
     answers = [_validate(broker, token, _fresh_proof(signer, token, clock)).reason for _ in range(200)]
-    assert broker._engine.stats()[3] > 0  # the filter did say "maybe seen" for fresh proofs
+    assert broker.engine.stats().maybe_seen > 0  # the filter did say "maybe seen" for fresh proofs
     assert set(answers) == {Reason.OK}
 
 
@@ -184,7 +186,13 @@ def test_evicted_sessions_are_purged_so_the_store_stays_bounded():
     store = MemoryStore()
     limit = SessionLimit(max_sessions=1, policy=LimitPolicy.EVICT_OLDEST)
     now = int(time.time())
-    args = {"audience": AUDIENCE, "session_id": None, "ttl_seconds": 3600, "limit": limit, "client_ip": ""}
+    args: dict[str, Any] = {
+        "audience": AUDIENCE,
+        "session_id": None,
+        "ttl_seconds": 3600,
+        "limit": limit,
+        "client_ip": "",
+    }
     for _ in range(20_000):
         store.open_session(client_id="noisy", now=now, **args)
     sizes = store.sizes()
@@ -344,7 +352,12 @@ def test_a_flooding_client_is_refused_while_its_neighbour_keeps_validating(
 
 def test_a_restarted_memory_store_broker_refuses_an_already_used_assertion(deployment: Deployment):
     signer = ProofSigner()
-    request = {"client_id": "quiet", "audience": AUDIENCE, "scopes": ["tools:call"], "dpop_jkt": signer.jkt}
+    request: dict[str, Any] = {
+        "client_id": "quiet",
+        "audience": AUDIENCE,
+        "scopes": ["tools:call"],
+        "dpop_jkt": signer.jkt,
+    }
     first = deployment.broker()
     assertion = deployment.assertion("quiet")  # signed once the first process serves: inside its epoch
     try:

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tokenbroker import Keyring, LimitPolicy, ProofSigner, Reason
 from tokenbroker.client import BrokerClient
+from tokenbroker.client_assertion import make_client_assertion, public_jwk
 from tokenbroker.errors import PermissionDeniedError, SessionLimitExceededError, StoreUnavailableError
-from tokenbroker.issuance import make_client_assertion, public_jwk
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 

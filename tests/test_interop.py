@@ -31,7 +31,9 @@ def test_our_tokens_verify_in_pyjwt_with_our_jwks():
 def test_our_tokens_verify_in_joserfc_with_our_jwks():
     broker, _ = make_broker()
     issued = broker.issue(client_id="agent", audience=AUDIENCE)
-    token = jose_jwt.decode(issued.access_token, JoseKeySet.import_key_set(broker.jwks()), algorithms=["EdDSA"])
+    # jwks() is a plain dict; joserfc types its parameter as a TypedDict of the same shape.
+    keys = JoseKeySet.import_key_set(broker.jwks())  # type: ignore[arg-type]
+    token = jose_jwt.decode(issued.access_token, keys, algorithms=["EdDSA"])
     assert token.claims["aud"] == AUDIENCE
     assert token.header["typ"] == "at+jwt"
 

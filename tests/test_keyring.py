@@ -5,7 +5,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tokenbroker import Keyring, _core
+from tokenbroker import Keyring
+from tokenbroker._core import KeySet, jwk_thumbprint
 from tokenbroker.errors import InvalidArgumentError, InvalidKeyError, UnknownKeyIdError
 
 # RFC 8037 Appendix A.1 private key and A.3 thumbprint.
@@ -14,8 +15,8 @@ RFC8037_X = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
 RFC8037_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
 
-def _pem(key: object) -> bytes:
-    return key.private_bytes(  # type: ignore[attr-defined]
+def _pem(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
@@ -23,7 +24,7 @@ def _pem(key: object) -> bytes:
 def test_default_kid_is_the_rfc7638_thumbprint():
     keyring = Keyring.from_jwk({"kty": "OKP", "crv": "Ed25519", "d": RFC8037_D, "x": RFC8037_X})
     assert keyring.active_kid == RFC8037_THUMBPRINT
-    assert _core.jwk_thumbprint(json.dumps({"kty": "OKP", "crv": "Ed25519", "x": RFC8037_X})) == RFC8037_THUMBPRINT
+    assert jwk_thumbprint(json.dumps({"kty": "OKP", "crv": "Ed25519", "x": RFC8037_X})) == RFC8037_THUMBPRINT
 
 
 def test_from_pem_reads_a_pkcs8_ed25519_key_and_keeps_an_explicit_kid():
@@ -84,6 +85,18 @@ def test_rotate_keeps_old_keys_and_retire_removes_them():
     assert keyring.kids == [new]
     with pytest.raises(UnknownKeyIdError):
         keyring.retire(old)
+
+
+def test_key_set_is_the_keyrings_own_set_not_a_copy():
+    """What a Broker hands its engine: rotation and retirement on the keyring show there."""
+    keyring = Keyring.generate()
+    keys = keyring.key_set
+    assert isinstance(keys, KeySet)
+    old = keyring.active_kid
+    new = keyring.rotate()
+    assert keys.active_kid == new
+    keyring.retire(old)
+    assert keys.kids() == keyring.kids == [new]
 
 
 def test_jwk_with_mismatched_public_part_is_rejected():

@@ -9,9 +9,9 @@ import structlog
 
 from tokenbroker.audit import AuditLog
 from tokenbroker.broker import Broker
+from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.config import Settings
-from tokenbroker.errors import InvalidArgumentError, InvalidKeyError
-from tokenbroker.issuance import ClientAuthenticator
+from tokenbroker.errors import InvalidKeyError
 from tokenbroker.keyring import Keyring
 from tokenbroker.metrics import Metrics
 from tokenbroker.models import SessionLimit
@@ -63,14 +63,8 @@ def load_keyring(settings: Settings) -> Keyring:
 def build_store(settings: Settings) -> tuple[Store, str]:
     if not settings.redis_url:
         return MemoryStore(max_replay_records_per_client=settings.max_replay_records_per_client), "memory"
-    try:
-        # Imported on use: the embedded mode needs no Redis client.
-        from tokenbroker.store.redis import RedisStore
-    except ImportError as exc:
-        raise InvalidArgumentError(
-            f"redis_url is set but the Redis store cannot be loaded ({exc}): install tokenbroker with its "
-            "dependencies, or unset redis_url to use the embedded store"
-        ) from None
+    # Imported on use: the embedded mode never loads the Redis client.
+    from tokenbroker.store.redis import RedisStore
 
     # from_url checks maxmemory-policy and creates the state epochs now (a failure is
     # logged and every call fails closed, naming the fix, until Redis is safe).

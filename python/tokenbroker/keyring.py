@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tokenbroker import _core
+from tokenbroker._core import KeySet
 
 
 class Keyring:
@@ -18,7 +18,7 @@ class Keyring:
 
     def __init__(self) -> None:
         """An empty keyring; use `generate`, `from_pem`, `from_jwk` or `load`."""
-        self._keys = _core.KeySet()
+        self._keys = KeySet()
 
     @classmethod
     def generate(cls) -> Keyring:
@@ -103,6 +103,13 @@ class Keyring:
     @property
     def kids(self) -> list[str]:
         return self._keys.kids()
+
+    @property
+    def key_set(self) -> KeySet:
+        """The engine's `KeySet` these keys live in: what a `Broker` hands its engine to
+        sign and verify with, so that rotation and retirement here take effect there at
+        once (the engine holds the same set, not a copy)."""
+        return self._keys
 
     def jwks(self) -> dict[str, Any]:
         """The public JWKS (RFC 7517) of every key that can still verify."""

@@ -10,7 +10,7 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tokenbroker import Broker, Keyring, MemoryStore
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
@@ -65,7 +65,7 @@ class InMemoryRegistry:
 
 
 class CredentialRefused(AuthenticationError):
-    """As `tokenbroker.issuance.CredentialRefusedError`: carries the deciding `.rule`."""
+    """As `tokenbroker.client_auth.CredentialRefusedError`: carries the deciding `.rule`."""
 
     def __init__(self, message: str, rule: str) -> None:
         super().__init__(message)
@@ -73,7 +73,7 @@ class CredentialRefused(AuthenticationError):
 
 
 class ClientRefused(ClientNotAllowedError):
-    """As `tokenbroker.issuance.ClientRefusedError`: carries the deciding `.rule`."""
+    """As `tokenbroker.client_auth.ClientRefusedError`: carries the deciding `.rule`."""
 
     def __init__(self, message: str, rule: str) -> None:
         super().__init__(message)
@@ -81,7 +81,7 @@ class ClientRefused(ClientNotAllowedError):
 
 
 class SecretAuthenticator:
-    """A minimal stand-in for `tokenbroker.issuance.ClientAuthenticator`: client secret only,
+    """A minimal stand-in for `tokenbroker.client_auth.ClientAuthenticator`: client secret only,
     the same error types and `.rule` names."""
 
     def __init__(self, registry: InMemoryRegistry) -> None:
@@ -94,7 +94,7 @@ class SecretAuthenticator:
         client_assertion: str | None,
         client_secret: str | None,
         audience: str,
-        scopes: Sequence[str],
+        scopes: Iterable[str],
         client_ip: str,
         dpop_jkt: str | None = None,
         cert_thumbprint: str | None = None,
@@ -270,9 +270,9 @@ def make_pki(directory: Path) -> Pki:
     server_key, server_cert = leaf(
         "localhost",
         [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        x509.ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.SERVER_AUTH,
     )
-    client_key, client_cert = leaf("server-mtls", [x509.DNSName("server-mtls")], x509.ExtendedKeyUsageOID.CLIENT_AUTH)
+    client_key, client_cert = leaf("server-mtls", [x509.DNSName("server-mtls")], ExtendedKeyUsageOID.CLIENT_AUTH)
     pki = Pki(
         directory / "ca.pem",
         directory / "server.pem",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import httpx
 
 from tokenbroker._core import ProofSigner
-from tokenbroker.issuance import PrivateKey, load_private_key, make_client_assertion
+from tokenbroker.client_assertion import PrivateKey, load_private_key, make_client_assertion
 from tokenbroker.models import IssuedToken
 
 if TYPE_CHECKING:

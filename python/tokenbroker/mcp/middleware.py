@@ -42,7 +42,7 @@ from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
-from tokenbroker.mcp.verifier import BrokerAccessToken, Validator, _validated
+from tokenbroker.mcp.verifier import BrokerAccessToken, Validator, validated_principal
 from tokenbroker.models import Validation
 from tokenbroker.reason import Reason
 
@@ -235,13 +235,13 @@ class BrokerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         token, inner = authenticated
-        validated = _validated.set(token)
+        validated = validated_principal.set(token)
         context = auth_context_var.set(inner["user"])
         try:
             await self.app(inner, receive, send)
         finally:
             auth_context_var.reset(context)
-            _validated.reset(validated)
+            validated_principal.reset(validated)
 
     def _exempt(self, path: str) -> bool:
         """Served without a token: under an exempt prefix, with no dot segment to climb out."""

@@ -87,7 +87,7 @@ class BrokerAccessToken(AccessToken):
 
 # The principal BrokerAuthMiddleware validated for the request being served (same task
 # and its children only): the verifier answers from it instead of validating again.
-_validated: contextvars.ContextVar[BrokerAccessToken | None] = contextvars.ContextVar(
+validated_principal: contextvars.ContextVar[BrokerAccessToken | None] = contextvars.ContextVar(
     "tokenbroker_mcp_validated", default=None
 )
 
@@ -124,7 +124,7 @@ class BrokerTokenVerifier:
         self.require_dpop = require_dpop
 
     async def verify_token(self, token: str) -> BrokerAccessToken | None:
-        checked = _validated.get()
+        checked = validated_principal.get()
         if checked is not None and checked.resource == self.audience and _same_token(checked.token, token):
             if not set(self.required_scopes).issubset(checked.scopes):
                 return None

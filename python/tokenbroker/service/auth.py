@@ -2,7 +2,7 @@
 admin, of the revocation RPCs) proves itself with an API key in metadata
 (`authorization: ApiKey <key>`) or with its mTLS client certificate, whose thumbprint
 (base64url SHA-256 of the DER) the registry knows. IssueToken needs no caller credential:
-the client authenticates itself (see `tokenbroker.issuance`); GetJwks is public."""
+the client authenticates itself (see `tokenbroker.client_auth`); GetJwks is public."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from tokenbroker import MemoryStore
+from tokenbroker.client_assertion import make_client_assertion, public_jwk
+from tokenbroker.client_auth import AUTH_FAILED, ClientAuthenticator
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
-from tokenbroker.issuance import AUTH_FAILED, ClientAuthenticator, make_client_assertion, public_jwk
 from tokenbroker.registry import ClientRecord, ClientStatus
 from tokenbroker.registry_file import FileRegistry, generate_secret, hash_secret
 
