@@ -25,10 +25,10 @@ from typing import Any
 import grpc
 
 from tokenbroker import Keyring
-from tokenbroker.bench.servers import free_port
 from tokenbroker.client import BrokerClient
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
+from tokenbroker_bench.servers import free_port
 
 ISSUER = "https://broker.bench.test"
 AUDIENCE = "https://mcp.bench.test/mcp"

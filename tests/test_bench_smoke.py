@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tokenbroker.bench import loadgen, report
 from tokenbroker.v1 import broker_pb2 as pb
+from tokenbroker_bench import loadgen, report
 
 
 def _require_redis() -> None:

@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tokenbroker import Broker, Keyring, MemoryStore, Validation
-from tokenbroker.bench.servers import free_port
 from tokenbroker.cli import main
-from tokenbroker.issuance import ClientAuthenticator
+from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.registry import ClientStatus
 from tokenbroker.registry_file import FileRegistry, hash_secret
+from tokenbroker_bench.servers import free_port
 
 AUDIENCE = "https://mcp.test/mcp"
 ISSUER = "https://broker.test"
@@ -261,6 +261,37 @@ def test_config_file_is_used_and_bad_settings_are_one_line(env: dict[str, str], 
     bad = {**env, "TOKENBROKER_DEFAULT_TTL_SECONDS": "0"}
     assert_one_line_error(run(bad, "clients", "list"), "default_ttl_seconds")
     assert_one_line_error(run(env, "--config", "missing.toml", "clients", "list"), "missing.toml")
+
+
+# -- what the CLI loads ---------------------------------------------------------------------------
+
+
+def test_help_loads_neither_grpc_nor_redis_nor_the_bench() -> None:
+    import subprocess
+
+    # A fresh interpreter: this one has grpc loaded already.
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from tokenbroker.cli import main\n"
+        "result = CliRunner().invoke(main, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "for name in ('bench', 'clients', 'keys', 'serve', 'servers', 'issue', 'validate', 'healthcheck'):\n"
+        "    assert f'  {name} ' in result.output, result.output\n"
+        "loaded = sorted(m for m in sys.modules if m.partition('.')[0] in ('grpc', 'redis', 'tokenbroker_bench'))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_bench_without_the_suite_says_how_to_install_it(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes an import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "tokenbroker_bench", None)
+    monkeypatch.setitem(sys.modules, "tokenbroker_bench.runner", None)
+    result = run(env, "bench", "--quick")
+    assert result.exit_code == 1
+    assert_one_line_error(result, "the benchmark suite is not installed", "`pip install -e benches` (or `make venv`)")
 
 
 # -- remote commands, against an in-process stand-in for BrokerClient -----------------------------

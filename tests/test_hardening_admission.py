@@ -24,7 +24,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tokenbroker import Keyring
-from tokenbroker.bench.servers import free_port
 from tokenbroker.client import BrokerClient
 from tokenbroker.errors import SessionLimitExceededError
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
@@ -32,6 +31,7 @@ from tokenbroker.registry_file import FileRegistry, hash_secret
 from tokenbroker.service import TlsFiles
 from tokenbroker.service.admission import AdmissionInterceptor, AdmissionLimits
 from tokenbroker.v1 import broker_pb2 as pb
+from tokenbroker_bench.servers import free_port
 
 from support.broker_process import BrokerProcess
 from support.grpc_servers import API_KEY as SUPPORT_API_KEY

@@ -29,16 +29,17 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tokenbroker import Keyring, MemoryStore, ProofSigner
-from tokenbroker.bench.servers import free_port
 from tokenbroker.cli import main
+from tokenbroker.client_assertion import make_client_assertion, public_jwk
+from tokenbroker.client_auth import AUTH_FAILED, ClientAuthenticator
 from tokenbroker.errors import AuthenticationError, RateLimitedError
-from tokenbroker.issuance import AUTH_FAILED, ClientAuthenticator, make_client_assertion, public_jwk
 from tokenbroker.ratelimit import KeyedBuckets, source_key
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, generate_secret, hash_secret
 from tokenbroker.store.base import Remembered
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
+from tokenbroker_bench.servers import free_port
 
 from support.broker_process import BrokerProcess
 
@@ -231,7 +232,7 @@ class ScriptedStore(MemoryStore):
         self.answer = answer
         self.asked: list[dict[str, Any]] = []
 
-    def remember(self, key: str, **kwargs: Any) -> Remembered:  # type: ignore[override]
+    def remember(self, key: str, **kwargs: Any) -> Remembered:
         self.asked.append({"key": key, **kwargs})
         return self.answer
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tokenbroker import Keyring, ProofSigner
 from tokenbroker.client import BrokerClient
-from tokenbroker.issuance import public_jwk
+from tokenbroker.client_assertion import public_jwk
 from tokenbroker.mcp import BrokerAuth
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret

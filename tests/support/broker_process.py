@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenbroker.bench.servers import free_port
+from tokenbroker_bench.servers import free_port
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
-from tokenbroker.bench.loadgen import LevelStats, percentile
 from tokenbroker.v1 import broker_pb2 as pb
+from tokenbroker_bench.loadgen import LevelStats, percentile
 
 MB = 1024 * 1024
 

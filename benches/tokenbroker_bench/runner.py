@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
 
-from tokenbroker.bench import loadgen, report
-from tokenbroker.bench.loadgen import Connection, LevelStats, RequestPool, RequestSupply
-from tokenbroker.bench.servers import (
+from tokenbroker_bench import loadgen, report
+from tokenbroker_bench.loadgen import Connection, LevelStats, RequestPool, RequestSupply
+from tokenbroker_bench.servers import (
     AUDIENCE,
     HTTP_METHOD,
     Credential,

@@ -3,16 +3,16 @@ grpcio server (same thread pool size as `tokenbroker serve`), doing nothing: eve
 validation answers a fixed valid response (echoing `request_id`, so streams can match
 answers). Its throughput is the transport's ceiling on this machine.
 
-    python -m tokenbroker.bench.reference_noop --port 50061"""
+    python -m tokenbroker_bench.reference_noop --port 50061"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from tokenbroker.bench import _reference
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
+from tokenbroker_bench import _reference
 
 # A response of the broker's size and shape; its values are placeholders.
 _FIXED: dict[str, Any] = {

@@ -14,7 +14,7 @@ with PyJWT and redis-py:
 It does less than the broker (no sessions, no revocation, no cache of verified tokens):
 a fair floor for "what you would get without it".
 
-    TOKENBROKER_BENCH_API_KEY=... python -m tokenbroker.bench.reference_pyjwt --port 50062 \\
+    TOKENBROKER_BENCH_API_KEY=... python -m tokenbroker_bench.reference_pyjwt --port 50062 \\
         --jwks jwks.json --issuer https://broker.bench.test --redis-url redis://127.0.0.1:6379/0"""
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import grpc  # type: ignore[import-untyped,unused-ignore]
 import jwt
 import redis
 
-from tokenbroker.bench import _reference
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
+from tokenbroker_bench import _reference
 
 API_KEY_ENV = "TOKENBROKER_BENCH_API_KEY"
 LEEWAY = 5

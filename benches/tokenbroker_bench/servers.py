@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from tokenbroker import ProofSigner
 from tokenbroker.client import BrokerClient
-from tokenbroker.issuance import make_client_assertion, public_jwk
+from tokenbroker.client_assertion import make_client_assertion, public_jwk
 from tokenbroker.keyring import Keyring
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, generate_secret, hash_secret
@@ -98,7 +98,7 @@ class ManagedProcess:
 
     def start(self) -> ManagedProcess:
         with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and redis-server, no shell)
+            self.process = subprocess.Popen(  # our own interpreter and redis-server, no shell
                 self.command,
                 env=self.env,
                 cwd=self.cwd,
@@ -364,7 +364,7 @@ class Deployment:
             extra[API_KEY_ENV] = self.api_key
         elif kind != "noop":
             raise ValueError(f"unknown reference server {kind!r}")
-        command = [sys.executable, "-m", f"tokenbroker.bench.reference_{kind}", *args]
+        command = [sys.executable, "-m", f"tokenbroker_bench.reference_{kind}", *args]
         process = ManagedProcess(f"reference_{kind}", command, self.workdir / f"reference-{kind}-{port}.log")
         process.env = _clean_env(extra)
         self.processes.add(process.start())
