@@ -1,6 +1,7 @@
 """Sessions, their limit and expiry, and revocation taking effect on the next validate."""
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_session_limit_rejects_the_next_session():
 
 
 def test_session_limit_evicts_the_oldest_by_policy():
-    broker, clock = make_broker(session_limit=SessionLimit(2, "evict_oldest"))
+    broker, clock = make_broker(session_limit=SessionLimit(2, "evict_oldest"))  # type: ignore[arg-type]  # the string form is accepted too
     oldest = broker.issue(client_id="c", audience=AUDIENCE)
     clock.advance(1)
     middle = broker.issue(client_id="c", audience=AUDIENCE)
@@ -197,7 +198,7 @@ def test_memory_store_forgets_expired_replay_records_as_traffic_goes_on():
     )
     for t in range(300):  # 20 records a second, each kept 60 s
         for i in range(20):
-            args = {
+            args: dict[str, Any] = {
                 "client_id": "c",
                 "session_id": session.session_id,
                 "audience": AUDIENCE,
@@ -206,3 +207,23 @@ def test_memory_store_forgets_expired_replay_records_as_traffic_goes_on():
             }
             assert store.check_token(**args, client_ip="", replay=((f"{t}-{i}", t + 60),), now=t) is Reason.OK
     assert len(store._replay) <= 20 * 61
+
+
+def test_required_scopes_may_be_a_string_or_a_one_shot_iterator():
+    broker, _ = make_broker()
+    issued = broker.issue(client_id="c", audience=AUDIENCE, scopes=["read"])
+    assert broker.validate(issued.access_token, audience=AUDIENCE, required_scopes="read").valid
+    lacking = broker.validate(issued.access_token, audience=AUDIENCE, required_scopes="read write")
+    assert (lacking.reason, lacking.detail) == (Reason.INSUFFICIENT_SCOPE, "token lacks scope: write")
+    # An iterator read once, even when another field sends the request down the lenient path.
+    answer = broker.validate(issued.access_token, audience=AUDIENCE, required_scopes=iter(["write"]), http_method=7)
+    assert answer.reason is Reason.INSUFFICIENT_SCOPE
+
+
+def test_an_empty_audience_is_the_callers_error_at_every_door():
+    broker, _ = make_broker()
+    issued = broker.issue(client_id="c", audience=AUDIENCE)
+    with pytest.raises(InvalidArgumentError):
+        broker.validate(issued.access_token, audience="")
+    with pytest.raises(InvalidArgumentError):
+        broker.validate_batch([{"token": issued.access_token, "audience": AUDIENCE}, {"token": "x", "audience": ""}])

@@ -62,7 +62,7 @@ def validate_request(
     http_uri: str | None = None,
     cert_thumbprint: str | None = None,
     client_ip: str | None = None,
-    required_scopes: Iterable[str] = (),
+    required_scopes: Iterable[str] | str = (),
     request_id: str = "",
 ) -> ValidateRequest | Validation:
     """The `ValidateRequest` for `Broker.validate`'s keyword arguments, or the refusal when
@@ -77,6 +77,13 @@ def validate_request(
         proof = _ascii_text(dpop_proof)
         if proof is None:
             return Validation.rejected(Reason.PROOF_INVALID, "DPoP proof is not ASCII text", rid)
+    if not isinstance(required_scopes, str | tuple | list):
+        # Read once: a one-shot iterator must not come back empty on the second try below
+        # (a request would then need no scope at all).
+        try:
+            required_scopes = tuple(required_scopes)
+        except TypeError:
+            return Validation.rejected(Reason.MALFORMED, "required_scopes is not a list of scopes", rid)
     try:
         return ValidateRequest(
             text,
@@ -86,7 +93,7 @@ def validate_request(
             http_uri=http_uri,
             cert_thumbprint=cert_thumbprint,
             client_ip=client_ip,
-            required_scopes=tuple(required_scopes),
+            required_scopes=required_scopes,  # a space-separated string is split
             request_id=rid,
         )
     except (TypeError, UnicodeError):  # e.g. a non-str method, a lone surrogate: never raise
@@ -103,7 +110,7 @@ def validate_request(
             http_uri=_text_or_none(http_uri),
             cert_thumbprint=_text_or_none(cert_thumbprint),
             client_ip=_text_or_none(client_ip),
-            required_scopes=tuple(required_scopes),
+            required_scopes=required_scopes,
             request_id=rid,
         )
     except (TypeError, UnicodeError):

@@ -1,64 +1,39 @@
 """`BrokerClient`: a remote broker over gRPC, with the method names of `Broker` (`issue`,
-`validate`, `validate_batch`, `revoke_session`, `revoke_client`, `revoke_token`,
-`sessions`, `jwks`) and their asyncio twins (`aissue`, `avalidate`, ...). It returns the
-same domain objects (`IssuedToken`, `Validation`, `Session`) and raises the same
-`tokenbroker.errors` exceptions, mapped back from the gRPC status:
+`issue_request`, `validate`, `validate_request`, `validate_batch`, `revoke_session`,
+`revoke_client`, `revoke_token`, `sessions`, `jwks`) and their asyncio twins (`aissue`,
+`avalidate`, ...). It builds the same request types (`IssueRequest`, `ValidateRequest`),
+returns the same domain objects (`IssuedToken`, `Validation`, `Session`) and raises the
+same `tokenbroker.errors` exceptions, mapped back from the gRPC status by
+`tokenbroker.status` (the table the servicer sends them by).
 
-    UNAUTHENTICATED -> AuthenticationError     PERMISSION_DENIED  -> PermissionDeniedError
-    INVALID_ARGUMENT -> InvalidArgumentError   RESOURCE_EXHAUSTED -> SessionLimitExceededError
-    NOT_FOUND -> SessionNotFoundError          UNAVAILABLE, DEADLINE_EXCEEDED -> StoreUnavailableError
-    anything else -> TokenBrokerError
-
-A broker that cannot be reached is UNAVAILABLE too: callers fail closed either way."""
+Because the request is built here, a request the broker would refuse for its own sake (a
+lifetime over the limit, two bindings, an empty audience) raises the same
+`InvalidArgumentError` before any call, and a token that is not text is answered here, as
+`Broker.validate` answers it. A broker that cannot be reached, or does not answer in time,
+is `StoreUnavailableError`: callers fail closed either way."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
 
-from tokenbroker.errors import (
-    AuthenticationError,
-    InvalidArgumentError,
-    PermissionDeniedError,
-    SessionLimitExceededError,
-    SessionNotFoundError,
-    StoreUnavailableError,
-    TokenBrokerError,
-)
+from tokenbroker._core import IssueRequest, ValidateRequest
+from tokenbroker.broker import BatchRequest, issue_request, validate_request
+from tokenbroker.errors import InvalidArgumentError, TokenBrokerError
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.reason import Reason
+from tokenbroker.status import error_for_status, status_name_of
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
 
-_ERROR_BY_STATUS: dict[str, type[TokenBrokerError]] = {
-    "UNAUTHENTICATED": AuthenticationError,
-    "PERMISSION_DENIED": PermissionDeniedError,
-    "INVALID_ARGUMENT": InvalidArgumentError,
-    "RESOURCE_EXHAUSTED": SessionLimitExceededError,
-    "NOT_FOUND": SessionNotFoundError,
-    "UNAVAILABLE": StoreUnavailableError,
-    "DEADLINE_EXCEEDED": StoreUnavailableError,
-}
-
-_VALIDATE_FIELDS = frozenset(
-    (
-        "token",
-        "audience",
-        "dpop_proof",
-        "http_method",
-        "http_uri",
-        "cert_thumbprint",
-        "client_ip",
-        "required_scopes",
-        "request_id",
-    )
-)
+# Statuses that say the broker failed, not the request: the message names the broker.
+_BROKER_FAILURES = frozenset(("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"))
 
 PathLike = str | os.PathLike[str]
 
@@ -112,77 +87,79 @@ def _sessions(message: pb.ListSessionsResponse, client_id: str) -> list[Session]
     ]
 
 
-def _validate_request(
-    token: str,
-    *,
-    audience: str,
-    dpop_proof: str | None = None,
-    http_method: str | None = None,
-    http_uri: str | None = None,
-    cert_thumbprint: str | None = None,
-    client_ip: str | None = None,
-    required_scopes: Sequence[str] = (),
-    request_id: str = "",
-) -> pb.ValidateTokenRequest:
-    if isinstance(required_scopes, str):
-        required_scopes = required_scopes.split()
+def _request_for(token: object, **fields: Any) -> ValidateRequest | Validation:
+    """`tokenbroker.broker.validate_request` for `validate`'s keyword arguments, except that
+    a `required_scopes` string is space-separated scopes, as this client has always read it."""
+    scopes = fields.get("required_scopes")
+    if isinstance(scopes, str):
+        fields["required_scopes"] = scopes.split()
+    return validate_request(token, **fields)
+
+
+def _validate_message(request: ValidateRequest) -> pb.ValidateTokenRequest:
+    """The wire form of a `ValidateRequest` (protobuf has no None: an absent field is "")."""
     return pb.ValidateTokenRequest(
-        token=token,
-        audience=audience,
-        dpop_proof=dpop_proof or "",
-        http_method=http_method or "",
-        http_uri=http_uri or "",
-        cert_thumbprint=cert_thumbprint or "",
-        client_ip=client_ip or "",
-        required_scopes=list(required_scopes),
-        request_id=request_id,
+        token=request.token,
+        audience=request.audience,
+        dpop_proof=request.dpop_proof or "",
+        http_method=request.http_method or "",
+        http_uri=request.http_uri or "",
+        cert_thumbprint=request.cert_thumbprint or "",
+        client_ip=request.client_ip or "",
+        required_scopes=request.required_scopes,
+        request_id=request.request_id,
     )
 
 
-def _batch_request(requests: Iterable[Mapping[str, Any]]) -> tuple[pb.ValidateTokenBatchRequest, list[str]]:
-    items, audiences = [], []
-    for n, item in enumerate(requests):
-        unknown = set(item) - _VALIDATE_FIELDS
-        if unknown or "token" not in item or "audience" not in item:
-            raise InvalidArgumentError(
-                f"batch request {n} needs `token` and `audience` and only the keyword arguments of validate"
-                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
-            )
-        fields = dict(item)
-        items.append(_validate_request(fields.pop("token"), **fields))
-        audiences.append(str(item["audience"]))
-    return pb.ValidateTokenBatchRequest(requests=items), audiences
-
-
-def _issue_request(
-    *,
-    client_id: str,
-    audience: str,
-    scopes: Iterable[str] = (),
-    ttl_seconds: int | None = None,
-    session_id: str | None = None,
-    dpop_jkt: str | None = None,
-    cert_thumbprint: str | None = None,
-    once: bool = False,
-    client_ip: str | None = None,
-    client_assertion: str | None = None,
-    client_secret: str | None = None,
+def _issue_message(
+    request: IssueRequest, client_assertion: str | None, client_secret: str | None
 ) -> pb.IssueTokenRequest:
-    if isinstance(scopes, str):
-        scopes = scopes.split()
+    """The wire form of an `IssueRequest` with the client's credential (an absent field is
+    empty: "", 0 for the broker's default lifetime)."""
     return pb.IssueTokenRequest(
-        client_id=client_id,
+        client_id=request.client_id,
         client_assertion=client_assertion or "",
         client_secret=client_secret or "",
-        audience=audience,
-        scopes=list(scopes),
-        ttl_seconds=ttl_seconds or 0,
-        session_id=session_id or "",
-        dpop_jkt=dpop_jkt or "",
-        cert_thumbprint=cert_thumbprint or "",
-        client_ip=client_ip or "",
-        once=once,
+        audience=request.audience,
+        scopes=request.scopes,
+        ttl_seconds=request.ttl_seconds or 0,
+        session_id=request.session_id or "",
+        dpop_jkt=request.dpop_jkt or "",
+        cert_thumbprint=request.cert_thumbprint or "",
+        client_ip=request.client_ip or "",
+        once=request.once,
     )
+
+
+def _batch_item(n: int, item: BatchRequest) -> ValidateRequest | Validation:
+    """One batch entry built: a `ValidateRequest` (or a `Validation`, already answered) is
+    taken as it is, a mapping is `token` plus the keyword arguments of `validate`."""
+    if isinstance(item, ValidateRequest | Validation):
+        return item
+    try:
+        return _request_for(**item)
+    except TypeError as exc:  # a missing or unknown keyword: said before any call
+        raise InvalidArgumentError(
+            f"batch request {n} needs `token` and `audience` and only the keyword arguments of validate ({exc})"
+        ) from None
+
+
+def _batch(requests: Iterable[BatchRequest]) -> tuple[list[ValidateRequest | Validation], pb.ValidateTokenBatchRequest]:
+    """Every entry built, and the batch message of those the broker has to answer. The call
+    is made even when none is left (an empty batch), so a caller the broker would refuse
+    is refused, as it always was."""
+    items = [_batch_item(n, item) for n, item in enumerate(requests)]
+    sent = [_validate_message(item) for item in items if isinstance(item, ValidateRequest)]
+    return items, pb.ValidateTokenBatchRequest(requests=sent)
+
+
+def _batch_answers(
+    items: list[ValidateRequest | Validation], response: pb.ValidateTokenBatchResponse
+) -> list[Validation]:
+    """The answers in the order of the requests: the broker's, and those answered here."""
+    sent = [item for item in items if isinstance(item, ValidateRequest)]
+    answers = iter([validation_from(r, q.audience) for r, q in zip(response.responses, sent, strict=True)])
+    return [item if isinstance(item, Validation) else next(answers) for item in items]
 
 
 class BrokerClient:
@@ -241,13 +218,11 @@ class BrokerClient:
         return self._astub
 
     def _error(self, exc: Any) -> TokenBrokerError:
-        code = exc.code()
-        name = getattr(code, "name", str(code))
+        name = status_name_of(exc)
         details = exc.details() or name
-        error_type = _ERROR_BY_STATUS.get(name, TokenBrokerError)
-        if name in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"):
+        if name in _BROKER_FAILURES:
             details = f"{details} (broker {self.target}: {name})"
-        return error_type(details)
+        return error_for_status(name)(details)
 
     def _call(self, method: str, request: Any) -> Any:
         try:
@@ -280,7 +255,7 @@ class BrokerClient:
     ) -> IssuedToken:
         """`Broker.issue` remotely, plus the client's credential: `client_assertion` (an
         RFC 7523 JWT signed by its registered key) or `client_secret`."""
-        request = _issue_request(
+        request = issue_request(
             client_id=client_id,
             audience=audience,
             scopes=scopes,
@@ -290,10 +265,14 @@ class BrokerClient:
             cert_thumbprint=cert_thumbprint,
             once=once,
             client_ip=client_ip,
-            client_assertion=client_assertion,
-            client_secret=client_secret,
         )
-        return _issued(self._call("IssueToken", request))
+        return self.issue_request(request, client_assertion=client_assertion, client_secret=client_secret)
+
+    def issue_request(
+        self, request: IssueRequest, *, client_assertion: str | None = None, client_secret: str | None = None
+    ) -> IssuedToken:
+        """`issue` for a request already built (the one `Broker.issue_request` takes)."""
+        return _issued(self._call("IssueToken", _issue_message(request, client_assertion, client_secret)))
 
     def validate(
         self,
@@ -310,7 +289,7 @@ class BrokerClient:
     ) -> Validation:
         """`Broker.validate` remotely, for the caller's own `audience`. A bad token is a
         `Validation` with a reason, never an exception."""
-        request = _validate_request(
+        request = _request_for(
             token,
             audience=audience,
             dpop_proof=dpop_proof,
@@ -321,14 +300,18 @@ class BrokerClient:
             required_scopes=required_scopes,
             request_id=request_id,
         )
-        return validation_from(self._call("ValidateToken", request), request.audience)
+        return request if isinstance(request, Validation) else self.validate_request(request)
 
-    def validate_batch(self, requests: Iterable[Mapping[str, Any]]) -> list[Validation]:
-        """Several validations in one call: each mapping holds `token` and the keyword
-        arguments of `validate`. Answers come in the order of the requests."""
-        request, audiences = _batch_request(requests)
-        response = self._call("ValidateTokenBatch", request)
-        return [validation_from(r, a) for r, a in zip(response.responses, audiences, strict=True)]
+    def validate_request(self, request: ValidateRequest) -> Validation:
+        """`validate` for a request already built (the one `Broker.validate_request` takes)."""
+        return validation_from(self._call("ValidateToken", _validate_message(request)), request.audience)
+
+    def validate_batch(self, requests: Iterable[BatchRequest]) -> list[Validation]:
+        """Several validations in one call: each request is a `ValidateRequest` or a mapping
+        of `token` and the keyword arguments of `validate`. Answers come in the order of
+        the requests."""
+        items, message = _batch(requests)
+        return _batch_answers(items, self._call("ValidateTokenBatch", message))
 
     def revoke_session(self, session_id: str) -> int:
         return int(self._call("RevokeSession", pb.RevokeSessionRequest(session_id=session_id)).revoked)
@@ -372,7 +355,7 @@ class BrokerClient:
         client_assertion: str | None = None,
         client_secret: str | None = None,
     ) -> IssuedToken:
-        request = _issue_request(
+        request = issue_request(
             client_id=client_id,
             audience=audience,
             scopes=scopes,
@@ -382,10 +365,13 @@ class BrokerClient:
             cert_thumbprint=cert_thumbprint,
             once=once,
             client_ip=client_ip,
-            client_assertion=client_assertion,
-            client_secret=client_secret,
         )
-        return _issued(await self._acall("IssueToken", request))
+        return await self.aissue_request(request, client_assertion=client_assertion, client_secret=client_secret)
+
+    async def aissue_request(
+        self, request: IssueRequest, *, client_assertion: str | None = None, client_secret: str | None = None
+    ) -> IssuedToken:
+        return _issued(await self._acall("IssueToken", _issue_message(request, client_assertion, client_secret)))
 
     async def avalidate(
         self,
@@ -400,7 +386,7 @@ class BrokerClient:
         required_scopes: Sequence[str] = (),
         request_id: str = "",
     ) -> Validation:
-        request = _validate_request(
+        request = _request_for(
             token,
             audience=audience,
             dpop_proof=dpop_proof,
@@ -411,12 +397,14 @@ class BrokerClient:
             required_scopes=required_scopes,
             request_id=request_id,
         )
-        return validation_from(await self._acall("ValidateToken", request), request.audience)
+        return request if isinstance(request, Validation) else await self.avalidate_request(request)
 
-    async def avalidate_batch(self, requests: Iterable[Mapping[str, Any]]) -> list[Validation]:
-        request, audiences = _batch_request(requests)
-        response = await self._acall("ValidateTokenBatch", request)
-        return [validation_from(r, a) for r, a in zip(response.responses, audiences, strict=True)]
+    async def avalidate_request(self, request: ValidateRequest) -> Validation:
+        return validation_from(await self._acall("ValidateToken", _validate_message(request)), request.audience)
+
+    async def avalidate_batch(self, requests: Iterable[BatchRequest]) -> list[Validation]:
+        items, message = _batch(requests)
+        return _batch_answers(items, await self._acall("ValidateTokenBatch", message))
 
     async def arevoke_session(self, session_id: str) -> int:
         return int((await self._acall("RevokeSession", pb.RevokeSessionRequest(session_id=session_id))).revoked)

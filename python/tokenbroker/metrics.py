@@ -57,10 +57,10 @@ class Metrics:
         self._http: tuple[Any, threading.Thread] | None = None
         # `labels()` costs microseconds per call on the validation path; the label sets are
         # few and fixed (methods, status codes, reasons), so their children are kept.
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[int | str, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key: tuple[int | str, ...] = (id(metric), *labels)  # the metrics live as long as this object
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

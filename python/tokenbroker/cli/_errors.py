@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 import click
 
 from tokenbroker.errors import TokenBrokerError
+from tokenbroker.status import status_name_of
 
 
 def one_line(exc: BaseException) -> str:
@@ -23,9 +24,8 @@ def fail(message: str) -> NoReturn:
 
 def rpc_error(exc: Any) -> str:
     """A grpc.RpcError as a sentence, with a hint when the broker is not reachable."""
-    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    name = status_name_of(exc)
     details = exc.details() if callable(getattr(exc, "details", None)) else None
-    name = getattr(code, "name", str(code))
     if name == "UNAVAILABLE":
         return f"the broker is not reachable ({details}): is `tokenbroker serve` running at that --target?"
     return f"the broker refused: {name}: {details}" if details else f"the broker refused: {name}"

@@ -377,6 +377,29 @@ impl Engine {
             .collect()
     }
 
+    /// `validate`, when it needs no signature check: a cached token presented without a
+    /// DPoP proof (the answer is then a few microseconds of work). None when a signature
+    /// must be verified: the caller calls `validate`, and may release its own locks for it.
+    pub fn validate_cached(&self, req: &ValidateRequest, now: u64) -> Option<Result<Validated, Rejection>> {
+        if req.dpop_proof.is_some_and(|p| !p.is_empty()) || req.token.len() > jws::MAX_COMPACT_BYTES {
+            return None;
+        }
+        let claims = self.cache_hit(&Sha256::digest(req.token).into(), now)?;
+        Some(match self.binding(&claims, req, now) {
+            Ok(Binding::Done) => Ok(self.validated(claims, req, None, now)),
+            Ok(Binding::Proof { .. }) => return None, // not reached: no proof was presented
+            Err(r) => Err(r),
+        })
+    }
+
+    /// The cached claims of the token whose SHA-256 is `cache_key`, when its key is still
+    /// the one that verified it.
+    fn cache_hit(&self, cache_key: &[u8; 32], now: u64) -> Option<Arc<AccessClaims>> {
+        let hit = self.cache.get(cache_key, now, self.cfg.leeway_secs)?;
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.verifying_key(&hit.kid).is_some_and(|k| k.as_bytes() == &hit.key).then_some(hit.claims)
+    }
+
     /// Structure, header, signature and claim shape: from the cache or checked now.
     fn verified_claims(&self, token: &[u8], now: u64) -> Result<Arc<AccessClaims>, Rejection> {
         match self.cached_or_parsed(token, now)? {
@@ -394,11 +417,8 @@ impl Engine {
             return Err(reject(Reason::TooLarge, format!("token is larger than {} bytes", jws::MAX_COMPACT_BYTES)));
         }
         let cache_key: [u8; 32] = Sha256::digest(token).into();
-        if let Some(hit) = self.cache.get(&cache_key, now, self.cfg.leeway_secs) {
-            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            if keys.verifying_key(&hit.kid).is_some_and(|k| k.as_bytes() == &hit.key) {
-                return Ok(Lookup::Cached(hit.claims));
-            }
+        if let Some(claims) = self.cache_hit(&cache_key, now) {
+            return Ok(Lookup::Cached(claims));
         }
         let compact = jws::parse(token, "token", Reason::Malformed)?;
         let h = &compact.header;

@@ -499,3 +499,24 @@ fn a_token_never_outlives_its_session() {
     assert_eq!(claims.exp, NOW + 300, "the engine's default lifetime");
     assert!(e.issue(&req, "s", NOW, NOW).is_err());
 }
+
+#[test]
+fn the_cached_path_answers_as_validate_does_and_only_without_a_signature_to_check() {
+    let e = engine();
+    let t = issue(&e, None, false);
+    let req = ValidateRequest { token: t.as_bytes(), audience: AUD, ..Default::default() };
+    assert!(e.validate_cached(&req, NOW).is_none(), "not cached yet: a signature to verify");
+    assert_eq!(validate(&e, &t, NOW), Ok(()));
+    assert!(e.validate_cached(&req, NOW).unwrap().is_ok());
+    let other = ValidateRequest { audience: "https://other/mcp", ..req };
+    assert_eq!(e.validate_cached(&other, NOW).unwrap().unwrap_err().reason, Reason::WrongAudience);
+    assert!(e.validate_cached(&req, NOW + 10_000).is_none(), "an expired entry leaves the cache");
+    assert_eq!(validate(&e, &t, NOW + 10_000), Err(Reason::Expired));
+    let client = ProofSigner::generate();
+    let bound = issue(&e, Some(Confirmation::DpopJkt(client.jkt().into())), false);
+    let proof = client.sign("POST", AUD, Some(bound.as_bytes()), NOW, "p1");
+    assert!(e.validate(&dpop_request(&bound, &proof), NOW).is_ok());
+    assert!(e.validate_cached(&dpop_request(&bound, &proof), NOW).is_none(), "a proof to verify");
+    let no_proof = ValidateRequest { token: bound.as_bytes(), audience: AUD, ..Default::default() };
+    assert_eq!(e.validate_cached(&no_proof, NOW).unwrap().unwrap_err().reason, Reason::ProofMissing);
+}
