@@ -32,7 +32,7 @@ ISSUER = "https://broker.example"
 
 def make_store(url: str, *, cluster: bool = False, prefix: str = "", **options: Any) -> RedisStore:
     prefix = prefix or f"s{uuid.uuid4().hex[:10]}"
-    return RedisStore.from_url(url, cluster=cluster, prefix=prefix, revocation_channel=f"{prefix}:rev", **options)
+    return RedisStore.from_url(url, cluster=cluster, prefix=prefix, **options)
 
 
 def now() -> int:
@@ -173,7 +173,7 @@ def test_replay_record_lost_by_a_failover_refuses_what_was_issued_before(tmp_pat
 def test_restarted_redis_with_its_state_intact_keeps_the_epoch_on_the_same_process(store: RedisStore) -> None:
     issued = now()
     next_second()
-    store.client.connection_pool.disconnect()  # new connections to the same process
+    store.client.connection_pool.disconnect()  # type: ignore[union-attr]  # standalone: a Redis; new connections
     assert remember(store, "assertion-1", issued_at=issued) is Remembered.NEW
     assert store.epoch_guard is not None
     assert store.epoch_guard.restamped == 0
@@ -202,7 +202,7 @@ def test_fresh_store_accepts_what_is_issued_after_it_started(redis_server: Redis
 def test_restarted_broker_keeps_the_existing_epoch(redis_server: RedisServer, store: RedisStore) -> None:
     issued = now()
     next_second()
-    again = RedisStore.from_url(redis_server.url, prefix=store.prefix, revocation_channel="x")
+    again = RedisStore.from_url(redis_server.url, prefix=store.prefix)
     assert again.prepare() == 0  # SET NX: nothing created, nothing issued earlier refused
     assert remember(again, "assertion-1", issued_at=issued) is Remembered.NEW
     again.close()
@@ -212,17 +212,18 @@ def test_cluster_revocation_lost_with_its_masters_state_refuses_the_token(redis_
     store = make_store(redis_cluster.url, cluster=True)
     try:
         session = open_session(store, "c1")
-        client_node = store.client.get_node_from_key(store.sessions_key("c1")).port
+        # A cluster store's client is a RedisCluster: it has get_node_from_key.
+        client_node = store.client.get_node_from_key(store.sessions_key("c1")).port  # type: ignore[union-attr]
         jti = next(
             j
             for j in (f"jti-{i}" for i in range(1000))
-            if store.client.get_node_from_key(store.revoked_token_key(j)).port != client_node
+            if store.client.get_node_from_key(store.revoked_token_key(j)).port != client_node  # type: ignore[union-attr]
         )
         issued = epoch_start(store, store.sessions_key("c1"))
         assert store.revoke_token(jti, until=now() + 600, now=now()) == 1
         assert check(store, session, jti=jti, issued_at=issued) is Reason.TOKEN_REVOKED
         next_second()
-        jti_node = store.client.get_node_from_key(store.revoked_token_key(jti)).port
+        jti_node = store.client.get_node_from_key(store.revoked_token_key(jti)).port  # type: ignore[union-attr]
         _command(jti_node, "FLUSHALL")  # that master alone loses its state
         assert check(store, session, jti=jti, issued_at=issued) is Reason.SESSION_UNKNOWN
         assert check(store, session, jti=jti) is Reason.OK  # a token issued after the loss
@@ -235,7 +236,8 @@ def test_cluster_master_that_lost_its_state_refuses_its_clients_stale_assertions
 ) -> None:
     store = make_store(redis_cluster.url, cluster=True)
     try:
-        ports = {c: store.client.get_node_from_key(store.records_key(c)).port for c in (f"c{i}" for i in range(50))}
+        # A cluster store's client is a RedisCluster: it has get_node_from_key.
+        ports = {c: store.client.get_node_from_key(store.records_key(c)).port for c in (f"c{i}" for i in range(50))}  # type: ignore[union-attr]
         lost = next(iter(ports.values()))
         victim = next(c for c, p in ports.items() if p == lost)
         bystander = next(c for c, p in ports.items() if p != lost)
@@ -334,7 +336,7 @@ def test_out_of_memory_redis_fails_closed_and_records_nothing(store: RedisStore)
 
 
 def store_port(store: RedisStore) -> int:
-    return int(store.client.connection_pool.connection_kwargs["port"])
+    return int(store.client.connection_pool.connection_kwargs["port"])  # type: ignore[union-attr]  # a standalone store
 
 
 # -- item 3: replicas --------------------------------------------------------------------------
@@ -394,7 +396,8 @@ def test_slow_broker_refuses_a_proof_after_the_fast_replicas_record_would_have_e
     # A proof is accepted until iat + max_age + leeway on the checking broker's clock and its
     # record was kept until iat + max_age + 2 * leeway + 1 on the fast broker's clock. The
     # broker 8 s behind accepts it until 8 s later than that: the record must still be there.
-    keyring, window = Keyring.generate(), {"dpop_max_age_seconds": 2, "leeway_seconds": 1}
+    keyring = Keyring.generate()
+    window: dict[str, Any] = {"dpop_max_age_seconds": 2, "leeway_seconds": 1}
     fast_store = make_store(redis_server.url, max_clock_skew_seconds=10)
     slow_store = make_store(redis_server.url, prefix=fast_store.prefix, max_clock_skew_seconds=10)
     fast = Broker(keyring, issuer=ISSUER, store=fast_store, **window)
@@ -628,9 +631,10 @@ def test_24_parallel_issue_token_calls_with_evict_oldest_never_get_unavailable(
         def one(_: int) -> str:
             start.wait()
             try:
-                return e2e_issue(
+                token_type: str = e2e_issue(
                     deployment, process, ProofSigner(), client_id="evicting", assertion_for="evicting"
                 ).token_type
+                return token_type
             except (StoreUnavailableError, SessionLimitExceededError) as exc:
                 return type(exc).__name__
 

@@ -4,7 +4,6 @@ Cluster. The same semantics as MemoryStore, fail-closed, one round trip per batc
 from __future__ import annotations
 
 import asyncio
-import queue
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,7 +26,7 @@ from tokenbroker.errors import (
 from tokenbroker.models import Session
 from tokenbroker.store import Store
 from tokenbroker.store.base import Remembered
-from tokenbroker.store.redis import RedisStore, Revocation, tag
+from tokenbroker.store.redis import RedisStore, tag
 
 from support.redis_servers import RedisCluster, RedisServer
 
@@ -50,9 +49,7 @@ class Backend:
 
     def store(self) -> RedisStore:
         """A new RedisStore (a new replica) on the same data."""
-        store = RedisStore.from_url(
-            self.url, cluster=self.cluster, prefix=self.prefix, revocation_channel=f"{self.prefix}:revocations"
-        )
+        store = RedisStore.from_url(self.url, cluster=self.cluster, prefix=self.prefix)
         self.made.append(store)
         return store
 
@@ -299,46 +296,6 @@ def test_session_reason_comes_before_token_revocation(store: RedisStore) -> None
     store.revoke_token("jti-1", until=NOW + 600, now=NOW)
     store.revoke_session(session.session_id, now=NOW)
     assert check(store, session, jti="jti-1") is Reason.SESSION_REVOKED
-
-
-def test_revocations_are_published_to_subscribers(backend: Backend) -> None:
-    store, listener = backend.store(), backend.store()
-    heard: queue.Queue[Revocation] = queue.Queue()
-    subscription = listener.subscribe_revocations(heard.put)
-    try:
-        session = open_session(store)
-        store.revoke_session(session.session_id, now=NOW + 1)
-        assert heard.get(timeout=2) == Revocation("session", session.session_id)
-        open_session(store)
-        store.revoke_client("client-1", now=NOW + 1)
-        assert heard.get(timeout=2) == Revocation("client", "client-1")
-        store.revoke_token("jti-9", until=NOW + 60, now=NOW)
-        assert heard.get(timeout=2) == Revocation("token", "jti-9")
-    finally:
-        subscription.stop()
-
-
-def test_evicted_sessions_are_published_as_session_revocations(backend: Backend) -> None:
-    store = backend.store()
-    heard: queue.Queue[Revocation] = queue.Queue()
-    subscription = store.subscribe_revocations(heard.put)
-    try:
-        limit = SessionLimit(1, LimitPolicy.EVICT_OLDEST)
-        first = open_session(store, limit=limit)
-        open_session(store, limit=limit)
-        assert heard.get(timeout=2) == Revocation("session", first.session_id)
-    finally:
-        subscription.stop()
-
-
-async def test_async_subscribers_hear_revocations(astore: RedisStore) -> None:
-    heard: asyncio.Queue[Revocation] = asyncio.Queue()
-    subscription = await astore.asubscribe_revocations(heard.put)
-    try:
-        assert await astore.arevoke_token("jti-7", until=NOW + 60, now=NOW) == 1
-        assert await asyncio.wait_for(heard.get(), 2) == Revocation("token", "jti-7")
-    finally:
-        await subscription.astop()
 
 
 # -- replay records and remember() ----------------------------------------------------------

@@ -1,7 +1,24 @@
-"""State stores: `MemoryStore` (embedded) and, for several replicas, `RedisStore`."""
+"""State stores: `MemoryStore` (embedded) and, for several replicas, `RedisStore`.
+
+`RedisStore` is loaded on first use (PEP 562): an embedded broker never imports the Redis
+client, and `from tokenbroker.store import RedisStore` works as before."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from tokenbroker.store.base import ReplayRecord, Store
 from tokenbroker.store.memory import MemoryStore
-from tokenbroker.store.redis import RedisStore
+
+if TYPE_CHECKING:
+    from tokenbroker.store.redis import RedisStore
 
 __all__ = ["MemoryStore", "RedisStore", "ReplayRecord", "Store"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisStore":
+        from tokenbroker.store.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from tokenbroker import _core
+from tokenbroker._core import random_id
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
 from tokenbroker.models import LimitPolicy, Session, SessionLimit
 from tokenbroker.reason import Reason
@@ -158,7 +158,7 @@ class MemoryStore:
                     )
                 for _ in range(count - limit.max_sessions + 1):
                     self._end(next(iter(live.values())), Reason.SESSION_REVOKED)
-            record = _SessionRecord(_core.random_id(), client_id, audience, now, now + ttl_seconds, now, client_ip)
+            record = _SessionRecord(random_id(), client_id, audience, now, now + ttl_seconds, now, client_ip)
             self._sessions[record.session_id] = record
             self._live_by_client.setdefault(client_id, {})[record.session_id] = record
             heapq.heappush(self._session_heap, (record.expires_at, record.session_id))

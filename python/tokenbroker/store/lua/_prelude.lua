@@ -1,4 +1,4 @@
--- Shared by every script (redis.py puts it after the shebang line of each one).
+-- Shared by every script (redis_scripts.py puts it after the shebang line of each one).
 -- The Redis process's run_id: new at every start and on every replica, so an epoch that
 -- names another process was restored or replicated (see epoch_restamp.lua).
 local function redis_run_id()

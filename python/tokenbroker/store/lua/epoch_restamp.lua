@@ -1,4 +1,4 @@
--- epoch_restamp: run by every new connection (redis.py `_EpochGuard`) before anything
+-- epoch_restamp: run by every new connection (redis_guards.py `EpochGuard`) before anything
 -- else. An epoch that names another Redis process than this one was restored from a
 -- snapshot or an AOF that may lack the last writes (a crash with `save` points or
 -- `appendfsync everysec`), or replicated to a replica now promoted by a failover: writes

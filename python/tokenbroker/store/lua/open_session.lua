@@ -8,8 +8,8 @@
 -- KEYS[5] the epoch of the client's slot
 -- KEYS[6] the client's ended (evicted) sessions (sorted set, member: session id, score: seq)
 -- ARGV[1] client_id  ARGV[2] audience  ARGV[3] now  ARGV[4] expires_at  ARGV[5] client_ip
--- ARGV[6] max_sessions  ARGV[7] policy ("reject" or "evict_oldest")  ARGV[8] revocation channel
--- ARGV[9] the new session id  ARGV[10] epoch id
+-- ARGV[6] max_sessions  ARGV[7] policy ("reject" or "evict_oldest")  ARGV[8] the new session id
+-- ARGV[9] epoch id
 -- Returns {"OK", ids to purge...} or {"LIMIT", live count}. All KEYS share the slot.
 -- Ids to purge: ended sessions beyond the last max_sessions; the caller deletes their hash
 -- and index and removes them from KEYS[6] (until it does, the next open returns them again).
@@ -20,7 +20,7 @@ local now = tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {'OK'}
 end
-epoch_start(KEYS[5], ARGV[10], redis_time())
+epoch_start(KEYS[5], ARGV[9], redis_time())
 
 -- Expired sessions leave both sets (bounded: the live set never exceeds the limit + 1).
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -43,7 +43,6 @@ if count >= max_sessions then
     local expires = redis.call('ZSCORE', KEYS[1], sid)
     redis.call('ZREM', KEYS[1], sid)
     redis.call('ZREM', KEYS[2], sid)
-    redis.call('PUBLISH', ARGV[8], cjson.encode({kind = 'session', id = sid}))
     redis.call('ZADD', KEYS[6], oldest[i + 1], sid)
     -- The ended set outlives every hash it names, so none is left without a purger.
     extend_ttl(KEYS[6], (tonumber(expires) or now) - now)
@@ -62,8 +61,8 @@ local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[4], 'client_id', ARGV[1], 'audience', ARGV[2], 'created_at', now,
   'expires_at', ARGV[4], 'last_seen_at', now, 'last_ip', ARGV[5], 'seq', seq)
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[4]) - now)
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[9])
-redis.call('ZADD', KEYS[2], seq, ARGV[9])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[8])
+redis.call('ZADD', KEYS[2], seq, ARGV[8])
 
 -- The sets live as long as the client's longest session; the counter never shortens (a
 -- client revocation marker compares against it, and must not outlive it).

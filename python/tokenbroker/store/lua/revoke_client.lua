@@ -3,9 +3,9 @@
 -- newest session now, and every session numbered up to it is revoked.
 -- KEYS[1] the client's live sessions  KEYS[2] opening-order set  KEYS[3] sequence counter
 -- KEYS[4] client revocation marker
--- ARGV[1] client_id  ARGV[2] now  ARGV[3] revocation channel
+-- ARGV[1] now
 -- Returns {"OK", count}. All KEYS share the client's hash tag.
-local now = tonumber(ARGV[2])
+local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local count = redis.call('ZCARD', KEYS[1])
 if count == 0 then
@@ -17,5 +17,4 @@ local keep = math.max(tonumber(top[2]) - now, redis.call('TTL', KEYS[4]))
 redis.call('SET', KEYS[4], redis.call('GET', KEYS[3]) or 0, 'EX', keep)
 extend_ttl(KEYS[3], keep)
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('PUBLISH', ARGV[3], cjson.encode({kind = 'client', id = ARGV[1]}))
 return {'OK', count}

@@ -1,7 +1,7 @@
 -- revoke_session: revokes one live session (and so every token issued in it).
 -- KEYS[1] the session's hash  KEYS[2] its client's live sessions  KEYS[3] opening-order set
 -- KEYS[4] client revocation marker
--- ARGV[1] session id  ARGV[2] client_id  ARGV[3] now  ARGV[4] revocation channel
+-- ARGV[1] session id  ARGV[2] client_id  ARGV[3] now
 -- Returns 1 when revoked now, 0 when unknown, expired or already revoked (or evicted).
 local now = tonumber(ARGV[3])
 local h = redis.call('HMGET', KEYS[1], 'client_id', 'audience', 'expires_at', 'revoked', 'seq')
@@ -12,5 +12,4 @@ end
 redis.call('HSET', KEYS[1], 'revoked', 'SESSION_REVOKED')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('PUBLISH', ARGV[4], cjson.encode({kind = 'session', id = ARGV[1]}))
 return 1

@@ -1,0 +1,201 @@
+"""The Redis store's validations on their way to Redis: the request of one check, batches
+of them, and coalescing. Concurrent `check_token` calls from threads (the sync gRPC
+server's workers) and concurrent `acheck_token` calls share pipelines: while one pipeline
+is in flight, new calls wait in a bounded queue and go together in the next one; each
+caller gets its own answer or exception."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from tokenbroker.errors import InvalidArgumentError, StoreUnavailableError
+from tokenbroker.reason import Reason
+from tokenbroker.store.base import ReplayRecord
+from tokenbroker.store.redis_errors import unavailable
+
+
+class CheckRequest(NamedTuple):
+    """One validation's store check: the keyword arguments of `check_token`."""
+
+    client_id: str
+    session_id: str
+    audience: str
+    jti: str
+    issued_at: int
+    client_ip: str
+    replay: tuple[ReplayRecord, ...]
+    now: int
+
+
+def check_requests(requests: Sequence[Mapping[str, Any]]) -> list[CheckRequest]:
+    """A batch's requests (mappings of `check_token`'s keyword arguments) as `CheckRequest`s;
+    `InvalidArgumentError` when one does not hold exactly those fields."""
+    try:
+        return [CheckRequest(**{**r, "replay": tuple(tuple(x) for x in r.get("replay", ()))}) for r in requests]
+    except TypeError as exc:
+        raise InvalidArgumentError(f"a check request must hold exactly the fields {CheckRequest._fields}") from exc
+
+
+def raise_first_error(results: list[Reason | StoreUnavailableError]) -> list[Reason]:
+    """A batch's answers, or the first error among them: a batch answers all or raises."""
+    reasons: list[Reason] = []
+    for result in results:
+        if isinstance(result, StoreUnavailableError):
+            raise result
+        reasons.append(result)
+    return reasons
+
+
+def _errors_for_each(exc: Exception, count: int) -> list[Reason | StoreUnavailableError]:
+    """What each of `count` callers gets when sending their batch raised `exc`: an error of
+    its own (never one instance shared by callers); a bug still refuses rather than hangs."""
+    if isinstance(exc, StoreUnavailableError):
+        return [StoreUnavailableError(*exc.args) for _ in range(count)]
+    return [unavailable("check_token", exc) for _ in range(count)]
+
+
+def _overloaded(max_pending: int) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"Redis store overloaded during check_token: {max_pending} validations already wait for Redis"
+    )
+
+
+class CheckCoalescer:
+    """Sends concurrent `acheck_token` calls together: one pipeline is in flight at a time;
+    calls that arrive meanwhile queue (at most `max_pending`) and go in the next pipeline
+    (at most `max_batch` each). Every caller gets its own answer or exception."""
+
+    def __init__(
+        self,
+        send: Callable[[list[CheckRequest]], Awaitable[list[Reason | StoreUnavailableError]]],
+        *,
+        max_batch: int,
+        max_pending: int,
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._pending: deque[tuple[CheckRequest, asyncio.Future[Reason]]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self.loop = asyncio.get_running_loop()
+        self.pipelines = 0  # pipelines sent, for tests and metrics
+
+    async def check(self, request: CheckRequest) -> Reason:
+        if len(self._pending) >= self._max_pending:
+            raise _overloaded(self._max_pending)
+        future: asyncio.Future[Reason] = self.loop.create_future()
+        self._pending.append((request, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self.loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        batch: list[tuple[CheckRequest, asyncio.Future[Reason]]] = []
+        try:
+            while self._pending:
+                count = min(len(self._pending), self._max_batch)
+                batch = [self._pending.popleft() for _ in range(count)]
+                batch = [(r, f) for r, f in batch if not f.done()]  # callers that gave up
+                if not batch:
+                    continue
+                self.pipelines += 1
+                try:
+                    results: list[Reason | StoreUnavailableError] = await self._send([r for r, _ in batch])
+                except Exception as exc:
+                    results = _errors_for_each(exc, len(batch))
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, StoreUnavailableError):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        except BaseException:
+            # Cancelled (the loop is shutting down): nobody may wait forever.
+            for _, future in [*batch, *self._pending]:
+                if not future.done():
+                    future.set_exception(unavailable("check_token"))
+            self._pending.clear()
+            raise
+
+
+class _Waiter:
+    """A thread waiting in `ThreadCheckCoalescer` for its answer, or for the lead."""
+
+    __slots__ = ("done", "event", "lead", "request", "result")
+
+    def __init__(self, request: CheckRequest) -> None:
+        self.request = request
+        self.event = threading.Event()
+        self.lead = False  # told to send the next pipeline
+        self.done = False
+        self.result: Reason | StoreUnavailableError = Reason.UNSPECIFIED
+
+
+class ThreadCheckCoalescer:
+    """The thread twin of `CheckCoalescer`, for the sync gRPC server's worker threads.
+    A caller that finds no pipeline in flight leads: it sends the queued checks (at most
+    `max_batch`) as one pipeline, answers each, then hands the lead to the oldest waiter
+    still queued, so no thread keeps flushing for the others. Every caller gets its own
+    answer or exception; past `max_pending` queued checks callers are refused at once."""
+
+    def __init__(
+        self,
+        send: Callable[[list[CheckRequest]], list[Reason | StoreUnavailableError]],
+        *,
+        max_batch: int,
+        max_pending: int,
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._lock = threading.Lock()
+        self._pending: deque[_Waiter] = deque()
+        self._leading = False
+        self.pipelines = 0  # pipelines sent, for tests and metrics
+
+    def check(self, request: CheckRequest) -> Reason:
+        waiter = _Waiter(request)
+        with self._lock:
+            if len(self._pending) >= self._max_pending:
+                raise _overloaded(self._max_pending)
+            self._pending.append(waiter)
+            if not self._leading:
+                self._leading = waiter.lead = True
+        while True:
+            if waiter.lead:
+                waiter.lead = False
+                self._lead_once()
+            if not waiter.done:
+                waiter.event.wait()
+                waiter.event.clear()
+            if waiter.done:
+                if isinstance(waiter.result, StoreUnavailableError):
+                    raise waiter.result
+                return waiter.result
+
+    def _lead_once(self) -> None:
+        with self._lock:
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
+        try:
+            self.pipelines += 1
+            try:
+                results = self._send([w.request for w in batch])
+            except Exception as exc:
+                results = _errors_for_each(exc, len(batch))
+            for waiter, result in zip(batch, results, strict=True):
+                waiter.result, waiter.done = result, True
+                waiter.event.set()
+        finally:
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.lead = True
+                    successor.event.set()
+                else:
+                    self._leading = False
