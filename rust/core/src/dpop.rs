@@ -49,8 +49,44 @@ enum ProofKey {
     P256(Box<p256::ecdsa::VerifyingKey>),
 }
 
+/// Decompressed Ed25519 proof keys by their encoding, with their RFC 7638 thumbprints. A
+/// client signs every proof with the same key, and decompressing it, checking its order
+/// and hashing its JWK cost about a sixth of a proof's verification (6 of 44 us measured).
+/// Bounded; each value is a pure function of its key, so no entry can be wrong, only
+/// missing.
+pub struct ProofKeyCache {
+    keys: quick_cache::sync::Cache<[u8; 32], (VerifyingKey, std::sync::Arc<str>)>,
+}
+
+impl ProofKeyCache {
+    pub fn new(capacity: usize) -> Self {
+        ProofKeyCache { keys: quick_cache::sync::Cache::new(capacity.max(1)) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn ed25519(&self, x: [u8; 32]) -> Result<(ProofKey, String), Rejection> {
+        if let Some((key, jkt)) = self.keys.get(&x) {
+            return Ok((ProofKey::Ed25519(key), jkt.to_string()));
+        }
+        let key = VerifyingKey::from_bytes(&x).map_err(|_| invalid("proof jwk is not an Ed25519 point"))?;
+        if key.is_weak() {
+            return Err(invalid("proof jwk is a small-order Ed25519 key"));
+        }
+        let jkt = okp_thumbprint(&x);
+        self.keys.insert(x, (key, std::sync::Arc::from(jkt.as_str())));
+        Ok((ProofKey::Ed25519(key), jkt))
+    }
+}
+
 /// Reads the proof's public `jwk`: OKP Ed25519 or EC P-256, never private or symmetric.
-fn public_key(jwk: &Map<String, Value>, alg: &str) -> Result<(ProofKey, String), Rejection> {
+fn public_key(jwk: &Map<String, Value>, alg: &str, cache: &ProofKeyCache) -> Result<(ProofKey, String), Rejection> {
     if jwk.contains_key("d") {
         return Err(invalid("proof 'jwk' contains a private key"));
     }
@@ -63,15 +99,7 @@ fn public_key(jwk: &Map<String, Value>, alg: &str) -> Result<(ProofKey, String),
     let kty = str_member(jwk, "kty", "proof jwk", Reason::ProofInvalid)?;
     let crv = jwk.get("crv").and_then(Value::as_str).unwrap_or("");
     match (alg, kty, crv) {
-        ("EdDSA", "OKP", "Ed25519") => {
-            let x = coord("x", 32)?;
-            let key = VerifyingKey::from_bytes(&x.clone().try_into().expect("32 bytes"))
-                .map_err(|_| invalid("proof jwk is not an Ed25519 point"))?;
-            if key.is_weak() {
-                return Err(invalid("proof jwk is a small-order Ed25519 key"));
-            }
-            Ok((ProofKey::Ed25519(key), okp_thumbprint(&x)))
-        }
+        ("EdDSA", "OKP", "Ed25519") => cache.ed25519(coord("x", 32)?.try_into().expect("32 bytes")),
         ("ES256", "EC", "P-256") => {
             let (x, y) = (coord("x", 32)?, coord("y", 32)?);
             let field = |v: &[u8]| p256::FieldBytes::from(<[u8; 32]>::try_from(v).expect("32 bytes"));
@@ -115,7 +143,7 @@ pub struct ParsedProof<'a> {
 }
 
 /// Steps of RFC 9449 section 4.3 before the signature: structure, `typ`, `alg`, `jwk`.
-pub fn parse_proof(proof: &[u8]) -> Result<ParsedProof<'_>, Rejection> {
+pub fn parse_proof<'a>(proof: &'a [u8], keys: &ProofKeyCache) -> Result<ParsedProof<'a>, Rejection> {
     let compact = jws::parse(proof, "proof", Reason::ProofInvalid)?;
     let h = &compact.header;
     if str_member(h, "typ", "proof header", Reason::ProofInvalid)? != "dpop+jwt" {
@@ -132,7 +160,7 @@ pub fn parse_proof(proof: &[u8]) -> Result<ParsedProof<'_>, Rejection> {
         Some(Value::Object(j)) => j,
         _ => return Err(invalid("proof 'jwk' is missing or not an object")),
     };
-    let (key, jkt) = public_key(jwk, alg)?;
+    let (key, jkt) = public_key(jwk, alg, keys)?;
     Ok(ParsedProof {
         key,
         jkt,
@@ -221,8 +249,9 @@ pub fn verify_proof(
     access_token: &[u8],
     now: u64,
     cfg: &DpopConfig,
+    keys: &ProofKeyCache,
 ) -> Result<VerifiedProof, Rejection> {
-    let parsed = parse_proof(proof)?;
+    let parsed = parse_proof(proof, keys)?;
     parsed.verify_signature()?;
     parsed.check_claims(http_method, http_uri, access_token, now, cfg)
 }

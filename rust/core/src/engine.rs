@@ -8,7 +8,7 @@
 use crate::b64;
 use crate::cache::{CachedToken, VerifiedTokenCache};
 use crate::claims::{is_scope_token, is_thumbprint, AccessClaims, Confirmation, MAX_CLAIM_BYTES, MAX_LIFETIME_SECS};
-use crate::dpop::{self, DpopConfig, ParsedProof, VerifiedProof};
+use crate::dpop::{self, DpopConfig, ParsedProof, ProofKeyCache, VerifiedProof};
 use crate::error::{reject, Error, Reason, Rejection};
 use crate::json;
 use crate::jws::{self, str_member};
@@ -23,6 +23,8 @@ use subtle::ConstantTimeEq;
 
 /// Leeway is for clock skew, not for policy: it may not exceed this.
 pub const MAX_LEEWAY_SECS: u64 = 60;
+/// Distinct clients' DPoP keys kept decompressed (about 200 bytes each).
+const PROOF_KEY_CACHE_CAPACITY: usize = 10_000;
 /// The oldest a DPoP proof may be allowed to be (its replay record lives this long).
 pub const MAX_DPOP_AGE_SECS: u64 = 600;
 /// Header parameters that must never be honoured (RFC 8725 section 3.10 and DESIGN.md).
@@ -173,6 +175,7 @@ pub struct Engine {
     keys: Arc<RwLock<KeySet>>,
     cfg: EngineConfig,
     cache: VerifiedTokenCache,
+    proof_keys: ProofKeyCache,
     replay: ReplayCache,
 }
 
@@ -219,7 +222,8 @@ impl Engine {
         let mut replay = cfg.replay;
         replay.window_secs = replay.window_secs.max(cfg.dpop.window_secs() + cfg.dpop.leeway_secs);
         let cache = VerifiedTokenCache::new(cfg.token_cache_capacity);
-        Ok(Engine { keys, cache, replay: ReplayCache::new(replay), cfg })
+        let proof_keys = ProofKeyCache::new(PROOF_KEY_CACHE_CAPACITY);
+        Ok(Engine { keys, cache, proof_keys, replay: ReplayCache::new(replay), cfg })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -500,7 +504,7 @@ impl Engine {
                         ))
                     }
                 };
-                Ok(Binding::Proof { parsed: dpop::parse_proof(proof)?, method, uri })
+                Ok(Binding::Proof { parsed: dpop::parse_proof(proof, &self.proof_keys)?, method, uri })
             }
             // A token binds to a DPoP key or a certificate, never both: a proof presented
             // with a certificate-bound token claims a binding the token does not have.

@@ -520,3 +520,21 @@ fn the_cached_path_answers_as_validate_does_and_only_without_a_signature_to_chec
     let no_proof = ValidateRequest { token: bound.as_bytes(), audience: AUD, ..Default::default() };
     assert_eq!(e.validate_cached(&no_proof, NOW).unwrap().unwrap_err().reason, Reason::ProofMissing);
 }
+
+// The proof-key cache holds keys, never verdicts: a known key's next proof is still
+// verified in full.
+#[test]
+fn a_cached_proof_key_still_has_every_proof_verified() {
+    let e = engine();
+    let client = ProofSigner::generate();
+    let t = issue(&e, Some(Confirmation::DpopJkt(client.jkt().into())), false);
+    let first = client.sign("POST", AUD, Some(t.as_bytes()), NOW, &rand_jti());
+    assert!(e.validate(&dpop_request(&t, &first), NOW).is_ok(), "the key is now cached");
+    let mut forged = client.sign("POST", AUD, Some(t.as_bytes()), NOW, &rand_jti());
+    let at = forged.len() - 5;
+    let replacement = if &forged[at..at + 1] == "A" { "B" } else { "A" };
+    forged.replace_range(at..at + 1, replacement);
+    assert_eq!(e.validate(&dpop_request(&t, &forged), NOW).unwrap_err().reason, Reason::ProofInvalid);
+    let other = client.sign("GET", AUD, Some(t.as_bytes()), NOW, &rand_jti());
+    assert_eq!(e.validate(&dpop_request(&t, &other), NOW).unwrap_err().reason, Reason::ProofInvalid, "htm");
+}
