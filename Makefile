@@ -5,31 +5,90 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# The machine's own CPU features (AVX2/AVX-512 for curve25519-dalek's SIMD backend, SHA-NI).
-export RUSTFLAGS ?= -C target-cpu=native
+
+# Builds are portable (no -C target-cpu): `make bench` alone adds the machine's own CPU
+# features. They add little to the crypto, which picks its fastest code at run time through
+# `cpufeatures` in a portable build too: curve25519-dalek 4 compiles its AVX2 backend into
+# every x86_64 build and selects it on a CPU with AVX2 (its AVX-512 IFMA backend needs a
+# nightly compiler, native or not); sha2 selects SHA-NI and AVX2 the same way. What native
+# adds: those checks become constants, and the compiler may use AVX2, BMI2 and ADX (mulx,
+# adcx) in all the other code: curve25519's serial field arithmetic (point decompression,
+# inversion; the AVX2 backend covers scalar multiplication), p256 (ES256 proofs), JSON and
+# base64. `make bench-cpu` measures both builds side by side.
+NATIVE_RUSTFLAGS := -C target-cpu=native
 
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
-PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
+BUILD_INPUTS := $(VENV)/.installed $(RUST_SOURCES) pyproject.toml
+# The Python that ruff checks and formats (benches/ holds the tokenbroker_bench package too).
+PY_PATHS := python tests benches examples scripts
+
+# The venv holds one build of tokenbroker._core at a time, and each kind has a marker:
+#   .built-release  portable release build (fat LTO)   make build: test, run, demo, test-mcp1
+#   .built-dev      debug build, dependencies optimised make build-dev: lint's build on a fresh tree
+#   .built-native   release, -C target-cpu=native       make bench
+# A build first removes the other kinds' markers (and `.built`, older Makefiles' marker of a
+# native build), so no marker vouches for a build that was replaced, nor for a failed one.
+BUILT_RELEASE := $(VENV)/.built-release
+BUILT_DEV := $(VENV)/.built-dev
+BUILT_NATIVE := $(VENV)/.built-native
+ALL_BUILT := $(BUILT_RELEASE) $(BUILT_DEV) $(BUILT_NATIVE) $(VENV)/.built
+
+# Empty when redis-server and redis-cli are on PATH: `make redis` then runs no apt-get at all.
+REDIS_MISSING := $(shell command -v redis-server >/dev/null && command -v redis-cli >/dev/null || echo yes)
+
+# criterion's options for `make bench-cpu`; a bench name among them filters, e.g.
+#   make bench-cpu CRITERION_ARGS='--warm-up-time 0.2 --measurement-time 0.5 validate_warm'
+CRITERION_ARGS ?= --warm-up-time 1 --measurement-time 3
+CORE_BENCH := cargo bench -p tokenbroker-core --bench core --
 
 
-.PHONY: help venv build run demo bench test test-rust test-python test-mcp1 lint fmt redis clean proto
+.PHONY: help venv build build-dev build-native build-any run demo bench bench-cpu test test-rust test-python \
+	test-mcp1 lint fmt redis clean proto
 
 help: ## Show this help
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml benches/pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.5,<2" $$($(PY) scripts/deps.py dev mcp bench)
+	$(PY) -m pip install -q -e benches --no-deps  # tokenbroker_bench: the load generator, not in the wheel
 	@touch $@
 
 venv: $(VENV)/.installed ## Create the virtualenv with every dependency
 
-$(VENV)/.built: $(VENV)/.installed $(RUST_SOURCES) pyproject.toml
+$(BUILT_RELEASE): $(BUILD_INPUTS)
+	@rm -f $(filter-out $@,$(ALL_BUILT))
 	$(VENV)/bin/maturin develop --release --quiet
 	@touch $@
 
-build: $(VENV)/.built ## Build the Rust extension (release) into the venv
+$(BUILT_DEV): $(BUILD_INPUTS)
+	@rm -f $(filter-out $@,$(ALL_BUILT))
+	$(VENV)/bin/maturin develop --quiet
+	@touch $@
+
+# Its own target directory: the native flags would otherwise rebuild target/release each time.
+$(BUILT_NATIVE): $(BUILD_INPUTS)
+	@rm -f $(filter-out $@,$(ALL_BUILT))
+	CARGO_TARGET_DIR=$(CURDIR)/target/native RUSTFLAGS="$(NATIVE_RUSTFLAGS)" $(VENV)/bin/maturin develop --release --quiet
+	@touch $@
+
+build: $(BUILT_RELEASE) ## Build the Rust extension (portable release) into the venv
+
+build-dev: $(BUILT_DEV) ## Build the Rust extension (debug, quick to build) into the venv
+
+build-native: $(BUILT_NATIVE) ## Build the Rust extension (release, this CPU's features) into the venv
+
+# lint needs tokenbroker._core in the venv (mypy.stubtest imports it), not a fast one: it takes
+# whichever build is current (release, native or dev) and builds the quick debug one only when
+# none is. So CI's `make test` then `make lint` builds release once, while `make lint` on a
+# fresh tree builds dev. `make -q` answers "up to date?" by its exit code, building nothing.
+build-any:
+	@if $(MAKE) -q $(BUILT_RELEASE) || $(MAKE) -q $(BUILT_NATIVE) || $(MAKE) -q $(BUILT_DEV); then \
+		echo "lint: using the build already in $(VENV)"; \
+	else \
+		$(MAKE) --no-print-directory build-dev; \
+	fi
 
 run: build ## Build, then start the broker (embedded store, demo client and server registered)
 	$(VENV)/bin/tokenbroker serve --demo
@@ -41,7 +100,14 @@ proto: ## Regenerate python/tokenbroker/v1 from proto/tokenbroker/v1/broker.prot
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=python --pyi_out=python --grpc_python_out=python proto/tokenbroker/v1/broker.proto
 
 redis: ## Install Debian's redis-server when missing (needs root)
-	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+ifneq ($(REDIS_MISSING),)
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "redis-server and redis-cli are missing: the tests start their own. Install Debian's" \
+			"redis-server package (sudo apt-get install redis-server) or run 'make redis' as root." >&2; \
+		exit 1; \
+	fi
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+endif
 
 test-rust: ## Rust tests
 	cargo test --workspace --exclude tokenbroker-py
@@ -50,7 +116,8 @@ test-python: build redis ## Python tests (starts its own redis-server processes)
 	$(PY) -m pytest
 	$(PY) -m pytest benches -q --benchmark-disable  # each benchmark body once: the bench code cannot rot
 
-# mcp 1.x (FastMCP) is supported too: its own venv, the same built extension via PYTHONPATH.
+# mcp 1.x (FastMCP) is supported too: its own venv, the same built extension via PYTHONPATH
+# (and tokenbroker_bench from benches/, which the tests' support code imports).
 MCP1_VENV ?= .venv-mcp1
 $(MCP1_VENV)/.installed: pyproject.toml
 	@test -x $(MCP1_VENV)/bin/python || python3 -m venv $(MCP1_VENV)
@@ -59,30 +126,49 @@ $(MCP1_VENV)/.installed: pyproject.toml
 	@touch $@
 
 test-mcp1: build redis $(MCP1_VENV)/.installed ## The MCP integration suites under mcp 1.x
-	PYTHONPATH=$(CURDIR)/python $(MCP1_VENV)/bin/python -m pytest tests/test_mcp_unit.py tests/test_mcp_e2e.py -q
+	PYTHONPATH=$(CURDIR)/python:$(CURDIR)/benches $(MCP1_VENV)/bin/python -m pytest tests/test_mcp_unit.py tests/test_mcp_e2e.py -q
 
-test: test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
+# redis first: a machine that cannot get redis-server fails at once, not after the Rust tests.
+test: redis test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
 
-bench: build redis ## Benchmarks with same-run baselines -> benches/results/ (under 10 minutes)
-	cargo bench -p tokenbroker-core --bench core -- --warm-up-time 1 --measurement-time 3
+# The core's benches built portable and native, each in its own target directory (so neither
+# rebuilds the other), then one table. $(1): a Markdown file to write the table to, or nothing.
+# The directories are absolute: criterion resolves a relative one from the crate's folder.
+define bench_cpu
+	@mkdir -p target && touch target/bench-cpu.started
+	CARGO_TARGET_DIR=$(CURDIR)/target/portable $(CORE_BENCH) $(CRITERION_ARGS)
+	CARGO_TARGET_DIR=$(CURDIR)/target/native RUSTFLAGS="$(NATIVE_RUSTFLAGS)" $(CORE_BENCH) $(CRITERION_ARGS)
+	python3 scripts/bench_cpu_table.py target/portable/criterion target/native/criterion \
+		--since target/bench-cpu.started $(if $(1),-o $(1))
+endef
+
+bench-cpu: ## The core's criterion benches, portable vs -C target-cpu=native, side by side
+	$(call bench_cpu,)
+
+# The embedded benches run on the native build; report.py compares them with the native core.
+bench: build-native redis ## Benchmarks with same-run baselines -> benches/results/ (under 10 minutes)
+	$(call bench_cpu,benches/results/core-cpu.md)
 	$(PY) -m pytest benches -q --benchmark-enable --benchmark-only --benchmark-json=benches/results/embedded.json \
 		--benchmark-min-rounds=5 --benchmark-max-time=0.5
-	$(PY) benches/report.py benches/results/embedded.json
+	$(PY) benches/report.py benches/results/embedded.json --criterion target/native/criterion
 	$(PY) benches/mcp_latency.py --json benches/results/mcp-latency.json | tee benches/results/mcp-latency.md
 	$(VENV)/bin/tokenbroker bench --duration 3 --warmup 0.5 --soak 60 --soak-warmup 65 --out benches/results
 
-lint: build ## ruff, mypy, stubtest, clippy, rustfmt
-	$(VENV)/bin/ruff check python tests benches examples
-	$(VENV)/bin/ruff format --check python tests benches examples
+# mypy runs twice: benches/conftest.py and tests/conftest.py are both the top-level module
+# `conftest` (see [tool.mypy] in pyproject.toml), which one run cannot hold.
+lint: build-any ## ruff, mypy (package, tests, benches), stubtest, clippy, rustfmt
+	$(VENV)/bin/ruff check $(PY_PATHS)
+	$(VENV)/bin/ruff format --check $(PY_PATHS)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy benches
 	$(PY) -m mypy.stubtest tokenbroker._core
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all --check
 
 fmt: ## Format Rust and Python
 	cargo fmt --all
-	$(VENV)/bin/ruff format python tests
-	$(VENV)/bin/ruff check --fix python tests
+	$(VENV)/bin/ruff format $(PY_PATHS)
+	$(VENV)/bin/ruff check --fix $(PY_PATHS)
 
 clean: ## Remove build output and the venv
 	rm -rf target $(VENV) $(MCP1_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -27,8 +27,9 @@ from tokenbroker.client_assertion import public_jwk
 from tokenbroker.mcp import BrokerAuth
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
+from tokenbroker_bench.servers import free_port
 
-from support.broker_process import BrokerProcess, free_port
+from support.broker_process import BrokerProcess
 
 try:  # mcp 2.x
     from mcp.shared.exceptions import MCPError as SdkError

@@ -99,7 +99,8 @@ def issue(
     stub: Any, *, audience: str = AUDIENCE, metadata: Any = (), client_id: str = CLIENT_ID, **fields: Any
 ) -> pb.IssueTokenResponse:
     request = pb.IssueTokenRequest(client_id=client_id, client_secret=CLIENT_SECRET, audience=audience, **fields)
-    return stub.IssueToken(request, timeout=TIMEOUT, metadata=metadata)
+    response: pb.IssueTokenResponse = stub.IssueToken(request, timeout=TIMEOUT, metadata=metadata)
+    return response
 
 
 def validate(stub: Any, token: str, *, audience: str = AUDIENCE, metadata: Any = API_KEY_MD, **fields: Any) -> Any:

@@ -215,8 +215,9 @@ def test_required_scopes_may_be_a_string_or_a_one_shot_iterator():
     assert broker.validate(issued.access_token, audience=AUDIENCE, required_scopes="read").valid
     lacking = broker.validate(issued.access_token, audience=AUDIENCE, required_scopes="read write")
     assert (lacking.reason, lacking.detail) == (Reason.INSUFFICIENT_SCOPE, "token lacks scope: write")
-    # An iterator read once, even when another field sends the request down the lenient path.
-    answer = broker.validate(issued.access_token, audience=AUDIENCE, required_scopes=iter(["write"]), http_method=7)
+    # An iterator read once, even when another field sends the request down the lenient path
+    # (both arguments of the wrong type on purpose).
+    answer = broker.validate(issued.access_token, audience=AUDIENCE, required_scopes=iter(["write"]), http_method=7)  # type: ignore[arg-type]
     assert answer.reason is Reason.INSUFFICIENT_SCOPE
 
 
