@@ -13,14 +13,15 @@ checked), and gets the same answers: `Validation` and `IssuedToken`."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Unpack
 
 from tokenbroker._core import LIMITS, Claims, Engine, IssueRequest, ValidateRequest, Verdict
 from tokenbroker.errors import InvalidArgumentError, SessionNotFoundError
 from tokenbroker.keyring import Keyring
 from tokenbroker.models import IssuedToken, Session, SessionLimit, Validation
 from tokenbroker.reason import BY_NUMBER, Reason
+from tokenbroker.requests import IssueFields, ValidateFields, issue_request, validate_request
 from tokenbroker.store.base import Store
 from tokenbroker.store.memory import MemoryStore
 
@@ -39,124 +40,6 @@ _STATE_DETAILS = {
         "refused rather than forgetting one; retry once older ones expire"
     ),
 }
-
-
-def _ascii_text(value: object) -> str | None:
-    """A token or proof as ASCII text (str or bytes), or None when it cannot be one."""
-    if isinstance(value, str):
-        return value if value.isascii() else None
-    if isinstance(value, bytes | bytearray | memoryview):
-        try:
-            return bytes(value).decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    return None
-
-
-def validate_request(
-    token: object,
-    *,
-    audience: str,
-    dpop_proof: object = None,
-    http_method: str | None = None,
-    http_uri: str | None = None,
-    cert_thumbprint: str | None = None,
-    client_ip: str | None = None,
-    required_scopes: Iterable[str] | str = (),
-    request_id: str = "",
-) -> ValidateRequest | Validation:
-    """The `ValidateRequest` for `Broker.validate`'s keyword arguments, or the refusal when
-    a field cannot be one (a token that is not text is an answer, never an exception).
-    Raises `InvalidArgumentError` for an empty audience: the caller's own configuration."""
-    rid = request_id if isinstance(request_id, str) else ""
-    text = _ascii_text(token)
-    if text is None:
-        return Validation.rejected(Reason.MALFORMED, "token is not ASCII text", rid)
-    proof = None
-    if dpop_proof is not None and dpop_proof != "":
-        proof = _ascii_text(dpop_proof)
-        if proof is None:
-            return Validation.rejected(Reason.PROOF_INVALID, "DPoP proof is not ASCII text", rid)
-    if not isinstance(required_scopes, str | tuple | list):
-        # Read once: a one-shot iterator must not come back empty on the second try below
-        # (a request would then need no scope at all).
-        try:
-            required_scopes = tuple(required_scopes)
-        except TypeError:
-            return Validation.rejected(Reason.MALFORMED, "required_scopes is not a list of scopes", rid)
-    try:
-        return ValidateRequest(
-            text,
-            audience=audience,
-            dpop_proof=proof,
-            http_method=http_method,
-            http_uri=http_uri,
-            cert_thumbprint=cert_thumbprint,
-            client_ip=client_ip,
-            required_scopes=required_scopes,  # a space-separated string is split
-            request_id=rid,
-        )
-    except (TypeError, UnicodeError):  # e.g. a non-str method, a lone surrogate: never raise
-        pass
-    # Off the hot path: an optional field that is not text is absent (the engine then
-    # refuses what needed it, e.g. a DPoP proof without its method); anything else that
-    # is not text is a malformed request.
-    try:
-        return ValidateRequest(
-            text,
-            audience=audience,
-            dpop_proof=proof,
-            http_method=_text_or_none(http_method),
-            http_uri=_text_or_none(http_uri),
-            cert_thumbprint=_text_or_none(cert_thumbprint),
-            client_ip=_text_or_none(client_ip),
-            required_scopes=required_scopes,
-            request_id=rid,
-        )
-    except (TypeError, UnicodeError):
-        return Validation.rejected(Reason.MALFORMED, "request fields are not text", rid)
-
-
-def _text_or_none(value: object) -> str | None:
-    """`value` when it is text the engine can take (UTF-8 encodable), else None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return value
-
-
-def issue_request(
-    *,
-    client_id: str,
-    audience: str,
-    scopes: Iterable[str] | str = (),
-    ttl_seconds: int | None = None,
-    session_id: str | None = None,
-    dpop_jkt: str | None = None,
-    cert_thumbprint: str | None = None,
-    once: bool = False,
-    client_ip: str | None = None,
-) -> IssueRequest:
-    """The `IssueRequest` for `Broker.issue`'s keyword arguments. Raises
-    `InvalidArgumentError` for a request no store needs to see (lifetime, ids, scopes,
-    binding)."""
-    try:
-        return IssueRequest(
-            client_id=client_id,
-            audience=audience,
-            scopes=scopes,
-            ttl_seconds=ttl_seconds,
-            session_id=session_id,
-            dpop_jkt=dpop_jkt,
-            cert_thumbprint=cert_thumbprint,
-            once=once,
-            client_ip=client_ip,
-        )
-    except (TypeError, UnicodeError, OverflowError) as exc:
-        raise InvalidArgumentError(f"issue request: {exc}") from None
 
 
 def _refusal(verdict: Verdict, request_id: str) -> Validation:
@@ -253,65 +136,18 @@ class Broker:
 
     # -- issuance -------------------------------------------------------------------
 
-    def issue(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        scopes: Iterable[str] | str = (),
-        ttl_seconds: int | None = None,
-        session_id: str | None = None,
-        dpop_jkt: str | None = None,
-        cert_thumbprint: str | None = None,
-        once: bool = False,
-        client_ip: str | None = None,
-        session_limit: SessionLimit | None = None,
-    ) -> IssuedToken:
+    def issue(self, *, session_limit: SessionLimit | None = None, **fields: Unpack[IssueFields]) -> IssuedToken:
         """Issues a token bound to `audience` and to a session: `session_id` continues a
-        live session of this client, None opens a new one under the session limit.
+        live session of this client, None opens a new one under the session limit (the
+        client's `session_limit`, else the broker's).
 
         Raises `InvalidArgumentError`, `SessionNotFoundError`, `SessionLimitExceededError`
         or `StoreUnavailableError`. The caller has already authenticated the client."""
-        request = issue_request(
-            client_id=client_id,
-            audience=audience,
-            scopes=scopes,
-            ttl_seconds=ttl_seconds,
-            session_id=session_id,
-            dpop_jkt=dpop_jkt,
-            cert_thumbprint=cert_thumbprint,
-            once=once,
-            client_ip=client_ip,
-        )
-        return self.issue_request(request, session_limit=session_limit)
+        return self.issue_request(issue_request(**fields), session_limit=session_limit)
 
-    async def aissue(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        scopes: Iterable[str] | str = (),
-        ttl_seconds: int | None = None,
-        session_id: str | None = None,
-        dpop_jkt: str | None = None,
-        cert_thumbprint: str | None = None,
-        once: bool = False,
-        client_ip: str | None = None,
-        session_limit: SessionLimit | None = None,
-    ) -> IssuedToken:
+    async def aissue(self, *, session_limit: SessionLimit | None = None, **fields: Unpack[IssueFields]) -> IssuedToken:
         """The asyncio twin of `issue`."""
-        request = issue_request(
-            client_id=client_id,
-            audience=audience,
-            scopes=scopes,
-            ttl_seconds=ttl_seconds,
-            session_id=session_id,
-            dpop_jkt=dpop_jkt,
-            cert_thumbprint=cert_thumbprint,
-            once=once,
-            client_ip=client_ip,
-        )
-        return await self.aissue_request(request, session_limit=session_limit)
+        return await self.aissue_request(issue_request(**fields), session_limit=session_limit)
 
     def issue_request(self, request: IssueRequest, *, session_limit: SessionLimit | None = None) -> IssuedToken:
         """`issue` for a request already built (as the gRPC and HTTP doors do)."""
@@ -352,66 +188,18 @@ class Broker:
 
     # -- validation -----------------------------------------------------------------
 
-    def validate(
-        self,
-        token: str,
-        *,
-        audience: str,
-        dpop_proof: str | None = None,
-        http_method: str | None = None,
-        http_uri: str | None = None,
-        cert_thumbprint: str | None = None,
-        client_ip: str | None = None,
-        required_scopes: Sequence[str] = (),
-        request_id: str = "",
-    ) -> Validation:
+    def validate(self, token: str, **fields: Unpack[ValidateFields]) -> Validation:
         """Validates `token` for the caller's own `audience`. Never raises for a bad token:
         the answer is a `Validation` with a `Reason`. Raises `InvalidArgumentError` for an
         empty audience and `StoreUnavailableError` when the state store is down (fail
         closed)."""
-        request = validate_request(
-            token,
-            audience=audience,
-            dpop_proof=dpop_proof,
-            http_method=http_method,
-            http_uri=http_uri,
-            cert_thumbprint=cert_thumbprint,
-            client_ip=client_ip,
-            required_scopes=required_scopes,
-            request_id=request_id,
-        )
-        if isinstance(request, Validation):
-            return request
-        return self.validate_request(request)
+        request = validate_request(token, **fields)
+        return request if isinstance(request, Validation) else self.validate_request(request)
 
-    async def avalidate(
-        self,
-        token: str,
-        *,
-        audience: str,
-        dpop_proof: str | None = None,
-        http_method: str | None = None,
-        http_uri: str | None = None,
-        cert_thumbprint: str | None = None,
-        client_ip: str | None = None,
-        required_scopes: Sequence[str] = (),
-        request_id: str = "",
-    ) -> Validation:
+    async def avalidate(self, token: str, **fields: Unpack[ValidateFields]) -> Validation:
         """The asyncio twin of `validate`."""
-        request = validate_request(
-            token,
-            audience=audience,
-            dpop_proof=dpop_proof,
-            http_method=http_method,
-            http_uri=http_uri,
-            cert_thumbprint=cert_thumbprint,
-            client_ip=client_ip,
-            required_scopes=required_scopes,
-            request_id=request_id,
-        )
-        if isinstance(request, Validation):
-            return request
-        return await self.avalidate_request(request)
+        request = validate_request(token, **fields)
+        return request if isinstance(request, Validation) else await self.avalidate_request(request)
 
     def validate_request(self, request: ValidateRequest) -> Validation:
         """`validate` for a request already built (as the gRPC and HTTP doors do)."""

@@ -19,15 +19,16 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
 
 from tokenbroker._core import IssueRequest, ValidateRequest
-from tokenbroker.broker import BatchRequest, issue_request, validate_request
+from tokenbroker.broker import BatchRequest
 from tokenbroker.errors import InvalidArgumentError, TokenBrokerError
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.reason import Reason
+from tokenbroker.requests import IssueFields, ValidateFields, issue_request, validate_request
 from tokenbroker.status import error_for_status, status_name_of
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
@@ -87,15 +88,6 @@ def _sessions(message: pb.ListSessionsResponse, client_id: str) -> list[Session]
     ]
 
 
-def _request_for(token: object, **fields: Any) -> ValidateRequest | Validation:
-    """`tokenbroker.broker.validate_request` for `validate`'s keyword arguments, except that
-    a `required_scopes` string is space-separated scopes, as this client has always read it."""
-    scopes = fields.get("required_scopes")
-    if isinstance(scopes, str):
-        fields["required_scopes"] = scopes.split()
-    return validate_request(token, **fields)
-
-
 def _validate_message(request: ValidateRequest) -> pb.ValidateTokenRequest:
     """The wire form of a `ValidateRequest` (protobuf has no None: an absent field is "")."""
     return pb.ValidateTokenRequest(
@@ -137,7 +129,7 @@ def _batch_item(n: int, item: BatchRequest) -> ValidateRequest | Validation:
     if isinstance(item, ValidateRequest | Validation):
         return item
     try:
-        return _request_for(**item)
+        return validate_request(**item)
     except TypeError as exc:  # a missing or unknown keyword: said before any call
         raise InvalidArgumentError(
             f"batch request {n} needs `token` and `audience` and only the keyword arguments of validate ({exc})"
@@ -241,31 +233,13 @@ class BrokerClient:
     def issue(
         self,
         *,
-        client_id: str,
-        audience: str,
-        scopes: Iterable[str] = (),
-        ttl_seconds: int | None = None,
-        session_id: str | None = None,
-        dpop_jkt: str | None = None,
-        cert_thumbprint: str | None = None,
-        once: bool = False,
-        client_ip: str | None = None,
         client_assertion: str | None = None,
         client_secret: str | None = None,
+        **fields: Unpack[IssueFields],
     ) -> IssuedToken:
         """`Broker.issue` remotely, plus the client's credential: `client_assertion` (an
         RFC 7523 JWT signed by its registered key) or `client_secret`."""
-        request = issue_request(
-            client_id=client_id,
-            audience=audience,
-            scopes=scopes,
-            ttl_seconds=ttl_seconds,
-            session_id=session_id,
-            dpop_jkt=dpop_jkt,
-            cert_thumbprint=cert_thumbprint,
-            once=once,
-            client_ip=client_ip,
-        )
+        request = issue_request(**fields)
         return self.issue_request(request, client_assertion=client_assertion, client_secret=client_secret)
 
     def issue_request(
@@ -274,32 +248,10 @@ class BrokerClient:
         """`issue` for a request already built (the one `Broker.issue_request` takes)."""
         return _issued(self._call("IssueToken", _issue_message(request, client_assertion, client_secret)))
 
-    def validate(
-        self,
-        token: str,
-        *,
-        audience: str,
-        dpop_proof: str | None = None,
-        http_method: str | None = None,
-        http_uri: str | None = None,
-        cert_thumbprint: str | None = None,
-        client_ip: str | None = None,
-        required_scopes: Sequence[str] = (),
-        request_id: str = "",
-    ) -> Validation:
+    def validate(self, token: str, **fields: Unpack[ValidateFields]) -> Validation:
         """`Broker.validate` remotely, for the caller's own `audience`. A bad token is a
         `Validation` with a reason, never an exception."""
-        request = _request_for(
-            token,
-            audience=audience,
-            dpop_proof=dpop_proof,
-            http_method=http_method,
-            http_uri=http_uri,
-            cert_thumbprint=cert_thumbprint,
-            client_ip=client_ip,
-            required_scopes=required_scopes,
-            request_id=request_id,
-        )
+        request = validate_request(token, **fields)
         return request if isinstance(request, Validation) else self.validate_request(request)
 
     def validate_request(self, request: ValidateRequest) -> Validation:
@@ -343,29 +295,11 @@ class BrokerClient:
     async def aissue(
         self,
         *,
-        client_id: str,
-        audience: str,
-        scopes: Iterable[str] = (),
-        ttl_seconds: int | None = None,
-        session_id: str | None = None,
-        dpop_jkt: str | None = None,
-        cert_thumbprint: str | None = None,
-        once: bool = False,
-        client_ip: str | None = None,
         client_assertion: str | None = None,
         client_secret: str | None = None,
+        **fields: Unpack[IssueFields],
     ) -> IssuedToken:
-        request = issue_request(
-            client_id=client_id,
-            audience=audience,
-            scopes=scopes,
-            ttl_seconds=ttl_seconds,
-            session_id=session_id,
-            dpop_jkt=dpop_jkt,
-            cert_thumbprint=cert_thumbprint,
-            once=once,
-            client_ip=client_ip,
-        )
+        request = issue_request(**fields)
         return await self.aissue_request(request, client_assertion=client_assertion, client_secret=client_secret)
 
     async def aissue_request(
@@ -373,30 +307,8 @@ class BrokerClient:
     ) -> IssuedToken:
         return _issued(await self._acall("IssueToken", _issue_message(request, client_assertion, client_secret)))
 
-    async def avalidate(
-        self,
-        token: str,
-        *,
-        audience: str,
-        dpop_proof: str | None = None,
-        http_method: str | None = None,
-        http_uri: str | None = None,
-        cert_thumbprint: str | None = None,
-        client_ip: str | None = None,
-        required_scopes: Sequence[str] = (),
-        request_id: str = "",
-    ) -> Validation:
-        request = _request_for(
-            token,
-            audience=audience,
-            dpop_proof=dpop_proof,
-            http_method=http_method,
-            http_uri=http_uri,
-            cert_thumbprint=cert_thumbprint,
-            client_ip=client_ip,
-            required_scopes=required_scopes,
-            request_id=request_id,
-        )
+    async def avalidate(self, token: str, **fields: Unpack[ValidateFields]) -> Validation:
+        request = validate_request(token, **fields)
         return request if isinstance(request, Validation) else await self.avalidate_request(request)
 
     async def avalidate_request(self, request: ValidateRequest) -> Validation:

@@ -13,12 +13,13 @@ import contextvars
 import hmac
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 from mcp.server.auth.provider import AccessToken
 from pydantic import Field
 
 from tokenbroker.models import Validation
+from tokenbroker.requests import ValidateFields
 
 log = logging.getLogger("tokenbroker.mcp")
 
@@ -27,19 +28,7 @@ class Validator(Protocol):
     """What validates tokens: an embedded `tokenbroker.Broker` or a remote
     `tokenbroker.client.BrokerClient` (both have this `avalidate`)."""
 
-    async def avalidate(
-        self,
-        token: str,
-        *,
-        audience: str,
-        dpop_proof: str | None = None,
-        http_method: str | None = None,
-        http_uri: str | None = None,
-        cert_thumbprint: str | None = None,
-        client_ip: str | None = None,
-        required_scopes: Sequence[str] = (),
-        request_id: str = "",
-    ) -> Validation: ...
+    async def avalidate(self, token: str, **fields: Unpack[ValidateFields]) -> Validation: ...
 
 
 class BrokerAccessToken(AccessToken):
