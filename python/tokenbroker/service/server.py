@@ -3,7 +3,9 @@
 until SIGTERM or SIGINT, then shuts down gracefully (health NOT_SERVING, no new RPCs,
 in-flight RPCs finish within the grace period). Every call goes through admission control
 (`tokenbroker.service.admission`): classes of callers with their own threads and bounds,
-and a deadline on request messages.
+and a deadline on request messages. An admitted call is then observed: the metrics
+interceptor counts and times it, the audit interceptor writes the servicer's decisions
+(`tokenbroker.service.metrics_interceptor`, `tokenbroker.service.audit_interceptor`).
 
 Why the sync server (a thread pool) and not grpc.aio: measured on the 2-core build
 machine, unary ValidateToken with a warm bearer token, the same load for both (a grpc.aio
@@ -43,14 +45,10 @@ from tokenbroker.broker import Broker
 from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.registry import Registry
 from tokenbroker.service.admission import DEFAULT_MAX_WORKERS, AdmissionInterceptor, AdmissionLimits
+from tokenbroker.service.audit_interceptor import AuditInterceptor, AuditLogLike
 from tokenbroker.service.health import HealthStatus
-from tokenbroker.service.servicer import (
-    SERVICE_NAME,
-    AuditLogLike,
-    ClientAuthenticatorLike,
-    MetricsLike,
-    TokenBrokerServicer,
-)
+from tokenbroker.service.metrics_interceptor import MetricsInterceptor, MetricsLike
+from tokenbroker.service.servicer import SERVICE_NAME, ClientAuthenticatorLike, TokenBrokerServicer
 from tokenbroker.v1 import broker_pb2_grpc
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -155,13 +153,17 @@ def build_server(
     options: tuple[tuple[str, Any], ...] = (),
     admission: AdmissionLimits | Any = None,
     reflection: bool = False,
+    reuse_port: bool = False,
 ) -> BrokerServer:
     """A server for `broker` bound to `listen` ("host:port"; port 0 picks a free one),
     not yet started. `admission`: the call classes' bounds and the message deadline, as
     `AdmissionLimits` or any object with attributes of the same names (`Settings`);
     `max_workers`, when given, overrides its `max_workers` (the registered servers'
     threads). `reflection`: also serve gRPC server reflection (off by default: it tells
-    anyone the whole API). Raises `RuntimeError` when the address cannot be bound."""
+    anyone the whole API). `reuse_port`: share the port with other processes that ask
+    for it too (SO_REUSEPORT, `serve --workers`); grpc would by default on Linux, so a
+    second broker on a taken port would quietly split its traffic: off unless asked.
+    Raises `RuntimeError` when the address cannot be bound."""
     if admission is None:
         limits = AdmissionLimits()
     else:
@@ -184,17 +186,18 @@ def build_server(
         broker,
         registry=registry,
         authenticator=authenticator,
-        audit=audit,
-        metrics=metrics,
         stream_workers=stream_workers,
     )
+    # Admission first: a call it sheds is counted as its refusal, never as an RPC. The
+    # metrics interceptor times the rest, audit writes included, as the servicer did.
+    observers = (MetricsInterceptor(metrics),) if metrics is not None else ()
     # Every handler runs on its call class's threads; this pool serves none of them. No
     # `maximum_concurrent_rpcs`: grpc checks it after the interceptors ran, so a call it
     # refused would keep the admission its class gave it. The classes bound every call.
     server = grpc.server(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-grpc"),
-        interceptors=(interceptor,),
-        options=list(options),
+        interceptors=(interceptor, *observers, AuditInterceptor(audit, metrics)),
+        options=[("grpc.so_reuseport", int(reuse_port)), *options],
     )
     broker_pb2_grpc.add_TokenBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

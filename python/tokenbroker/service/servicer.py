@@ -1,5 +1,8 @@
 """`TokenBrokerServicer`: the gRPC face of a `Broker`. It only translates: protobuf to
 keyword arguments, domain objects to protobuf, `tokenbroker.errors` to status codes.
+Metrics and audit lines are the interceptors' (`tokenbroker.service.metrics_interceptor`,
+`tokenbroker.service.audit_interceptor`): the servicer says what it decided in a
+`Decision` (`tokenbroker.service.decisions`) and records nothing itself.
 
 An invalid token is an answer (status OK, `valid=false`, a reason); RPC errors are for the
 caller (see `STATUS_BY_ERROR` and proto/tokenbroker/v1/broker.proto). Error messages are
@@ -14,34 +17,27 @@ field is INVALID_ARGUMENT naming the field and its limit (never its value). Limi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
 
+from tokenbroker import status
 from tokenbroker._core import ValidateRequest
-from tokenbroker.broker import Broker, issue_request, validate_request
+from tokenbroker.broker import Broker
 from tokenbroker.client_auth import ClientAuthenticator
-from tokenbroker.errors import (
-    AuthenticationError,
-    ClientNotAllowedError,
-    InvalidArgumentError,
-    PermissionDeniedError,
-    RateLimitedError,
-    SessionLimitExceededError,
-    SessionNotFoundError,
-    StoreUnavailableError,
-    TokenBrokerError,
-)
+from tokenbroker.errors import InvalidArgumentError, TokenBrokerError
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.registry import ClientRecord, Registry, ServerRecord
+from tokenbroker.requests import issue_request, validate_request
 from tokenbroker.service.auth import CallerAuthenticator, peer_ip
+from tokenbroker.service.decisions import ISSUE, Decision, decide
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
 
@@ -61,25 +57,15 @@ MAX_METHOD_BYTES = 16
 MAX_SCOPES = 64
 MAX_SCOPE_BYTES = 256
 
-# Most specific first: the first match decides.
-STATUS_BY_ERROR: tuple[tuple[type[TokenBrokerError], Any], ...] = (
-    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (ClientNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
-    (SessionLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+# tokenbroker.status's table, with grpc's codes for its names.
+STATUS_BY_ERROR: tuple[tuple[type[TokenBrokerError], Any], ...] = tuple(
+    (error_type, grpc.StatusCode[name]) for error_type, name in status.STATUS_BY_ERROR
 )
 
 
 def status_for(exc: TokenBrokerError) -> Any:
     """The gRPC status code for a domain error (INTERNAL for one that has none)."""
-    for error_type, code in STATUS_BY_ERROR:
-        if isinstance(exc, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[status.status_name_for(exc)]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -102,24 +88,6 @@ class ClientAuthenticatorLike(Protocol):
         dpop_jkt: str | None,
         cert_thumbprint: str | None,
     ) -> ClientRecord: ...
-
-
-class AuditLogLike(Protocol):
-    """`tokenbroker.audit.AuditLog`, as the servicer uses it."""
-
-    def record(
-        self, *, event: str, client_id: str, audience: str, decision: str, rule: str, source_ip: str, **fields: Any
-    ) -> None: ...
-
-
-class MetricsLike(Protocol):
-    """`tokenbroker.metrics.Metrics`, as the servicer uses it."""
-
-    def rpc(self, method: str, code: str, seconds: float) -> None: ...
-
-    def validation(self, reason: str) -> None: ...
-
-    def issuance(self, decision: str, rule: str) -> None: ...
 
 
 # -- bounds ----------------------------------------------------------------------------------
@@ -226,7 +194,30 @@ def engine_request(request: pb.ValidateTokenRequest) -> ValidateRequest | Valida
 
 
 _T = TypeVar("_T")
+_S = TypeVar("_S")
+_R = TypeVar("_R")
 _END = object()
+
+
+def _translated(handler: Callable[[_S, _R, Any], _T]) -> Callable[[_S, _R, Any], _T]:
+    """`handler`, a unary RPC method, with its domain errors sent as their status codes
+    and any other error as INTERNAL (logged; the caller learns nothing of it). Applied
+    once, where the method is defined: nothing is built per call."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    def translated(self: _S, request: _R, context: Any) -> _T:
+        try:
+            return handler(self, request, context)
+        except TokenBrokerError as exc:
+            context.abort(status_for(exc), _one_line(exc))
+            raise  # unreachable: abort raises
+        except Exception:
+            log.exception("%s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error: see the broker's log")
+            raise
+
+    return translated
 
 
 class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[misc,unused-ignore]
@@ -238,16 +229,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         *,
         registry: Registry,
         authenticator: ClientAuthenticatorLike,
-        audit: AuditLogLike,
-        metrics: MetricsLike | None = None,
         stream_workers: int = 8,
         stream_window: int = 64,
     ) -> None:
         self._broker = broker
         self._callers = CallerAuthenticator(registry)
         self._authenticator = authenticator
-        self._audit = audit
-        self._metrics = metrics
         self._stream_window = stream_window
         # Stream requests are validated here, so one stream can have several in flight.
         self._stream_pool = ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix="tb-stream")
@@ -258,25 +245,6 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _run(self, method: str, context: Any, handler: Callable[[], _T]) -> _T:
-        """Runs `handler`, turning domain errors into status codes; records the RPC metric."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return handler()
-        except TokenBrokerError as exc:
-            code = status_for(exc)
-            context.abort(code, _one_line(exc))
-            raise  # unreachable: abort raises
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", method)
-            context.abort(code, "internal error: see the broker's log")
-            raise
-        finally:
-            if self._metrics is not None:
-                self._metrics.rpc(method, code.name, time.perf_counter() - started)
-
     def _validate_for(self, context: Any, request: pb.ValidateTokenRequest) -> pb.ValidateTokenResponse:
         check_validate_bounds(request)  # before the caller's key is looked up
         return self._validate(self._callers.identify(context), request)
@@ -285,34 +253,24 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         built = engine_request(request)
         self._callers.check_audience(caller, request.audience)
         answer = built if isinstance(built, Validation) else self._broker.validate_request(built)
-        if self._metrics is not None:
-            self._metrics.validation(answer.reason.name)
         return validation_response(answer)
 
     def _admin(self, context: Any, action: str, **fields: str) -> ServerRecord:
-        """The caller, when it is an admin; every admin decision is audited. The fields
-        (ids) are bounded first."""
+        """The caller, when it is an admin; every admin decision is audited, before it is
+        carried out. The fields (ids) are bounded first."""
         for name, value in fields.items():
             _check_size("session_id" if name == "session" else name, value, MAX_ID_BYTES)
         caller = self._callers.identify(context)
         decision, rule = ("grant", "caller.admin") if caller.admin else ("refuse", "caller.not_admin")
-        self._audit.record(
-            event=action,
-            client_id=fields.pop("client_id", ""),
-            audience="",
-            decision=decision,
-            rule=rule,
-            source_ip=peer_ip(context),
-            caller=caller.server_id,
-            **fields,
+        client_id = fields.pop("client_id", "")
+        decide(
+            context,
+            Decision(action, client_id, "", decision, rule, peer_ip(context), {"caller": caller.server_id, **fields}),
         )
         self._callers.check_admin(caller, action.replace("_", " "))
         return caller
 
     # -- issuance ---------------------------------------------------------------------
-
-    def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
-        return self._run("IssueToken", context, lambda: self._issue(request, context))
 
     def _client_ip(self, request: pb.IssueTokenRequest, context: Any) -> tuple[str, dict[str, Any]]:
         """The client's address, and what the audit line says about a relayed one. The
@@ -331,17 +289,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             return request.client_ip, {"relayed_by": caller.server_id, "peer_ip": peer}
         return peer, {"relayed_ip": "ignored", "caller": caller.server_id}
 
-    def _issue(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
+    @_translated
+    def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.IssueTokenResponse:
+        """Every grant and refusal is a `Decision` (audited), made before the answer leaves."""
         check_issue_bounds(request)  # before anything is looked up or logged
         client_ip, relay = self._client_ip(request, context)
         scopes = list(request.scopes)
-        event = {
-            "event": "issue",
-            "client_id": request.client_id,
-            "audience": request.audience,
-            "source_ip": client_ip,
-            **relay,
-        }
         record: ClientRecord | None = None
         try:
             # The stateless rules (ids, lifetime, scopes, binding) before the client is
@@ -374,51 +327,41 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             rule = str(getattr(exc, "rule", type(exc).__name__))
             # A caller that never proved itself gets rate-limited audit lines (see tokenbroker.audit).
             authenticated = record is not None or bool(getattr(exc, "authenticated", False))
-            self._audit.record(
-                **event, decision="refuse", rule=rule, reason=_one_line(exc), authenticated=authenticated
-            )
-            if self._metrics is not None:
-                self._metrics.issuance("refuse", rule)
+            refusal = {**relay, "reason": _one_line(exc), "authenticated": authenticated}
+            decide(context, Decision(ISSUE, request.client_id, request.audience, "refuse", rule, client_ip, refusal))
             raise
-        self._audit.record(
-            **event,
-            decision="grant",
-            rule=GRANT_RULE,
-            auth_method="private_key_jwt" if request.client_assertion else "client_secret",
-            session=issued.session_id,
-            jti=issued.jti,
-            binding=str(record.binding),
-            scope=" ".join(issued.scopes),
-            expires_at=issued.expires_at,
-        )
-        if self._metrics is not None:
-            self._metrics.issuance("grant", GRANT_RULE)
+        grant = {
+            **relay,
+            "auth_method": "private_key_jwt" if request.client_assertion else "client_secret",
+            "session": issued.session_id,
+            "jti": issued.jti,
+            "binding": str(record.binding),
+            "scope": " ".join(issued.scopes),
+            "expires_at": issued.expires_at,
+        }
+        decide(context, Decision(ISSUE, request.client_id, request.audience, "grant", GRANT_RULE, client_ip, grant))
         return issued_response(issued)
 
     # -- validation -------------------------------------------------------------------
 
+    @_translated
     def ValidateToken(self, request: pb.ValidateTokenRequest, context: Any) -> pb.ValidateTokenResponse:
-        return self._run("ValidateToken", context, lambda: self._validate_for(context, request))
+        return self._validate_for(context, request)
 
+    @_translated
     def ValidateTokenBatch(self, request: pb.ValidateTokenBatchRequest, context: Any) -> pb.ValidateTokenBatchResponse:
-        def handle() -> pb.ValidateTokenBatchResponse:
-            if len(request.requests) > MAX_BATCH:
-                raise InvalidArgumentError(f"a batch holds at most {MAX_BATCH} requests, not {len(request.requests)}")
-            for item in request.requests:
-                check_validate_bounds(item)
-            caller = self._callers.identify(context)
-            # Every request is built and checked before any is validated: no replay record
-            # is spent on a batch that is then refused.
-            built = [engine_request(item) for item in request.requests]
-            for item in request.requests:
-                self._callers.check_audience(caller, item.audience)
-            answers = self._broker.validate_batch(built)
-            if self._metrics is not None:
-                for answer in answers:
-                    self._metrics.validation(answer.reason.name)
-            return pb.ValidateTokenBatchResponse(responses=[validation_response(a) for a in answers])
-
-        return self._run("ValidateTokenBatch", context, handle)
+        if len(request.requests) > MAX_BATCH:
+            raise InvalidArgumentError(f"a batch holds at most {MAX_BATCH} requests, not {len(request.requests)}")
+        for item in request.requests:
+            check_validate_bounds(item)
+        caller = self._callers.identify(context)
+        # Every request is built and checked before any is validated: no replay record
+        # is spent on a batch that is then refused.
+        built = [engine_request(item) for item in request.requests]
+        for item in request.requests:
+            self._callers.check_audience(caller, item.audience)
+        answers = self._broker.validate_batch(built)
+        return pb.ValidateTokenBatchResponse(responses=[validation_response(a) for a in answers])
 
     def ValidateTokenStream(
         self, request_iterator: Iterator[pb.ValidateTokenRequest], context: Any
@@ -426,25 +369,15 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         """Answers each request as soon as it is validated (up to `stream_window` at once
         per stream), so answers may come out of order: match them by `request_id`. A
         request the caller may not make, or a store outage, ends the stream with that
-        status."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        status. (A cancelled stream is closed: GeneratorExit passes through.)"""
         try:
             self._callers.identify(context)  # refuse an unknown caller before reading anything
             yield from self._stream(request_iterator, context)
-        except GeneratorExit:  # the caller cancelled
-            code = grpc.StatusCode.CANCELLED
-            raise
         except TokenBrokerError as exc:
-            code = status_for(exc)
-            context.abort(code, _one_line(exc))
+            context.abort(status_for(exc), _one_line(exc))
         except Exception:
-            code = grpc.StatusCode.INTERNAL
             log.exception("ValidateTokenStream failed")
-            context.abort(code, "internal error: see the broker's log")
-        finally:
-            if self._metrics is not None:
-                self._metrics.rpc("ValidateTokenStream", code.name, time.perf_counter() - started)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error: see the broker's log")
 
     def _stream(self, requests: Iterator[pb.ValidateTokenRequest], context: Any) -> Iterator[pb.ValidateTokenResponse]:
         done: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -489,51 +422,40 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
 
     # -- revocation and sessions --------------------------------------------------------
 
+    @_translated
     def RevokeSession(self, request: pb.RevokeSessionRequest, context: Any) -> pb.RevokeResponse:
-        def handle() -> pb.RevokeResponse:
-            if not request.session_id:
-                raise InvalidArgumentError("session_id is required")
-            self._admin(context, "revoke_session", session=request.session_id)
-            return pb.RevokeResponse(revoked=self._broker.revoke_session(request.session_id))
+        if not request.session_id:
+            raise InvalidArgumentError("session_id is required")
+        self._admin(context, "revoke_session", session=request.session_id)
+        return pb.RevokeResponse(revoked=self._broker.revoke_session(request.session_id))
 
-        return self._run("RevokeSession", context, handle)
-
+    @_translated
     def RevokeClient(self, request: pb.RevokeClientRequest, context: Any) -> pb.RevokeResponse:
-        def handle() -> pb.RevokeResponse:
-            if not request.client_id:
-                raise InvalidArgumentError("client_id is required")
-            self._admin(context, "revoke_client", client_id=request.client_id)
-            return pb.RevokeResponse(revoked=self._broker.revoke_client(request.client_id))
+        if not request.client_id:
+            raise InvalidArgumentError("client_id is required")
+        self._admin(context, "revoke_client", client_id=request.client_id)
+        return pb.RevokeResponse(revoked=self._broker.revoke_client(request.client_id))
 
-        return self._run("RevokeClient", context, handle)
-
+    @_translated
     def RevokeToken(self, request: pb.RevokeTokenRequest, context: Any) -> pb.RevokeResponse:
-        def handle() -> pb.RevokeResponse:
-            if not request.jti:
-                raise InvalidArgumentError("jti is required")
-            self._admin(context, "revoke_token", jti=request.jti)
-            return pb.RevokeResponse(revoked=self._broker.revoke_token(request.jti))
+        if not request.jti:
+            raise InvalidArgumentError("jti is required")
+        self._admin(context, "revoke_token", jti=request.jti)
+        return pb.RevokeResponse(revoked=self._broker.revoke_token(request.jti))
 
-        return self._run("RevokeToken", context, handle)
-
+    @_translated
     def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
-        def handle() -> pb.ListSessionsResponse:
-            if not request.client_id:
-                raise InvalidArgumentError("client_id is required")
-            self._admin(context, "list_sessions", client_id=request.client_id)
-            found = self._broker.sessions(request.client_id)
-            return pb.ListSessionsResponse(sessions=[session_message(s) for s in found])
-
-        return self._run("ListSessions", context, handle)
+        if not request.client_id:
+            raise InvalidArgumentError("client_id is required")
+        self._admin(context, "list_sessions", client_id=request.client_id)
+        found = self._broker.sessions(request.client_id)
+        return pb.ListSessionsResponse(sessions=[session_message(s) for s in found])
 
     # -- public -----------------------------------------------------------------------
 
+    @_translated
     def GetJwks(self, request: pb.GetJwksRequest, context: Any) -> pb.GetJwksResponse:
-        return self._run(
-            "GetJwks",
-            context,
-            lambda: pb.GetJwksResponse(jwks_json=json.dumps(self._broker.jwks(), separators=(",", ":"))),
-        )
+        return pb.GetJwksResponse(jwks_json=json.dumps(self._broker.jwks(), separators=(",", ":")))
 
 
 __all__ = [
@@ -544,9 +466,7 @@ __all__ = [
     "MAX_URI_BYTES",
     "SERVICE_NAME",
     "STATUS_BY_ERROR",
-    "AuditLogLike",
     "ClientAuthenticatorLike",
-    "MetricsLike",
     "TokenBrokerServicer",
     "check_issue_bounds",
     "check_validate_bounds",
