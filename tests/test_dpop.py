@@ -1,5 +1,6 @@
 """DPoP (RFC 9449 section 4.3) through the embedded broker."""
 
+import hashlib
 import time
 from typing import Any
 
@@ -169,3 +170,15 @@ def test_replay_cache_memory_is_fixed_by_configuration():
     for _ in range(2000):
         assert check(broker, token, signer.sign("POST", URI, token, iat=int(clock.now))).valid
     assert broker.engine.stats().bloom_bytes == before > 0
+
+
+def test_a_proofs_replay_record_is_the_sha256_key_of_its_signed_jti_in_hex():
+    broker, clock = make_broker()
+    signer = ProofSigner()
+    token = broker.issue(client_id="c", audience=AUDIENCE, dpop_jkt=signer.jkt).access_token
+    proof = signer.sign("POST", AUDIENCE, token, iat=int(clock.now), jti="the-jti")
+    request = _core.ValidateRequest(token, audience=AUDIENCE, dpop_proof=proof, http_method="POST", http_uri=AUDIENCE)
+    ((key, until),) = broker.engine.validate(request, int(clock.now)).replay
+    parts = [b"dpop", signer.jkt.encode(), b"the-jti"]
+    expected = hashlib.sha256(b"".join(len(p).to_bytes(8, "little") + p for p in parts)).hexdigest()
+    assert (key, until > clock.now) == (expected, True)
