@@ -81,10 +81,12 @@ def build_store(settings: Settings) -> tuple[Store, str]:
     return store, "redis-cluster" if settings.redis_cluster else "redis"
 
 
-def build_components(settings: Settings) -> Components:
-    """Everything `serve` needs, built from `settings`. Raises `TokenBrokerError`
-    subclasses (bad key file, bad registry file) and `OSError` with clear messages."""
-    keyring = load_keyring(settings)
+def build_components(settings: Settings, *, keyring: Keyring | None = None) -> Components:
+    """Everything `serve` needs, built from `settings`; `keyring`, when given, instead of
+    `load_keyring(settings)` (a worker of `serve --workers` signs with its parent's keys).
+    Raises `TokenBrokerError` subclasses (bad key file, bad registry file) and `OSError`
+    with clear messages."""
+    keyring = keyring if keyring is not None else load_keyring(settings)
     store, store_kind = build_store(settings)
     broker = Broker(
         keyring,

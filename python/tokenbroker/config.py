@@ -28,10 +28,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tokenbroker._core import LIMITS
 from tokenbroker.errors import InvalidArgumentError
 
 ENV_PREFIX = "TOKENBROKER_"
-MAX_TTL_SECONDS = 3600
+# The engine's bound (rust/core claims.rs), exported once: settings describe it, Rust checks it.
+MAX_TTL_SECONDS = LIMITS.max_lifetime_seconds
 _config_file: ContextVar[Path | None] = ContextVar("tokenbroker_config_file", default=None)
 
 
@@ -45,6 +47,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     listen: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds")
+    workers: int = Field(
+        1, ge=1, le=64, description="broker processes sharing the listen port (SO_REUSEPORT); above 1 needs redis_url"
+    )
     issuer: str = Field("http://127.0.0.1:50051", description="the tokens' iss; also the aud of client assertions")
     redis_url: str | None = Field(None, description="redis:// or rediss:// URL; none: embedded in-memory store")
     redis_cluster: bool = Field(False, description="connect to a Redis Cluster")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from tokenbroker._core import LIMITS
 from tokenbroker.cli._errors import fail, rpc_error
 from tokenbroker.cli._output import info, print_json
 from tokenbroker.cli._secrets import read_secret_file, refuse_secret_value, write_private
@@ -98,7 +99,7 @@ def _proof_signer(path: Path, *, create: bool) -> ProofSigner:
 )
 @click.option("--audience", required=True, help="The MCP server's resource URI.")
 @click.option("--scope", "scopes", multiple=True, help="Scope to ask for (repeatable).")
-@click.option("--ttl", "ttl_seconds", type=click.IntRange(1, 3600), help="Lifetime in seconds.")
+@click.option("--ttl", "ttl_seconds", type=click.IntRange(1, LIMITS.max_lifetime_seconds), help="Lifetime in seconds.")
 @click.option("--session-id", help="Continue this session (default: open a new one).")
 @click.option("--once", is_flag=True, help="A single-use token.")
 @click.option("--dpop-key", type=click.Path(dir_okay=False, path_type=Path), help="Bind to this DPoP key file.")

@@ -1,10 +1,13 @@
 """`tokenbroker serve`: run the gRPC broker, optionally with a demo client and server
-registered and their credentials written for the walk-through the README shows."""
+registered and their credentials written for the walk-through the README shows, and
+optionally as N worker processes sharing the port (`--workers`, on the Redis store; see
+tokenbroker.service.workers)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,16 +19,31 @@ from tokenbroker.cli._state import State, local_target, pass_state
 
 if TYPE_CHECKING:
     from tokenbroker.config import Settings
+    from tokenbroker.keyring import Keyring
     from tokenbroker.registry_file import FileRegistry
+    from tokenbroker.service.workers import WorkerSlot
 
 DEMO_CLIENT = "demo-client"
 DEMO_SERVER = "demo-server"
 DEMO_SCOPES = ("tools:list", "tools:call", "resources:read", "prompts:get")
 
 
+@dataclass(frozen=True, slots=True)
+class _Demo:
+    """What --demo registers: where its credentials go, the demo MCP server's URI."""
+
+    directory: Path
+    audience: str
+
+
 @click.command()
 @click.option("--listen", help="host:port to bind (default: the `listen` setting, 127.0.0.1:50051).")
 @click.option("--redis-url", help="Redis URL for shared state (default: the embedded in-memory store).")
+@click.option(
+    "--workers",
+    type=int,
+    help="Broker processes sharing the port (default: the `workers` setting, 1); more than one needs --redis-url.",
+)
 @click.option("--demo", is_flag=True, help="Register a demo MCP server and client, and write their credentials.")
 @click.option(
     "--demo-dir",
@@ -42,34 +60,115 @@ DEMO_SCOPES = ("tools:list", "tools:call", "resources:read", "prompts:get")
     default=None,
     help="Serve gRPC server reflection (default: the `reflection` setting, off).",
 )
+# Internal: how `--workers N` starts each worker (tokenbroker.service.workers).
+@click.option("--as-worker", is_flag=True, hidden=True)
 @pass_state
 def serve(
     state: State,
     listen: str | None,
     redis_url: str | None,
+    workers: int | None,
     demo: bool,
     demo_dir: Path,
     demo_audience: str,
     reflection: bool | None,
+    as_worker: bool,
 ) -> None:
     """Run the gRPC broker until SIGTERM or SIGINT."""
-    import structlog
-
-    from tokenbroker.app import build_components
     from tokenbroker.logs import configure_logging
 
-    settings = state.settings(listen=listen, redis_url=redis_url, reflection=reflection)
+    if as_worker:
+        _serve_as_worker()
+        return
+    settings = state.settings(listen=listen, redis_url=redis_url, reflection=reflection, workers=workers)
     configure_logging(settings.log_level, json=settings.log_json)
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         path = getattr(settings, name)
         if path is not None and not path.is_file():
             fail(f"{name} {path} does not exist: fix the path in the config or TOKENBROKER_{name.upper()}")
+    setup = _Demo(demo_dir, demo_audience) if demo else None
+    if settings.workers > 1:
+        _serve_workers(settings, setup)
+    else:
+        _serve_here(settings, demo=setup)
+
+
+def _serve_workers(settings: Settings, demo: _Demo | None) -> None:
+    """The parent of `--workers N`: refuses what N processes cannot do, loads the keys
+    and registers the demo once, then supervises (tokenbroker.service.workers)."""
+    import structlog
+
+    from tokenbroker.app import load_keyring
+    from tokenbroker.registry_file import FileRegistry
+    from tokenbroker.service.workers import WorkerError, WorkerSlot, port_taken, run_workers
+
+    count = settings.workers
+    if not settings.redis_url:
+        raise click.UsageError(
+            f"--workers {count} needs the Redis store (redis_url): each worker would have its own in-memory "
+            "sessions and replay records, so a proof replayed to another worker would pass"
+        )
+    if int(settings.listen.rpartition(":")[2]) == 0:
+        raise click.UsageError(
+            f"--workers {count} needs a fixed port in --listen, not {settings.listen}: "
+            "with port 0 each worker would listen on a port of its own"
+        )
+    last_metrics_port = WorkerSlot(count, count).metrics_port(settings.metrics_port)
+    if last_metrics_port is not None and last_metrics_port > 65535:
+        raise click.UsageError(
+            f"--workers {count} serve metrics on ports metrics_port to metrics_port + {count - 1}, one each: "
+            f"metrics_port {settings.metrics_port} leaves no room for them; choose a lower one"
+        )
+    taken = port_taken(settings.listen)
+    if taken is not None:
+        fail(f"cannot listen on {settings.listen} ({taken.strerror}): is another broker running? choose --listen")
+    keyring = load_keyring(settings)
+    if demo is not None:
+        _register_demo(FileRegistry(settings.registry_file), settings, demo.directory, demo.audience)
+    log = structlog.get_logger("tokenbroker")
+    log.info("tokenbroker starting workers", **settings.public_summary(), workers=count, kid=keyring.active_kid)
+    try:
+        run_workers(settings, keyring)
+    except WorkerError as exc:
+        fail(str(exc))
+
+
+def _serve_as_worker() -> None:
+    """One worker of `--workers N`: its settings and keys from the parent, the lifeline
+    watched (tokenbroker.service.workers), then a broker as without --workers."""
+    import structlog
+
+    from tokenbroker.logs import configure_logging
+    from tokenbroker.service.workers import Handoff, WorkerError, watch_parent
+
+    try:
+        handoff = Handoff.read()
+    except WorkerError as exc:
+        fail(str(exc))
+    watch_parent()
+    configure_logging(handoff.settings.log_level, json=handoff.settings.log_json)
+    structlog.contextvars.bind_contextvars(worker=str(handoff.slot))  # on every line it logs
+    _serve_here(handoff.settings, keyring=handoff.keyring, slot=handoff.slot)
+
+
+def _serve_here(
+    settings: Settings,
+    *,
+    demo: _Demo | None = None,
+    keyring: Keyring | None = None,
+    slot: WorkerSlot | None = None,
+) -> None:
+    """A broker in this process until SIGTERM or SIGINT: alone, or as worker `slot`
+    (sharing the port, metrics on its own port, signing with the parent's `keyring`)."""
+    import structlog
+
+    from tokenbroker.app import build_components
     from tokenbroker.service.server import TlsFiles, build_server
     from tokenbroker.service.server import serve as run_server
 
-    components = build_components(settings)
-    if demo:
-        _register_demo(components.registry, settings, demo_dir, demo_audience)
+    components = build_components(settings, keyring=keyring)
+    if demo is not None:
+        _register_demo(components.registry, settings, demo.directory, demo.audience)
     tls = (
         TlsFiles(
             cert_file=settings.tls_cert_file,
@@ -81,10 +180,12 @@ def serve(
         if settings.tls_cert_file is not None and settings.tls_key_file is not None
         else None
     )
-    metrics_port = None
-    if settings.metrics_port is not None:
-        metrics_port = components.metrics.start_http(settings.metrics_port, settings.metrics_host)
+    metrics_port = settings.metrics_port if slot is None else slot.metrics_port(settings.metrics_port)
+    if metrics_port is not None:
+        metrics_port = components.metrics.start_http(metrics_port, settings.metrics_host)
     summary = settings.public_summary() | {"store": components.store_kind, "metrics_port": metrics_port}
+    if slot is not None:
+        summary["pid"] = os.getpid()
     log = structlog.get_logger("tokenbroker")
     log.info("tokenbroker starting", **summary, kid=components.broker.keyring.active_kid)
 
@@ -99,6 +200,7 @@ def serve(
             tls=tls,
             admission=settings,
             reflection=settings.reflection,
+            reuse_port=slot is not None,
         )
         await run_server(server, grace=settings.grace_seconds)
 
