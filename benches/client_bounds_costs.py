@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from tokenbroker import Broker, Keyring, LimitPolicy, ProofSigner, SessionLimit
+from tokenbroker.store import SessionOpen
 
 AUDIENCE = "https://mcp.bench/mcp"
 
@@ -50,7 +51,15 @@ def main() -> None:
             cid = client_id or f"fresh-{next(fresh_ids)}"
             now = int(time.time())
             return store.open_session(
-                client_id=cid, audience=AUDIENCE, session_id=None, ttl_seconds=3600, limit=limit, client_ip="", now=now
+                SessionOpen(
+                    client_id=cid,
+                    audience=AUDIENCE,
+                    session_id=None,
+                    ttl_seconds=3600,
+                    limit=limit,
+                    client_ip="",
+                    now=now,
+                )
             )
 
         return call

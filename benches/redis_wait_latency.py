@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tokenbroker import SessionLimit
+from tokenbroker.store import SessionOpen, TokenCheck
 from tokenbroker.store.redis import RedisStore
 
 from support.redis_servers import HOST, RedisServer
@@ -26,21 +27,14 @@ def measure(url: str, min_replicas: int, count: int) -> list[float]:
     store = RedisStore.from_url(url, prefix=f"w{uuid.uuid4().hex[:8]}", min_replicas=min_replicas)
     now = int(time.time())
     session = store.open_session(
-        client_id="c", audience="a", session_id=None, ttl_seconds=600, limit=SessionLimit(), client_ip="", now=now
+        SessionOpen(
+            client_id="c", audience="a", session_id=None, ttl_seconds=600, limit=SessionLimit(), client_ip="", now=now
+        )
     )
     took = []
     for i in range(count + 200):  # the first 200 warm up
         started = time.perf_counter()
-        store.check_token(
-            client_id="c",
-            session_id=session.session_id,
-            audience="a",
-            jti=f"j{i}",
-            issued_at=now,
-            client_ip="",
-            replay=((f"proof-{i}", now + 60),),
-            now=now,
-        )
+        store.check_token(TokenCheck("c", session.session_id, "a", f"j{i}", now, "", ((f"proof-{i}", now + 60),), now))
         took.append(time.perf_counter() - started)
     store.close()
     return took[200:]

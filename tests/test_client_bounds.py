@@ -23,7 +23,7 @@ from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
-from tokenbroker.store.base import Remembered
+from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck
 
 from support.broker_process import BrokerProcess
 from support.brokers import AUDIENCE, ISSUER, FakeClock, make_broker
@@ -194,7 +194,7 @@ def test_evicted_sessions_are_purged_so_the_store_stays_bounded():
         "client_ip": "",
     }
     for _ in range(20_000):
-        store.open_session(client_id="noisy", now=now, **args)
+        store.open_session(SessionOpen(client_id="noisy", now=now, **args))
     sizes = store.sizes()
     assert sizes.live_sessions == 1
     assert sizes.ended_sessions <= MemoryStore.ENDED_SESSIONS_PER_CLIENT
@@ -235,17 +235,19 @@ def test_a_token_issued_before_the_store_epoch_is_session_unknown():
     start = int(time.time())
     store = MemoryStore(clock=lambda: float(start))
     session = store.open_session(
-        client_id="c",
-        audience=AUDIENCE,
-        session_id=None,
-        ttl_seconds=600,
-        limit=SessionLimit(),
-        client_ip="",
-        now=start,
+        SessionOpen(
+            client_id="c",
+            audience=AUDIENCE,
+            session_id=None,
+            ttl_seconds=600,
+            limit=SessionLimit(),
+            client_ip="",
+            now=start,
+        )
     )
-    args = {"client_id": "c", "session_id": session.session_id, "audience": AUDIENCE, "jti": "j", "client_ip": ""}
-    assert store.check_token(**args, issued_at=start - 1, replay=(), now=start) is Reason.SESSION_UNKNOWN
-    assert store.check_token(**args, issued_at=start, replay=(), now=start) is Reason.OK
+    check = TokenCheck("c", session.session_id, AUDIENCE, "j", start, "", (), start)
+    assert store.check_token(check._replace(issued_at=start - 1)) is Reason.SESSION_UNKNOWN
+    assert store.check_token(check) is Reason.OK
 
 
 def test_a_single_use_value_issued_before_the_store_epoch_is_stale():

@@ -21,7 +21,7 @@ from tokenbroker import Broker, Keyring, LimitPolicy, ProofSigner, Reason, Sessi
 from tokenbroker.errors import SessionLimitExceededError, SessionNotFoundError, StoreUnavailableError
 from tokenbroker.metrics import Metrics
 from tokenbroker.models import Session
-from tokenbroker.store.base import Remembered
+from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck
 from tokenbroker.store.redis import RedisStore
 
 from support.redis_servers import HOST, RedisCluster, RedisServer, _command
@@ -41,13 +41,15 @@ def now() -> int:
 
 def open_session(store: RedisStore, client_id: str = "c1", limit: SessionLimit | None = None) -> Session:
     return store.open_session(
-        client_id=client_id,
-        audience=AUD,
-        session_id=None,
-        ttl_seconds=600,
-        limit=limit or SessionLimit(),
-        client_ip="",
-        now=now(),
+        SessionOpen(
+            client_id=client_id,
+            audience=AUD,
+            session_id=None,
+            ttl_seconds=600,
+            limit=limit or SessionLimit(),
+            client_ip="",
+            now=now(),
+        )
     )
 
 
@@ -61,14 +63,16 @@ def check(
     at: int | None = None,
 ) -> Reason:
     return store.check_token(
-        client_id=session.client_id,
-        session_id=session.session_id,
-        audience=AUD,
-        jti=jti,
-        issued_at=now() if issued_at is None else issued_at,
-        client_ip="",
-        replay=replay,
-        now=now() if at is None else at,
+        TokenCheck(
+            client_id=session.client_id,
+            session_id=session.session_id,
+            audience=AUD,
+            jti=jti,
+            issued_at=now() if issued_at is None else issued_at,
+            client_ip="",
+            replay=replay,
+            now=now() if at is None else at,
+        )
     )
 
 
@@ -546,13 +550,15 @@ def test_a_purged_evicted_session_is_refused_everywhere(store: RedisStore) -> No
     ]
     with pytest.raises(SessionNotFoundError):
         store.open_session(
-            client_id="c1",
-            audience=AUD,
-            session_id=purged.session_id,
-            ttl_seconds=600,
-            limit=limit,
-            client_ip="",
-            now=now(),
+            SessionOpen(
+                client_id="c1",
+                audience=AUD,
+                session_id=purged.session_id,
+                ttl_seconds=600,
+                limit=limit,
+                client_ip="",
+                now=now(),
+            )
         )
     assert store.revoke_session(purged.session_id, now=now()) == 0
 

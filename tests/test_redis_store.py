@@ -24,7 +24,7 @@ from tokenbroker.errors import (
     StoreUnavailableError,
 )
 from tokenbroker.models import Session
-from tokenbroker.store import Store
+from tokenbroker.store import SessionOpen, Store, TokenCheck
 from tokenbroker.store.base import Remembered
 from tokenbroker.store.redis import RedisStore, tag
 
@@ -103,17 +103,19 @@ def open_session(
     now: int = NOW,
 ) -> Session:
     return store.open_session(
-        client_id=client_id,
-        audience=audience,
-        session_id=session_id,
-        ttl_seconds=ttl,
-        limit=limit or SessionLimit(),
-        client_ip=ip,
-        now=now,
+        SessionOpen(
+            client_id=client_id,
+            audience=audience,
+            session_id=session_id,
+            ttl_seconds=ttl,
+            limit=limit or SessionLimit(),
+            client_ip=ip,
+            now=now,
+        )
     )
 
 
-def check_args(
+def token_check(
     session: Session,
     *,
     client_id: str | None = None,
@@ -123,21 +125,21 @@ def check_args(
     replay: tuple[tuple[str, int], ...] = (),
     now: int = NOW + 1,
     issued_at: int | None = None,
-) -> dict[str, Any]:
-    return {
-        "client_id": session.client_id if client_id is None else client_id,
-        "session_id": session.session_id,
-        "audience": session.audience if audience is None else audience,
-        "jti": jti,
-        "issued_at": int(time.time()) if issued_at is None else issued_at,  # after the store's epoch
-        "client_ip": ip,
-        "replay": replay,
-        "now": now,
-    }
+) -> TokenCheck:
+    return TokenCheck(
+        client_id=session.client_id if client_id is None else client_id,
+        session_id=session.session_id,
+        audience=session.audience if audience is None else audience,
+        jti=jti,
+        issued_at=int(time.time()) if issued_at is None else issued_at,  # after the store's epoch
+        client_ip=ip,
+        replay=replay,
+        now=now,
+    )
 
 
 def check(store: RedisStore, session: Session, **kwargs: Any) -> Reason:
-    return store.check_token(**check_args(session, **kwargs))
+    return store.check_token(token_check(session, **kwargs))
 
 
 def replay_key(n: int) -> str:
@@ -338,23 +340,25 @@ def test_remember_is_true_once_then_false_until_it_expires(store: RedisStore) ->
 async def test_async_twins_follow_the_same_rules(astore: RedisStore) -> None:
     limit = SessionLimit(1, LimitPolicy.REJECT)
     session = await astore.aopen_session(
-        client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=limit, client_ip="", now=NOW
+        SessionOpen(client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=limit, client_ip="", now=NOW)
     )
     with pytest.raises(SessionLimitExceededError):
         await astore.aopen_session(
-            client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=limit, client_ip="", now=NOW
+            SessionOpen(
+                client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=limit, client_ip="", now=NOW
+            )
         )
     record = ((replay_key(4), NOW + 60),)
-    assert await astore.acheck_token(**check_args(session, replay=record)) is Reason.OK
-    assert await astore.acheck_token(**check_args(session, replay=record)) is Reason.REPLAYED
+    assert await astore.acheck_token(token_check(session, replay=record)) is Reason.OK
+    assert await astore.acheck_token(token_check(session, replay=record)) is Reason.REPLAYED
     iat = int(time.time())
     assert await astore.aremember("k", client_id="c", issued_at=iat, until=NOW + 10, now=NOW) is Remembered.NEW
     assert await astore.aremember("k", client_id="c", issued_at=iat, until=NOW + 10, now=NOW) is Remembered.SEEN
     assert [s.session_id for s in await astore.asessions("c", now=NOW + 1)] == [session.session_id]
     assert await astore.arevoke_token("jti-1", until=NOW + 60, now=NOW) == 1
-    assert await astore.acheck_token(**check_args(session, jti="jti-1")) is Reason.TOKEN_REVOKED
+    assert await astore.acheck_token(token_check(session, jti="jti-1")) is Reason.TOKEN_REVOKED
     assert await astore.arevoke_session(session.session_id, now=NOW + 1) == 1
-    assert await astore.acheck_token(**check_args(session, jti="jti-2")) is Reason.SESSION_REVOKED
+    assert await astore.acheck_token(token_check(session, jti="jti-2")) is Reason.SESSION_REVOKED
     assert await astore.arevoke_client("c", now=NOW + 1) == 0
     assert await astore.aping() is True
 
@@ -362,18 +366,20 @@ async def test_async_twins_follow_the_same_rules(astore: RedisStore) -> None:
 async def test_store_without_an_async_client_runs_async_calls_in_a_thread(redis_server: RedisServer) -> None:
     store = RedisStore(redis.Redis.from_url(redis_server.url))
     session = await store.aopen_session(
-        client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=SessionLimit(), client_ip="", now=NOW
+        SessionOpen(
+            client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=SessionLimit(), client_ip="", now=NOW
+        )
     )
-    assert await store.acheck_token(**check_args(session)) is Reason.OK
+    assert await store.acheck_token(token_check(session)) is Reason.OK
     assert await store.arevoke_client("c", now=NOW + 1) == 1
-    assert await store.acheck_token(**check_args(session, now=NOW + 2)) is Reason.CLIENT_REVOKED
+    assert await store.acheck_token(token_check(session, now=NOW + 2)) is Reason.CLIENT_REVOKED
     store.close()
 
 
 # -- batches and coalescing ---------------------------------------------------------------
 
 
-def mixed_requests(store: RedisStore, count: int, salt: int = 0) -> tuple[list[dict[str, Any]], list[Reason]]:
+def mixed_requests(store: RedisStore, count: int, salt: int = 0) -> tuple[list[TokenCheck], list[Reason]]:
     """`count` validations with four different answers, and the answers expected."""
     live = open_session(store)
     revoked = open_session(store)
@@ -384,16 +390,16 @@ def mixed_requests(store: RedisStore, count: int, salt: int = 0) -> tuple[list[d
     for i in range(count):
         kind = i % 4
         if kind == 0:
-            requests.append(check_args(live, jti=f"j{i}", replay=((replay_key(salt * 100_000 + i + 1), NOW + 60),)))
+            requests.append(token_check(live, jti=f"j{i}", replay=((replay_key(salt * 100_000 + i + 1), NOW + 60),)))
             expected.append(Reason.OK)
         elif kind == 1:
-            requests.append(check_args(revoked, jti=f"j{i}"))
+            requests.append(token_check(revoked, jti=f"j{i}"))
             expected.append(Reason.SESSION_REVOKED)
         elif kind == 2:
-            requests.append(check_args(live, client_id="client-2", jti=f"j{i}"))
+            requests.append(token_check(live, client_id="client-2", jti=f"j{i}"))
             expected.append(Reason.SESSION_UNKNOWN)
         else:
-            requests.append(check_args(live, jti=f"j{i}", replay=((used, NOW + 60),)))
+            requests.append(token_check(live, jti=f"j{i}", replay=((used, NOW + 60),)))
             expected.append(Reason.REPLAYED)
     return requests, expected
 
@@ -420,7 +426,7 @@ def test_separate_checks_cost_one_round_trip_each(single: Backend) -> None:
     requests, _ = mixed_requests(store, 32)
     before = single.reads()
     for request in requests:
-        store.check_token(**request)
+        store.check_token(request)
     assert single.reads() - before >= 32
 
 
@@ -430,8 +436,12 @@ async def test_acheck_tokens_answers_each_request_in_order(astore: RedisStore) -
 
 
 def test_check_tokens_rejects_a_malformed_request(store: RedisStore) -> None:
+    """A check that is not a `TokenCheck` (a mapping, as batches were once written, or a
+    bare tuple of the right values) is refused before anything is sent."""
     with pytest.raises(InvalidArgumentError):
-        store.check_tokens([{"client_id": "c"}])
+        store.check_tokens([{"client_id": "c"}])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError):
+        store.check_tokens([tuple(token_check(open_session(store)))])  # type: ignore[list-item]
 
 
 async def test_concurrent_acheck_token_calls_share_one_pipeline_and_get_their_own_answers(
@@ -442,7 +452,7 @@ async def test_concurrent_acheck_token_calls_share_one_pipeline_and_get_their_ow
     await store.acheck_tokens(warm_up)  # connections to every node are open
     requests, expected = mixed_requests(store, 40)
     before = backend.reads()
-    answers = await asyncio.gather(*(store.acheck_token(**r) for r in requests))
+    answers = await asyncio.gather(*(store.acheck_token(r) for r in requests))
     assert answers == expected
     assert backend.reads() - before <= 4 * len(backend.servers)
     await store.aclose()
@@ -450,15 +460,15 @@ async def test_concurrent_acheck_token_calls_share_one_pipeline_and_get_their_ow
 
 async def test_calls_made_while_a_pipeline_is_in_flight_go_in_the_next_one(astore: RedisStore) -> None:
     requests, expected = mixed_requests(astore, 8)
-    first = asyncio.ensure_future(astore.acheck_token(**requests[0]))
+    first = asyncio.ensure_future(astore.acheck_token(requests[0]))
     await asyncio.sleep(0)  # the first pipeline is now in flight
-    rest = await asyncio.gather(*(astore.acheck_token(**r) for r in requests[1:]))
+    rest = await asyncio.gather(*(astore.acheck_token(r) for r in requests[1:]))
     assert [await first, *rest] == expected
 
 
 async def test_cancelled_caller_does_not_disturb_the_others(astore: RedisStore) -> None:
     requests, expected = mixed_requests(astore, 8)
-    tasks = [asyncio.ensure_future(astore.acheck_token(**r)) for r in requests]
+    tasks = [asyncio.ensure_future(astore.acheck_token(r)) for r in requests]
     tasks[1].cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[1], asyncio.CancelledError)
@@ -468,10 +478,10 @@ async def test_cancelled_caller_does_not_disturb_the_others(astore: RedisStore) 
 async def test_coalescer_refuses_callers_beyond_its_queue_bound(redis_server: RedisServer) -> None:
     store = RedisStore.from_url(redis_server.url, max_pending_checks=3)
     requests, expected = mixed_requests(store, 5)
-    results = await asyncio.gather(*(store.acheck_token(**r) for r in requests), return_exceptions=True)
+    results = await asyncio.gather(*(store.acheck_token(r) for r in requests), return_exceptions=True)
     assert results[:3] == expected[:3]
     assert all(isinstance(r, StoreUnavailableError) for r in results[3:])
-    assert await store.acheck_token(**requests[3]) is expected[3]  # the queue drained
+    assert await store.acheck_token(requests[3]) is expected[3]  # the queue drained
     await store.aclose()
     store.close()
 
@@ -479,7 +489,7 @@ async def test_coalescer_refuses_callers_beyond_its_queue_bound(redis_server: Re
 async def test_large_coalesced_load_is_split_into_bounded_pipelines(redis_server: RedisServer) -> None:
     store = RedisStore.from_url(redis_server.url, max_batch=7)
     requests, expected = mixed_requests(store, 40)
-    assert await asyncio.gather(*(store.acheck_token(**r) for r in requests)) == expected
+    assert await asyncio.gather(*(store.acheck_token(r) for r in requests)) == expected
     await store.aclose()
     store.close()
 
@@ -497,14 +507,14 @@ def test_scripts_are_reloaded_after_script_flush(single: Backend) -> None:
     store.client.script_flush()
     assert open_session(store).session_id  # index and script in one pipeline
     store.client.script_flush()
-    assert store.check_tokens([check_args(session, jti="jti-1")]) == [Reason.TOKEN_REVOKED]
+    assert store.check_tokens([token_check(session, jti="jti-1")]) == [Reason.TOKEN_REVOKED]
 
 
 async def test_async_scripts_are_reloaded_after_script_flush(single: Backend) -> None:
     store = single.store()
     session = open_session(store)
     store.client.script_flush()
-    assert await store.acheck_token(**check_args(session)) is Reason.OK
+    assert await store.acheck_token(token_check(session)) is Reason.OK
     store.client.script_flush()
     assert await store.arevoke_token("jti-1", until=NOW + 60, now=NOW) == 1
     await store.aclose()
@@ -515,7 +525,7 @@ def every_call(store: RedisStore, session: Session) -> dict[str, Callable[[], ob
         "open_session": lambda: open_session(store),
         "continue_session": lambda: open_session(store, session_id=session.session_id),
         "check_token": lambda: check(store, session),
-        "check_tokens": lambda: store.check_tokens([check_args(session)] * 3),
+        "check_tokens": lambda: store.check_tokens([token_check(session)] * 3),
         "remember": lambda: store.remember("k", client_id="client-1", issued_at=NOW, until=NOW + 10, now=NOW),
         "revoke_session": lambda: store.revoke_session(session.session_id, now=NOW),
         "revoke_client": lambda: store.revoke_client("client-1", now=NOW),
@@ -570,10 +580,18 @@ async def test_async_calls_fail_closed_when_redis_is_killed(redis_server: RedisS
     redis_server.kill()
     started = time.monotonic()
     with pytest.raises(StoreUnavailableError):
-        await store.acheck_token(**check_args(session))
+        await store.acheck_token(token_check(session))
     with pytest.raises(StoreUnavailableError):
         await store.aopen_session(
-            client_id="c", audience=AUD, session_id=None, ttl_seconds=60, limit=SessionLimit(), client_ip="", now=NOW
+            SessionOpen(
+                client_id="c",
+                audience=AUD,
+                session_id=None,
+                ttl_seconds=60,
+                limit=SessionLimit(),
+                client_ip="",
+                now=NOW,
+            )
         )
     with pytest.raises(StoreUnavailableError):
         await store.aping()
@@ -588,7 +606,7 @@ async def test_each_coalesced_caller_gets_its_own_error_when_redis_is_down(
     session = open_session(store)
     redis_server.kill()
     results = await asyncio.gather(
-        *(store.acheck_token(**check_args(session, jti=f"j{i}")) for i in range(5)), return_exceptions=True
+        *(store.acheck_token(token_check(session, jti=f"j{i}")) for i in range(5)), return_exceptions=True
     )
     assert all(isinstance(r, StoreUnavailableError) for r in results)
     assert len({id(r) for r in results}) == 5
@@ -611,13 +629,13 @@ def test_same_store_works_again_after_redis_restarts(redis_server: RedisServer, 
 async def test_same_async_store_works_again_after_redis_restarts(redis_server: RedisServer, single: Backend) -> None:
     store = single.store()
     session = open_session(store)
-    assert await store.acheck_token(**check_args(session)) is Reason.OK
+    assert await store.acheck_token(token_check(session)) is Reason.OK
     redis_server.kill()
     with pytest.raises(StoreUnavailableError):
-        await store.acheck_token(**check_args(session))
+        await store.acheck_token(token_check(session))
     redis_server.restart()
     session = open_session(store)
-    assert await store.acheck_token(**check_args(session)) is Reason.OK
+    assert await store.acheck_token(token_check(session)) is Reason.OK
     await store.aclose()
 
 
@@ -650,11 +668,11 @@ def script_calls(store: RedisStore, client_id: str, session_id: str, jti: str) -
         calls.extend(c for c in batch if hasattr(c, "script"))
 
     limit = SessionLimit(2, LimitPolicy.EVICT_OLDEST)
-    drive(store._open_op(client_id, AUD, None, 60, limit, "", NOW), [[True, ["OK"]]])
-    drive(store._open_op(client_id, AUD, session_id, 60, limit, "", NOW), [[["OK", NOW, NOW + 60, ""]]])
-    request = check_args(Session(session_id, client_id, AUD, NOW, NOW + 60, NOW), jti=jti)
-    request["replay"] = ((replay_key(1), NOW + 60), (replay_key(2), NOW + 60))
-    drive(store._checks_op(store._requests([request])), [[["OK", NOW], ["OK", NOW]]])
+    drive(store._open_op(SessionOpen(client_id, AUD, None, 60, limit, "", NOW)), [[True, ["OK"]]])
+    drive(store._open_op(SessionOpen(client_id, AUD, session_id, 60, limit, "", NOW)), [[["OK", NOW, NOW + 60, ""]]])
+    replay = ((replay_key(1), NOW + 60), (replay_key(2), NOW + 60))
+    request = token_check(Session(session_id, client_id, AUD, NOW, NOW + 60, NOW), jti=jti, replay=replay)
+    drive(store._checks_op([request]), [[["OK", NOW], ["OK", NOW]]])
     drive(store._remember_op("assertion", client_id, NOW, NOW + 60, NOW), [[["NEW", NOW]]])
     drive(store._revoke_session_op(session_id, NOW), [[client_id], [1]])
     drive(store._revoke_client_op(client_id, NOW), [[["OK", 2]]])
@@ -827,7 +845,7 @@ def test_concurrent_check_token_calls_from_threads_share_pipelines_and_get_their
 
     def call(i: int) -> None:
         start.wait()
-        answers[i] = store.check_token(**requests[i])
+        answers[i] = store.check_token(requests[i])
 
     before = store._thread_coalescer.pipelines
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
@@ -846,7 +864,7 @@ def test_each_thread_gets_its_own_error_when_redis_is_down(redis_server: RedisSe
     requests, _ = mixed_requests(store, 8)
     redis_server.kill()
     with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(lambda r: _outcome(lambda: store.check_token(**r)), requests))
+        outcomes = list(pool.map(lambda r: _outcome(lambda: store.check_token(r)), requests))
     assert all(isinstance(o, StoreUnavailableError) for o in outcomes)
     assert len({id(o) for o in outcomes}) == len(outcomes)
     store.close()

@@ -27,6 +27,7 @@ from tokenbroker.errors import (
 )
 from tokenbroker.service import TlsFiles, build_server, serve
 from tokenbroker.service.servicer import SERVICE_NAME
+from tokenbroker.store import TokenCheck
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
 
@@ -56,10 +57,10 @@ class DownStore(MemoryStore):
 
     down = False
 
-    def check_token(self, **kwargs: Any) -> Reason:
+    def check_token(self, check: TokenCheck) -> Reason:
         if self.down:
             raise StoreUnavailableError("store unreachable (test)")
-        return super().check_token(**kwargs)
+        return super().check_token(check)
 
 
 class GatedStore(MemoryStore):
@@ -71,11 +72,11 @@ class GatedStore(MemoryStore):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def check_token(self, **kwargs: Any) -> Reason:
+    def check_token(self, check: TokenCheck) -> Reason:
         if self.gate:
             self.entered.set()
             assert self.release.wait(TIMEOUT)
-        return super().check_token(**kwargs)
+        return super().check_token(check)
 
 
 @pytest.fixture

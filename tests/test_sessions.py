@@ -1,7 +1,6 @@
 """Sessions, their limit and expiry, and revocation taking effect on the next validate."""
 
 import asyncio
-from typing import Any
 
 import pytest
 
@@ -191,21 +190,24 @@ def test_memory_store_replay_records_are_bounded_and_refuse_when_full():
 
 def test_memory_store_forgets_expired_replay_records_as_traffic_goes_on():
     from tokenbroker import MemoryStore
+    from tokenbroker.store import SessionOpen, TokenCheck
 
     store = MemoryStore(clock=lambda: 0.0)  # the store's epoch: this test's time starts at 0
     session = store.open_session(
-        client_id="c", audience=AUDIENCE, session_id=None, ttl_seconds=10_000, limit=SessionLimit(), client_ip="", now=0
+        SessionOpen(
+            client_id="c",
+            audience=AUDIENCE,
+            session_id=None,
+            ttl_seconds=10_000,
+            limit=SessionLimit(),
+            client_ip="",
+            now=0,
+        )
     )
     for t in range(300):  # 20 records a second, each kept 60 s
         for i in range(20):
-            args: dict[str, Any] = {
-                "client_id": "c",
-                "session_id": session.session_id,
-                "audience": AUDIENCE,
-                "jti": "j",
-                "issued_at": 0,
-            }
-            assert store.check_token(**args, client_ip="", replay=((f"{t}-{i}", t + 60),), now=t) is Reason.OK
+            check = TokenCheck("c", session.session_id, AUDIENCE, "j", 0, "", ((f"{t}-{i}", t + 60),), t)
+            assert store.check_token(check) is Reason.OK
     assert len(store._replay) <= 20 * 61
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tokenbroker.store.base import ReplayRecord, Store
+from tokenbroker.store.base import ReplayRecord, SessionOpen, Store, TokenCheck
 from tokenbroker.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from tokenbroker.store.redis import RedisStore
 
-__all__ = ["MemoryStore", "RedisStore", "ReplayRecord", "Store"]
+__all__ = ["MemoryStore", "RedisStore", "ReplayRecord", "SessionOpen", "Store", "TokenCheck"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,14 +4,53 @@ The broker knows only this interface, never a backend's commands."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
+from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.models import Session, SessionLimit
 from tokenbroker.reason import Reason
 
 # A replay record the store must set if absent: (key, Unix time it may be forgotten).
 ReplayRecord = tuple[str, int]
+
+
+class SessionOpen(NamedTuple):
+    """What the store needs to open a session, or to continue one (`session_id`): one
+    type from the broker's issuance to the backend, as `TokenCheck` is for validation."""
+
+    client_id: str
+    audience: str
+    session_id: str | None  # None opens a new session under `limit`
+    ttl_seconds: int
+    limit: SessionLimit
+    client_ip: str
+    now: int
+
+
+class TokenCheck(NamedTuple):
+    """What the store checks for one validation (step 7): one type from the broker's
+    hot path to the backend. The broker builds it positionally (cheaper than keyword
+    arguments or a dict), a batch is a sequence of them, and the Redis store queues and
+    pipelines them as they are."""
+
+    client_id: str
+    session_id: str
+    audience: str
+    jti: str
+    issued_at: int  # the token's iat: earlier than the store's state epoch is SESSION_UNKNOWN
+    client_ip: str
+    replay: tuple[ReplayRecord, ...]
+    now: int
+
+
+def token_checks(checks: Sequence[object]) -> list[TokenCheck]:
+    """A batch's checks, once every one is a `TokenCheck`: anything else (a mapping from an
+    untyped caller, say) is `InvalidArgumentError` before any of the batch is checked."""
+    found = [c for c in checks if isinstance(c, TokenCheck)]
+    if len(found) != len(checks):
+        raise InvalidArgumentError(f"a store check must be a TokenCheck with the fields {TokenCheck._fields}")
+    return found
 
 
 class Remembered(enum.StrEnum):
@@ -28,34 +67,13 @@ class Store(Protocol):
     """Sync and asyncio twins of every operation. Every method raises
     `StoreUnavailableError` when the backend cannot be reached (fail closed)."""
 
-    def open_session(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Session:
-        """Continues `session_id` (it must be live and the client's, for this audience)
-        or opens a new session under `limit`. Raises `SessionNotFoundError`,
+    def open_session(self, opening: SessionOpen) -> Session:
+        """Continues `opening.session_id` (it must be live and the client's, for this
+        audience) or opens a new session under `opening.limit`. Raises `SessionNotFoundError`,
         `SessionLimitExceededError` or `InvalidArgumentError`."""
         ...
 
-    def check_token(
-        self,
-        *,
-        client_id: str,
-        session_id: str,
-        audience: str,
-        jti: str,
-        issued_at: int,
-        client_ip: str,
-        replay: tuple[ReplayRecord, ...],
-        now: int,
-    ) -> Reason:
+    def check_token(self, check: TokenCheck) -> Reason:
         """Step 7 of the validation path: client not revoked, session live and the
         client's for this audience, token not revoked, token issued (`issued_at`, its
         `iat`) no earlier than the store's state epoch (else `SESSION_UNKNOWN`), replay
@@ -65,9 +83,9 @@ class Store(Protocol):
         activity are recorded. Returns `Reason.OK` or the reason to refuse."""
         ...
 
-    def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
-        """`check_token` for many requests (mappings of its keyword arguments, including
-        `issued_at`), in order; a networked store sends them together (one round trip for N)."""
+    def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
+        """`check_token` for many checks, in order; a networked store sends them together
+        (one round trip for N). `InvalidArgumentError` if one is not a `TokenCheck`."""
         ...
 
     def remember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
@@ -86,32 +104,11 @@ class Store(Protocol):
 
     def sessions(self, client_id: str, *, now: int) -> list[Session]: ...
 
-    async def aopen_session(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Session: ...
+    async def aopen_session(self, opening: SessionOpen) -> Session: ...
 
-    async def acheck_token(
-        self,
-        *,
-        client_id: str,
-        session_id: str,
-        audience: str,
-        jti: str,
-        issued_at: int,
-        client_ip: str,
-        replay: tuple[ReplayRecord, ...],
-        now: int,
-    ) -> Reason: ...
+    async def acheck_token(self, check: TokenCheck) -> Reason: ...
 
-    async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]: ...
+    async def acheck_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]: ...
 
     async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered: ...
 

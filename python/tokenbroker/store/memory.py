@@ -10,15 +10,15 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from tokenbroker._core import random_id
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
-from tokenbroker.models import LimitPolicy, Session, SessionLimit
+from tokenbroker.models import LimitPolicy, Session
 from tokenbroker.reason import Reason
-from tokenbroker.store.base import Remembered, ReplayRecord
+from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck, token_checks
 
 # Expired entries forgotten per validation: more than one adds, so memory follows traffic.
 _PURGE_PER_CHECK = 4
@@ -127,17 +127,8 @@ class MemoryStore:
 
     # -- sessions -------------------------------------------------------------------
 
-    def open_session(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Session:
+    def open_session(self, opening: SessionOpen) -> Session:
+        client_id, audience, session_id, ttl_seconds, limit, client_ip, now = opening
         with self._lock:
             self._expire_sessions(now, None)
             if session_id:
@@ -220,18 +211,8 @@ class MemoryStore:
 
     # -- validation -----------------------------------------------------------------
 
-    def check_token(
-        self,
-        *,
-        client_id: str,
-        session_id: str,
-        audience: str,
-        jti: str,
-        issued_at: int,
-        client_ip: str,
-        replay: tuple[ReplayRecord, ...],
-        now: int,
-    ) -> Reason:
+    def check_token(self, check: TokenCheck) -> Reason:
+        client_id, session_id, audience, jti, issued_at, client_ip, replay, now = check
         with self._lock:
             if issued_at < self.epoch:
                 return Reason.SESSION_UNKNOWN
@@ -263,8 +244,8 @@ class MemoryStore:
                 record.last_ip = client_ip
             return Reason.OK
 
-    def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
-        return [self.check_token(**r) for r in requests]
+    def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
+        return [self.check_token(c) for c in token_checks(checks)]
 
     def remember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         with self._lock:
@@ -356,52 +337,14 @@ class MemoryStore:
 
     # -- asyncio twins (nothing here blocks) ----------------------------------------
 
-    async def aopen_session(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Session:
-        return self.open_session(
-            client_id=client_id,
-            audience=audience,
-            session_id=session_id,
-            ttl_seconds=ttl_seconds,
-            limit=limit,
-            client_ip=client_ip,
-            now=now,
-        )
+    async def aopen_session(self, opening: SessionOpen) -> Session:
+        return self.open_session(opening)
 
-    async def acheck_token(
-        self,
-        *,
-        client_id: str,
-        session_id: str,
-        audience: str,
-        jti: str,
-        issued_at: int,
-        client_ip: str,
-        replay: tuple[ReplayRecord, ...],
-        now: int,
-    ) -> Reason:
-        return self.check_token(
-            client_id=client_id,
-            session_id=session_id,
-            audience=audience,
-            jti=jti,
-            issued_at=issued_at,
-            client_ip=client_ip,
-            replay=replay,
-            now=now,
-        )
+    async def acheck_token(self, check: TokenCheck) -> Reason:
+        return self.check_token(check)
 
-    async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
-        return self.check_tokens(requests)
+    async def acheck_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
+        return self.check_tokens(checks)
 
     async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         return self.remember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)

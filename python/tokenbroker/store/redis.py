@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import redis.cluster
@@ -50,18 +50,12 @@ from tokenbroker.errors import (
     SessionNotFoundError,
     StoreUnavailableError,
 )
-from tokenbroker.models import Session, SessionLimit
+from tokenbroker.models import Session
 from tokenbroker.reason import Reason
 from tokenbroker.store import redis_keys
-from tokenbroker.store.base import Remembered, ReplayRecord
+from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck, token_checks
 from tokenbroker.store.redis_calls import Call, Command, Eval, Op, RoundTrips
-from tokenbroker.store.redis_coalesce import (
-    CheckCoalescer,
-    CheckRequest,
-    ThreadCheckCoalescer,
-    check_requests,
-    raise_first_error,
-)
+from tokenbroker.store.redis_coalesce import CheckCoalescer, ThreadCheckCoalescer, raise_first_error
 from tokenbroker.store.redis_connect import AsyncClient, SyncClient, connect
 from tokenbroker.store.redis_epochs import EpochGuard, epoch_init_op
 from tokenbroker.store.redis_errors import (
@@ -137,7 +131,7 @@ class RedisStore:
         self._trips = RoundTrips(client, async_client, min_replicas=min_replicas, replica_timeout_ms=replica_timeout_ms)
         self._coalescer: CheckCoalescer | None = None
         self._thread_coalescer = ThreadCheckCoalescer(
-            lambda requests: self._run("check_token", self._checks_op(requests)),
+            lambda checks: self._run("check_token", self._checks_op(checks)),
             max_batch=max_batch,
             max_pending=max_pending_checks,
         )
@@ -243,16 +237,8 @@ class RedisStore:
 
     # -- operations, written once as generators of round trips --------------------------
 
-    def _open_op(
-        self,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Op[Session]:
+    def _open_op(self, opening: SessionOpen) -> Op[Session]:
+        client_id, audience, session_id, ttl_seconds, limit, client_ip, now = opening
         live, order, seq, marker = self._session_keys(client_id)
         if session_id:
             key = self.session_key(client_id, session_id)
@@ -299,28 +285,29 @@ class RedisStore:
         indexes: list[Call] = [Command(("DEL", self.session_index_key(s))) for s in sids]
         return [Command(("DEL", *hashes)), *indexes, Command(("ZREM", ended, *sids))]
 
-    def _check_calls(self, r: CheckRequest) -> list[Call]:
-        live, _, _, marker = self._session_keys(r.client_id)
-        session = self.session_key(r.client_id, r.session_id)
-        keys = [session, live, marker, self.records_key(r.client_id), self.epoch_key(session)]
-        jti_key = self.revoked_token_key(r.jti)
+    def _check_calls(self, check: TokenCheck) -> list[Call]:
+        client_id, session_id, audience, jti, issued_at, client_ip, replay, now = check
+        live, _, _, marker = self._session_keys(client_id)
+        session = self.session_key(client_id, session_id)
+        keys = [session, live, marker, self.records_key(client_id), self.epoch_key(session)]
+        jti_key = self.revoked_token_key(jti)
         if not self._cluster:  # one Redis: the revoked jti is refused before anything is recorded
             keys.append(jti_key)
-        args: list[str | int] = [r.client_id, r.audience, r.now, r.client_ip, r.session_id, r.issued_at]
+        args: list[str | int] = [client_id, audience, now, client_ip, session_id, issued_at]
         args += (self._epoch_id, self.max_clock_skew_seconds, self.max_records_per_client)
-        for key, until in r.replay:
+        for key, until in replay:
             args.extend((f"p:{key}", until))
         calls: list[Call] = [Eval("check_token", tuple(keys), tuple(args))]
         if self._cluster:
-            calls.append(Eval("check_jti", (jti_key, self.epoch_key(jti_key)), (r.issued_at, self._epoch_id)))
+            calls.append(Eval("check_jti", (jti_key, self.epoch_key(jti_key)), (issued_at, self._epoch_id)))
         return calls
 
     def _observe(self, redis_now: str, broker_now: int) -> None:
         self.observed_clock_skew = int(redis_now) - broker_now
 
-    def _check_reason(self, r: CheckRequest, state: object, jti: object) -> Reason:
+    def _check_reason(self, check: TokenCheck, state: object, jti: object) -> Reason:
         name, redis_now = reply_texts(reply_value(state))
-        self._observe(redis_now, r.now)
+        self._observe(redis_now, check.now)
         reason = Reason.SESSION_UNKNOWN if name == "STALE" else Reason[name]
         if jti is None or reason in _STATE_REASONS:
             return reason
@@ -331,16 +318,16 @@ class RedisStore:
             return Reason.SESSION_UNKNOWN
         return reason
 
-    def _checks_op(self, requests: Sequence[CheckRequest]) -> Op[list[Reason | StoreUnavailableError]]:
+    def _checks_op(self, checks: Sequence[TokenCheck]) -> Op[list[Reason | StoreUnavailableError]]:
         """N validations in one round trip; a failed one yields its own error."""
         per = 2 if self._cluster else 1
-        batch = [call for r in requests for call in self._check_calls(r)]
+        batch = [call for check in checks for call in self._check_calls(check)]
         replies = yield batch
         results: list[Reason | StoreUnavailableError] = []
-        for i, r in enumerate(requests):
+        for i, check in enumerate(checks):
             try:
                 jti = replies[per * i + 1] if self._cluster else None
-                results.append(self._check_reason(r, replies[per * i], jti))
+                results.append(self._check_reason(check, replies[per * i], jti))
             except REPLY_ERRORS as exc:
                 results.append(unavailable("check_token", exc))
         return results
@@ -450,47 +437,25 @@ class RedisStore:
 
     # -- the Store protocol -----------------------------------------------------------
 
-    def open_session(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Session:
-        """Continues `session_id` (live, the client's, same audience) or opens a new session:
-        one script trims the client's expired sessions, counts the live ones and rejects or
-        evicts the oldest (SESSION_REVOKED) by `limit.policy`. Raises
+    def open_session(self, opening: SessionOpen) -> Session:
+        """Continues `opening.session_id` (live, the client's, same audience) or opens a new
+        session: one script trims the client's expired sessions, counts the live ones and
+        rejects or evicts the oldest (SESSION_REVOKED) by `opening.limit.policy`. Raises
         `SessionNotFoundError`, `SessionLimitExceededError`, `InvalidArgumentError`,
         `StoreUnavailableError`."""
-        op = self._open_op(client_id, audience, session_id, ttl_seconds, limit, client_ip, now)
-        return self._run("open_session", op)
+        return self._run("open_session", self._open_op(opening))
 
-    def check_token(
-        self,
-        *,
-        client_id: str,
-        session_id: str,
-        audience: str,
-        jti: str,
-        issued_at: int,
-        client_ip: str,
-        replay: tuple[ReplayRecord, ...],
-        now: int,
-    ) -> Reason:
+    def check_token(self, check: TokenCheck) -> Reason:
         """Validation step 7 in one round trip. Returns OK, SESSION_UNKNOWN (also: issued
         before the epoch), SESSION_REVOKED, CLIENT_REVOKED, TOKEN_REVOKED, REPLAYED or
         REPLAY_CACHE_FULL; raises `StoreUnavailableError`, never answers OK without Redis."""
-        request = CheckRequest(client_id, session_id, audience, jti, issued_at, client_ip, tuple(replay), now)
-        return self._thread_coalescer.check(request)
+        return self._thread_coalescer.check(check)
 
-    def check_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
-        """`check_token` for each request (a mapping of its keyword arguments), all in one
-        pipeline: one round trip for N. Raises `StoreUnavailableError` if any failed."""
-        return raise_first_error(self._run("check_tokens", self._checks_op(self._requests(requests))))
+    def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
+        """`check_token` for each check, all in one pipeline: one round trip for N. Raises
+        `InvalidArgumentError` if one is not a `TokenCheck` (before anything is sent) and
+        `StoreUnavailableError` if any failed."""
+        return raise_first_error(self._run("check_tokens", self._checks_op(token_checks(checks))))
 
     def remember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         """Records `key` among the client's records until `until` (+ the skew allowance,
@@ -513,47 +478,24 @@ class RedisStore:
         """The client's live sessions, in the order they were opened."""
         return self._run("sessions", self._sessions_op(client_id, now))
 
-    async def aopen_session(
-        self,
-        *,
-        client_id: str,
-        audience: str,
-        session_id: str | None,
-        ttl_seconds: int,
-        limit: SessionLimit,
-        client_ip: str,
-        now: int,
-    ) -> Session:
-        op = self._open_op(client_id, audience, session_id, ttl_seconds, limit, client_ip, now)
-        return await self._arun("open_session", op)
+    async def aopen_session(self, opening: SessionOpen) -> Session:
+        return await self._arun("open_session", self._open_op(opening))
 
-    async def acheck_token(
-        self,
-        *,
-        client_id: str,
-        session_id: str,
-        audience: str,
-        jti: str,
-        issued_at: int,
-        client_ip: str,
-        replay: tuple[ReplayRecord, ...],
-        now: int,
-    ) -> Reason:
+    async def acheck_token(self, check: TokenCheck) -> Reason:
         """The asyncio twin of `check_token`; concurrent calls share pipelines (coalescing)."""
-        request = CheckRequest(client_id, session_id, audience, jti, issued_at, client_ip, tuple(replay), now)
         coalescer = self._coalescer
         if coalescer is None or coalescer.loop is not asyncio.get_running_loop():
             coalescer = self._coalescer = CheckCoalescer(
                 self._acheck_many, max_batch=self._max_batch, max_pending=self._max_pending
             )
-        return await coalescer.check(request)
+        return await coalescer.check(check)
 
-    async def acheck_tokens(self, requests: Sequence[Mapping[str, Any]]) -> list[Reason]:
+    async def acheck_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
         """The asyncio twin of `check_tokens` (one pipeline, not coalesced)."""
-        return raise_first_error(await self._acheck_many(self._requests(requests)))
+        return raise_first_error(await self._acheck_many(token_checks(checks)))
 
-    async def _acheck_many(self, requests: list[CheckRequest]) -> list[Reason | StoreUnavailableError]:
-        return await self._arun("check_token", self._checks_op(requests))
+    async def _acheck_many(self, checks: list[TokenCheck]) -> list[Reason | StoreUnavailableError]:
+        return await self._arun("check_token", self._checks_op(checks))
 
     async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         return await self._arun("remember", self._remember_op(key, client_id, issued_at, until, now))
@@ -569,9 +511,6 @@ class RedisStore:
 
     async def asessions(self, client_id: str, *, now: int) -> list[Session]:
         return await self._arun("sessions", self._sessions_op(client_id, now))
-
-    # A batch's requests: mappings of `check_token`'s keyword arguments, checked.
-    _requests = staticmethod(check_requests)
 
     # -- health and lifecycle -----------------------------------------------------------
 

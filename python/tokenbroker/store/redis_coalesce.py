@@ -1,5 +1,5 @@
-"""The Redis store's validations on their way to Redis: the request of one check, batches
-of them, and coalescing. Concurrent `check_token` calls from threads (the sync gRPC
+"""The Redis store's validations on their way to Redis: batches of `TokenCheck`s, and
+coalescing. Concurrent `check_token` calls from threads (the sync gRPC
 server's workers) and concurrent `acheck_token` calls share pipelines: while one pipeline
 is in flight, new calls wait in a bounded queue and go together in the next one; each
 caller gets its own answer or exception."""
@@ -9,35 +9,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
 
-from tokenbroker.errors import InvalidArgumentError, StoreUnavailableError
+from tokenbroker.errors import StoreUnavailableError
 from tokenbroker.reason import Reason
-from tokenbroker.store.base import ReplayRecord
+from tokenbroker.store.base import TokenCheck
 from tokenbroker.store.redis_errors import unavailable
-
-
-class CheckRequest(NamedTuple):
-    """One validation's store check: the keyword arguments of `check_token`."""
-
-    client_id: str
-    session_id: str
-    audience: str
-    jti: str
-    issued_at: int
-    client_ip: str
-    replay: tuple[ReplayRecord, ...]
-    now: int
-
-
-def check_requests(requests: Sequence[Mapping[str, Any]]) -> list[CheckRequest]:
-    """A batch's requests (mappings of `check_token`'s keyword arguments) as `CheckRequest`s;
-    `InvalidArgumentError` when one does not hold exactly those fields."""
-    try:
-        return [CheckRequest(**{**r, "replay": tuple(tuple(x) for x in r.get("replay", ()))}) for r in requests]
-    except TypeError as exc:
-        raise InvalidArgumentError(f"a check request must hold exactly the fields {CheckRequest._fields}") from exc
 
 
 def raise_first_error(results: list[Reason | StoreUnavailableError]) -> list[Reason]:
@@ -71,7 +48,7 @@ class CheckCoalescer:
 
     def __init__(
         self,
-        send: Callable[[list[CheckRequest]], Awaitable[list[Reason | StoreUnavailableError]]],
+        send: Callable[[list[TokenCheck]], Awaitable[list[Reason | StoreUnavailableError]]],
         *,
         max_batch: int,
         max_pending: int,
@@ -79,32 +56,32 @@ class CheckCoalescer:
         self._send = send
         self._max_batch = max_batch
         self._max_pending = max_pending
-        self._pending: deque[tuple[CheckRequest, asyncio.Future[Reason]]] = deque()
+        self._pending: deque[tuple[TokenCheck, asyncio.Future[Reason]]] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.pipelines = 0  # pipelines sent, for tests and metrics
 
-    async def check(self, request: CheckRequest) -> Reason:
+    async def check(self, check: TokenCheck) -> Reason:
         if len(self._pending) >= self._max_pending:
             raise _overloaded(self._max_pending)
         future: asyncio.Future[Reason] = self.loop.create_future()
-        self._pending.append((request, future))
+        self._pending.append((check, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = self.loop.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:
-        batch: list[tuple[CheckRequest, asyncio.Future[Reason]]] = []
+        batch: list[tuple[TokenCheck, asyncio.Future[Reason]]] = []
         try:
             while self._pending:
                 count = min(len(self._pending), self._max_batch)
                 batch = [self._pending.popleft() for _ in range(count)]
-                batch = [(r, f) for r, f in batch if not f.done()]  # callers that gave up
+                batch = [(c, f) for c, f in batch if not f.done()]  # callers that gave up
                 if not batch:
                     continue
                 self.pipelines += 1
                 try:
-                    results: list[Reason | StoreUnavailableError] = await self._send([r for r, _ in batch])
+                    results: list[Reason | StoreUnavailableError] = await self._send([c for c, _ in batch])
                 except Exception as exc:
                     results = _errors_for_each(exc, len(batch))
                 for (_, future), result in zip(batch, results, strict=True):
@@ -127,10 +104,10 @@ class CheckCoalescer:
 class _Waiter:
     """A thread waiting in `ThreadCheckCoalescer` for its answer, or for the lead."""
 
-    __slots__ = ("done", "event", "lead", "request", "result")
+    __slots__ = ("check", "done", "event", "lead", "result")
 
-    def __init__(self, request: CheckRequest) -> None:
-        self.request = request
+    def __init__(self, check: TokenCheck) -> None:
+        self.check = check
         self.event = threading.Event()
         self.lead = False  # told to send the next pipeline
         self.done = False
@@ -146,7 +123,7 @@ class ThreadCheckCoalescer:
 
     def __init__(
         self,
-        send: Callable[[list[CheckRequest]], list[Reason | StoreUnavailableError]],
+        send: Callable[[list[TokenCheck]], list[Reason | StoreUnavailableError]],
         *,
         max_batch: int,
         max_pending: int,
@@ -159,8 +136,8 @@ class ThreadCheckCoalescer:
         self._leading = False
         self.pipelines = 0  # pipelines sent, for tests and metrics
 
-    def check(self, request: CheckRequest) -> Reason:
-        waiter = _Waiter(request)
+    def check(self, check: TokenCheck) -> Reason:
+        waiter = _Waiter(check)
         with self._lock:
             if len(self._pending) >= self._max_pending:
                 raise _overloaded(self._max_pending)
@@ -185,7 +162,7 @@ class ThreadCheckCoalescer:
         try:
             self.pipelines += 1
             try:
-                results = self._send([w.request for w in batch])
+                results = self._send([w.check for w in batch])
             except Exception as exc:
                 results = _errors_for_each(exc, len(batch))
             for waiter, result in zip(batch, results, strict=True):
