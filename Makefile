@@ -153,6 +153,7 @@ bench: build-native redis ## Benchmarks with same-run baselines -> benches/resul
 	$(PY) benches/report.py benches/results/embedded.json --criterion target/native/criterion
 	$(PY) benches/mcp_latency.py --json benches/results/mcp-latency.json | tee benches/results/mcp-latency.md
 	$(VENV)/bin/tokenbroker bench --duration 3 --warmup 0.5 --soak 60 --soak-warmup 65 --out benches/results
+	$(PY) benches/cpu_per_request.py --duration 5 --json benches/results/cpu-per-request.json | tee benches/results/cpu-per-request.md
 
 # mypy runs twice: benches/conftest.py and tests/conftest.py are both the top-level module
 # `conftest` (see [tool.mypy] in pyproject.toml), which one run cannot hold.

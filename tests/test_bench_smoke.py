@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tokenbroker.v1 import broker_pb2 as pb
-from tokenbroker_bench import loadgen, report
+from tokenbroker_bench import loadgen, report, server_cpu
 
 
 def _require_redis() -> None:
@@ -169,3 +169,104 @@ def test_targets_are_ratios_of_the_same_run_and_honest() -> None:
 def test_soak_slope() -> None:
     assert report.slope_per_minute([(0.0, 100.0), (30.0, 101.0), (60.0, 102.0)]) == pytest.approx(2.0)
     assert report.slope_per_minute([(0.0, 100.0)]) == 0.0
+
+
+# -- benches/cpu_per_request.py: server CPU per request ------------------------------------------
+
+
+def _window(row: str, repeat: int, cpu_us: float, rate: float = 1000.0) -> server_cpu.Measurement:
+    """A window of `rate` validations/s over 2 s in which the server used `cpu_us` each."""
+    validations = int(rate * 2)
+    return server_cpu.Measurement(row, repeat, validations, 2.0, cpu_us * validations / 1e6, 0.5)
+
+
+def test_cpu_ratios_pair_each_repetition_with_its_own_noop() -> None:
+    windows = [
+        _window(server_cpu.NOOP, 0, 100.0),
+        _window(server_cpu.BEARER, 0, 110.0),
+        _window(server_cpu.NOOP, 1, 200.0),  # a busier moment: both rows slower alike
+        _window(server_cpu.BEARER, 1, 220.0),
+        _window(server_cpu.NOOP, 2, 100.0),
+        _window(server_cpu.BEARER, 2, 150.0),
+    ]
+    assert server_cpu.cpu_ratios(windows, server_cpu.BEARER) == pytest.approx([1.1, 1.1, 1.5])
+    bearer = {s.row: s for s in server_cpu.summarise(windows)}[server_cpu.BEARER]
+    assert bearer.ratio == pytest.approx(1.1)  # the median of the ratios, not of the figures (150/100)
+    assert bearer.cpu_us == pytest.approx(150.0)
+    assert (bearer.cpu_us_min, bearer.cpu_us_max) == pytest.approx((110.0, 220.0))
+    assert bearer.met is True  # 1.1 <= 1.15
+
+
+def test_targets_and_verdicts_of_each_row() -> None:
+    rows = server_cpu.ROWS
+    assert server_cpu.target_text(rows[server_cpu.BEARER]) == "<= 1.15x"
+    assert server_cpu.target_text(rows[server_cpu.DPOP]) == "<= 1.40x"
+    assert server_cpu.target_text(rows[server_cpu.BATCH_REDIS]) == ">= 15,000/s"
+    assert server_cpu.target_text(rows[server_cpu.NOOP]) == "-"
+    assert server_cpu.verdict(rows[server_cpu.DPOP], 1.0, 1.41) is False
+    assert server_cpu.verdict(rows[server_cpu.DPOP], 1.0, 1.4) is True
+    assert server_cpu.verdict(rows[server_cpu.DPOP], 1.0, None) is None  # no reference measured
+    assert server_cpu.verdict(rows[server_cpu.BATCH_REDIS], 14_999.0, None) is False
+    assert server_cpu.verdict(rows[server_cpu.BATCH_REDIS], 15_000.0, None) is True
+    assert server_cpu.verdict(rows[server_cpu.BATCH_MEMORY], 1.0, 0.2) is None
+    # Without the do-nothing row there is nothing to divide by: not judged, not "met".
+    alone = server_cpu.summarise([_window(server_cpu.DPOP, 0, 300.0)])
+    assert alone[0].ratio is None
+    assert alone[0].met is None
+
+
+def test_cpu_table_formats_every_row() -> None:
+    windows = [
+        _window(server_cpu.NOOP, 0, 100.0, rate=4000.0),
+        _window(server_cpu.BEARER, 0, 120.0, rate=3500.0),
+        _window(server_cpu.DPOP, 0, 130.0, rate=2000.0),
+        _window(server_cpu.BATCH_REDIS, 0, 50.0, rate=16_000.0),
+    ]
+    text = server_cpu.table(server_cpu.summarise(windows), batch_size=64)
+    lines = text.splitlines()
+    assert lines[0] == "| server | requests/s | CPU per request (us) | ratio to do-nothing | target | met? |"
+    assert lines[2] == "| grpcio do-nothing server (reference) | 4,000 | 100.0 | 1.00x | - | - |"
+    assert lines[3] == "| tokenbroker, bearer token (warm) | 3,500 | 120.0 | 1.20x | <= 1.15x | **missed** |"
+    assert lines[4].endswith("| 2,000 | 130.0 | 1.30x | <= 1.40x | met |")
+    assert "(batches of 64; per validation) | 16,000 | 50.0 | 0.50x | >= 15,000/s | met |" in lines[5]
+    assert len(lines) == 6
+
+
+def test_cpu_rows_parse_in_run_order() -> None:
+    assert server_cpu.parse_rows("noop, bearer") == (server_cpu.BEARER, server_cpu.NOOP)
+    for bad in ("", "noop,warp"):
+        with pytest.raises(ValueError, match="rows"):
+            server_cpu.parse_rows(bad)
+
+
+def test_cpu_window_with_invalid_answers_or_errors_is_refused() -> None:
+    ok = server_cpu.answer_problems("dpop", validations=10, valid=10, reasons={"OK": 10}, errors={})
+    assert ok == ""
+    refused = server_cpu.answer_problems(
+        "dpop", validations=10, valid=8, reasons={"OK": 8, "DPOP_REPLAYED": 2}, errors={"UNAVAILABLE": 1}
+    )
+    assert "UNAVAILABLE" in refused
+    assert "2 of 10 answers not valid {'DPOP_REPLAYED': 2}" in refused
+    assert "no answers" in server_cpu.answer_problems("noop", validations=0, valid=0, reasons={}, errors={})
+
+
+def test_cpu_per_request_runs_end_to_end(tmp_path: Path) -> None:
+    """A second of the do-nothing server and of the bearer broker (about 5 s in all)."""
+    script = Path(__file__).resolve().parents[1] / "benches" / "cpu_per_request.py"
+    out = tmp_path / "cpu.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBROKER_")}
+    command = [sys.executable, str(script), "--duration", "1", "--warmup", "0.3", "--repeat", "1"]
+    command += ["--rows", "noop,bearer", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["row"] for r in result["rows"]] == [server_cpu.NOOP, server_cpu.BEARER]
+    for m in result["measurements"]:
+        assert m["validations"] > 0, m
+        assert m["cpu_us"] > 0, m
+        assert 0.5 < m["wall_s"] < 2.0, m
+    bearer = result["rows"][1]
+    assert bearer["ratio"] > 0
+    assert bearer["met"] in (True, False)
+    assert "| tokenbroker, bearer token (warm) |" in done.stdout
+    assert "eyJ" not in done.stdout + done.stderr

@@ -279,20 +279,34 @@ class Connection:
             ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
         ]
         self.target = target
-        self.metadata = (("authorization", f"ApiKey {api_key}"),)
+        # Built once: a tuple would be converted to a grpc.aio.Metadata on every call.
+        self.metadata = grpc.aio.Metadata(("authorization", f"ApiKey {api_key}"))
         self._channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+        # Registered methods (as the generated stubs register theirs): the channel resolves
+        # each method's path once, not on every call. No request serializer: requests are
+        # sent as the bytes the pool holds.
         self.unary = [
-            c.unary_unary(_SERVICE + "ValidateToken", response_deserializer=pb.ValidateTokenResponse.FromString)
+            c.unary_unary(
+                _SERVICE + "ValidateToken",
+                response_deserializer=pb.ValidateTokenResponse.FromString,
+                _registered_method=True,
+            )
             for c in self._channels
         ]
         self.batch = [
             c.unary_unary(
-                _SERVICE + "ValidateTokenBatch", response_deserializer=pb.ValidateTokenBatchResponse.FromString
+                _SERVICE + "ValidateTokenBatch",
+                response_deserializer=pb.ValidateTokenBatchResponse.FromString,
+                _registered_method=True,
             )
             for c in self._channels
         ]
         self.stream = [
-            c.stream_stream(_SERVICE + "ValidateTokenStream", response_deserializer=pb.ValidateTokenResponse.FromString)
+            c.stream_stream(
+                _SERVICE + "ValidateTokenStream",
+                response_deserializer=pb.ValidateTokenResponse.FromString,
+                _registered_method=True,
+            )
             for c in self._channels
         ]
 
