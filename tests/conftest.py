@@ -39,3 +39,13 @@ def redis_cluster() -> Iterator[RedisCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def no_tokenbroker_env(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TOKENBROKER_* variable of the developer's shell reaches the test, which runs in
+    its own temporary directory."""
+    for name in list(os.environ):
+        if name.startswith("TOKENBROKER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)

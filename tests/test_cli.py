@@ -28,13 +28,7 @@ ISSUER = "https://broker.test"
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("TOKENBROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+def env(tmp_path: Path, no_tokenbroker_env: None) -> dict[str, str]:
     return {
         "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
         "TOKENBROKER_ISSUER": ISSUER,

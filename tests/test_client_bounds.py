@@ -25,7 +25,7 @@ from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck
 
-from support.broker_process import BrokerProcess
+from support.broker_process import BrokerProcess, broker_env
 from support.brokers import AUDIENCE, ISSUER, FakeClock, make_broker
 
 
@@ -294,13 +294,7 @@ def deployment(tmp_path: Path) -> Deployment:
             )
         )
     registry.add_server(ServerRecord("server", audiences=(AUDIENCE,), api_key_hash=hash_secret(SERVER_KEY)))
-    env = {
-        "TOKENBROKER_ISSUER": ISSUER,
-        "TOKENBROKER_KEY_FILE": str(tmp_path / "keys.json"),
-        "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
-        "TOKENBROKER_GRACE_SECONDS": "1",
-        "TOKENBROKER_MAX_REPLAY_RECORDS_PER_CLIENT": str(QUOTA),
-    }
+    env = broker_env(tmp_path, ISSUER, audit=False, max_replay_records_per_client=str(QUOTA))
     return Deployment(tmp_path, keys, env)
 
 

@@ -10,12 +10,8 @@ from tokenbroker.config import ConfigError, Settings
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("TOKENBROKER_"):
-            monkeypatch.delenv(name)
+def clean_env(no_tokenbroker_env: None) -> None:
+    """Every test here reads settings: none may come from the developer's shell."""
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -20,7 +20,7 @@ from tokenbroker.errors import PermissionDeniedError, SessionLimitExceededError,
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 
-from support.broker_process import BrokerProcess
+from support.broker_process import BrokerProcess, broker_env
 
 ISSUER = "https://broker.e2e.test"
 SERVER_A = "https://a.mcp.test/mcp"
@@ -62,14 +62,7 @@ def deploy(tmp_path: Path, store_env: dict[str, str]) -> Deployment:
     registry.add_server(ServerRecord("server-a", audiences=(SERVER_A,), api_key_hash=hash_secret(KEY_A)))
     registry.add_server(ServerRecord("server-b", audiences=(SERVER_B,), api_key_hash=hash_secret(KEY_B)))
     registry.add_server(ServerRecord("ops", admin=True, api_key_hash=hash_secret(KEY_ADMIN)))
-    env = {
-        "TOKENBROKER_ISSUER": ISSUER,
-        "TOKENBROKER_KEY_FILE": str(tmp_path / "keys.json"),
-        "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
-        "TOKENBROKER_AUDIT_FILE": str(tmp_path / "audit.jsonl"),
-        "TOKENBROKER_GRACE_SECONDS": "2",
-        **store_env,
-    }
+    env = {**broker_env(tmp_path, ISSUER, grace_seconds=2), **store_env}
     return Deployment(tmp_path, client_key, env)
 
 

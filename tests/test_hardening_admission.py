@@ -33,7 +33,7 @@ from tokenbroker.service.admission import AdmissionInterceptor, AdmissionLimits
 from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker_bench.servers import free_port
 
-from support.broker_process import BrokerProcess
+from support.broker_process import BrokerProcess, broker_env
 from support.grpc_servers import API_KEY as SUPPORT_API_KEY
 from support.grpc_servers import make_pki, running_broker
 from support.raw_h2_stalls import RawStalls
@@ -106,13 +106,7 @@ def deployment(tmp_path: Path) -> Deployment:
         )
     )
     registry.add_server(ServerRecord("server", audiences=(AUDIENCE,), api_key_hash=hash_secret(API_KEY)))
-    env = {
-        "TOKENBROKER_ISSUER": ISSUER,
-        "TOKENBROKER_KEY_FILE": str(tmp_path / "keys.json"),
-        "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
-        "TOKENBROKER_AUDIT_FILE": str(tmp_path / "audit.jsonl"),
-        "TOKENBROKER_GRACE_SECONDS": "1",
-    }
+    env = broker_env(tmp_path, ISSUER)
     return Deployment(tmp_path, env)
 
 

@@ -41,7 +41,7 @@ from tokenbroker.v1 import broker_pb2 as pb
 from tokenbroker.v1 import broker_pb2_grpc
 from tokenbroker_bench.servers import free_port
 
-from support.broker_process import BrokerProcess
+from support.broker_process import BrokerProcess, broker_env
 
 ISSUER = "https://broker.hardening.test"
 SERVER_A = "https://a.mcp.test/mcp"
@@ -114,14 +114,7 @@ def deploy(tmp_path: Path) -> Deployment:
             ServerRecord(name, audiences=(audience,), api_key_hash=hash_secret(api_key), relay_client_ip=True)
         )
     registry.add_server(ServerRecord("ops", admin=True, api_key_hash=hash_secret(KEY_ADMIN)))
-    env = {
-        "TOKENBROKER_ISSUER": ISSUER,
-        "TOKENBROKER_KEY_FILE": str(tmp_path / "keys.json"),
-        "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
-        "TOKENBROKER_AUDIT_FILE": str(tmp_path / "audit.jsonl"),
-        "TOKENBROKER_GRACE_SECONDS": "1",
-        "TOKENBROKER_LOG_LEVEL": "warning",
-    }
+    env = broker_env(tmp_path, ISSUER, log_level="warning")
     return Deployment(tmp_path, key, env)
 
 

@@ -29,7 +29,7 @@ from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
 from tokenbroker_bench.servers import free_port
 
-from support.broker_process import BrokerProcess
+from support.broker_process import BrokerProcess, broker_env
 
 try:  # mcp 2.x
     from mcp.shared.exceptions import MCPError as SdkError
@@ -138,13 +138,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     registry.add_server(ServerRecord("mcp-server", audiences=(audience,), api_key_hash=hash_secret(KEY_SERVER)))
     registry.add_server(ServerRecord("other-server", audiences=(other,), api_key_hash=hash_secret(KEY_OTHER)))
     registry.add_server(ServerRecord("ops", admin=True, api_key_hash=hash_secret(KEY_ADMIN)))
-    env = {
-        "TOKENBROKER_ISSUER": ISSUER,
-        "TOKENBROKER_KEY_FILE": str(workdir / "keys.json"),
-        "TOKENBROKER_REGISTRY_FILE": str(workdir / "registry.toml"),
-        "TOKENBROKER_AUDIT_FILE": str(workdir / "audit.jsonl"),
-        "TOKENBROKER_GRACE_SECONDS": "1",
-    }
+    env = broker_env(workdir, ISSUER)
     api_key_file = workdir / "server-api-key"
     api_key_file.write_text(KEY_SERVER + "\n")
     broker = BrokerProcess(workdir, env)

@@ -48,11 +48,7 @@ CLI = (sys.executable, "-c", "from tokenbroker.cli import main; main()")
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in list(os.environ):
-        if name.startswith("TOKENBROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+def env(tmp_path: Path, no_tokenbroker_env: None) -> dict[str, str]:
     return {
         "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
         "TOKENBROKER_ISSUER": ISSUER,

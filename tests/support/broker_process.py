@@ -71,3 +71,20 @@ class BrokerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def broker_env(
+    workdir: Path, issuer: str, *, audit: bool = True, grace_seconds: float = 1, **settings: str
+) -> dict[str, str]:
+    """The TOKENBROKER_* settings of a test broker whose key, registry (and audit) files
+    live in `workdir`; `settings` adds more, by setting name (`log_level="warning"`)."""
+    env = {
+        "TOKENBROKER_ISSUER": issuer,
+        "TOKENBROKER_KEY_FILE": str(workdir / "keys.json"),
+        "TOKENBROKER_REGISTRY_FILE": str(workdir / "registry.toml"),
+        "TOKENBROKER_GRACE_SECONDS": f"{grace_seconds:g}",
+    }
+    if audit:
+        env["TOKENBROKER_AUDIT_FILE"] = str(workdir / "audit.jsonl")
+    env.update({f"TOKENBROKER_{name.upper()}": value for name, value in settings.items()})
+    return env

@@ -15,7 +15,7 @@ and is counted as a refusal (`tokenbroker_admission_refusals`), not as an RPC.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from tokenbroker.reason import BY_NUMBER
@@ -49,24 +49,24 @@ def _reason_name(reason: int) -> str:
         return str(reason)
 
 
-def _timed(name: str, original: Any, rpc: Callable[[str, str, float], None]) -> Any:
-    def timed(request: Any, context: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            response = original(request, context)
-        except BaseException:
-            rpc(name, _code_name(context), time.perf_counter() - started)
-            raise
-        rpc(name, "OK", time.perf_counter() - started)
-        return response
-
-    return timed
+def _one_answer(response: Any) -> tuple[Any]:
+    """ValidateToken: the response is the answer."""
+    return (response,)
 
 
-def _timed_answer(
-    name: str, original: Any, rpc: Callable[[str, str, float], None], validation: Callable[[str], None]
+def _batch_answers(response: Any) -> Any:
+    """ValidateTokenBatch: the response holds the answers."""
+    return response.responses
+
+
+def _timed(
+    name: str,
+    original: Any,
+    rpc: Callable[[str, str, float], None],
+    validation: Callable[[str], None],
+    answers: Callable[[Any], Iterable[Any]] | None = None,
 ) -> Any:
-    """As `_timed`, for a response that is one validation answer (ValidateToken)."""
+    """For a unary response: the RPC, and each validation answer `answers` finds in it."""
 
     def timed(request: Any, context: Any) -> Any:
         started = time.perf_counter()
@@ -75,27 +75,9 @@ def _timed_answer(
         except BaseException:
             rpc(name, _code_name(context), time.perf_counter() - started)
             raise
-        validation(_reason_name(response.reason))
-        rpc(name, "OK", time.perf_counter() - started)
-        return response
-
-    return timed
-
-
-def _timed_batch(
-    name: str, original: Any, rpc: Callable[[str, str, float], None], validation: Callable[[str], None]
-) -> Any:
-    """As `_timed`, for a response whose `responses` are validation answers (ValidateTokenBatch)."""
-
-    def timed(request: Any, context: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            response = original(request, context)
-        except BaseException:
-            rpc(name, _code_name(context), time.perf_counter() - started)
-            raise
-        for answer in response.responses:
-            validation(_reason_name(answer.reason))
+        if answers is not None:
+            for answer in answers(response):
+                validation(_reason_name(answer.reason))
         rpc(name, "OK", time.perf_counter() - started)
         return response
 
@@ -146,12 +128,9 @@ class MetricsInterceptor(WrapOnceInterceptor):
         rpc, validation = self._metrics.rpc, self._metrics.validation
         if handler.response_streaming:
             timed = _timed_stream(name, original, rpc, validation if name == "ValidateTokenStream" else None)
-        elif name == "ValidateToken":
-            timed = _timed_answer(name, original, rpc, validation)
-        elif name == "ValidateTokenBatch":
-            timed = _timed_batch(name, original, rpc, validation)
         else:
-            timed = _timed(name, original, rpc)
+            answers = {"ValidateToken": _one_answer, "ValidateTokenBatch": _batch_answers}.get(name)
+            timed = _timed(name, original, rpc, validation, answers)
         return with_behavior(handler, timed)
 
 
