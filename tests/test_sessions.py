@@ -230,3 +230,9 @@ def test_an_empty_audience_is_the_callers_error_at_every_door():
         broker.validate(issued.access_token, audience="")
     with pytest.raises(InvalidArgumentError):
         broker.validate_batch([{"token": issued.access_token, "audience": AUDIENCE}, {"token": "x", "audience": ""}])
+
+
+def test_required_scopes_none_requires_no_scope():
+    broker, _ = make_broker()
+    issued = broker.issue(client_id="c", audience=AUDIENCE, scopes=["read"])
+    assert broker.validate(issued.access_token, audience=AUDIENCE, required_scopes=None).valid

@@ -23,7 +23,7 @@ class ValidateFields(TypedDict, total=False):
     http_uri: str | None
     cert_thumbprint: str | None
     client_ip: str | None
-    required_scopes: Iterable[str] | str
+    required_scopes: Iterable[str] | str | None
     request_id: str
 
 
@@ -62,7 +62,7 @@ def validate_request(
     http_uri: str | None = None,
     cert_thumbprint: str | None = None,
     client_ip: str | None = None,
-    required_scopes: Iterable[str] | str = (),
+    required_scopes: Iterable[str] | str | None = (),
     request_id: str = "",
 ) -> ValidateRequest | Validation:
     """The `ValidateRequest` for `Broker.validate`'s keyword arguments, or the refusal when
@@ -77,7 +77,9 @@ def validate_request(
         proof = _ascii_text(dpop_proof)
         if proof is None:
             return Validation.rejected(Reason.PROOF_INVALID, "DPoP proof is not ASCII text", rid)
-    if not isinstance(required_scopes, str | tuple | list):
+    if required_scopes is None:  # an optional setting left unset: no scope required
+        required_scopes = ()
+    elif not isinstance(required_scopes, str | tuple | list):
         # Read once: a one-shot iterator must not come back empty on the second try below
         # (a request would then need no scope at all).
         try:

@@ -354,8 +354,11 @@ impl Engine {
             .collect();
         let proof_signatures = verify_batch_strict(&proof_items);
         drop(proof_items);
-        for (&i, outcome) in proofs.iter().zip(proof_signatures) {
-            if outcome.is_err() {
+        // One answer per proof, or every proof refused: a proof without an answer must
+        // never pass as verified (fail closed).
+        let all_answered = proof_signatures.len() == proofs.len();
+        for (n, &i) in proofs.iter().enumerate() {
+            if !all_answered || !matches!(proof_signatures.get(n), Some(Ok(()))) {
                 bindings[i] = Err(dpop::bad_signature());
             }
         }

@@ -200,9 +200,12 @@ fn strict_precheck(signature: &[u8; 64]) -> bool {
 /// Verifies many Ed25519 signatures, each with `verify_strict` semantics. Batch
 /// verification (random linear combination, one multiscalar multiplication) runs first
 /// when the batch is large enough; any signature that fails the strict pre-checks, and
-/// every signature of a batch that does not verify as a whole, is verified alone. Keys
-/// are the broker's own (never weak), so a batch pass agrees with `verify_strict`:
-/// the remaining difference between the equations needs the private key to exploit.
+/// every signature of a batch that does not verify as a whole, is verified alone. Weak
+/// keys never enter the batch. For the broker's own keys a batch pass agrees with
+/// `verify_strict`; a client's DPoP key may be of mixed order, and then only the key's
+/// owner can make a signature the batch accepts and `verify_strict` would not: a second
+/// encoding of a proof it could sign anyway (the replay record is keyed by the signed
+/// `jti`, not the signature bytes).
 pub fn verify_batch_strict(items: &[(&VerifyingKey, &[u8], &[u8])]) -> Vec<Result<(), Rejection>> {
     let mut results: Vec<Option<Result<(), Rejection>>> = vec![None; items.len()];
     let mut batch: Vec<usize> = Vec::with_capacity(items.len());

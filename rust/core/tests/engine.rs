@@ -430,8 +430,14 @@ fn a_batch_of_dpop_requests_gets_the_answers_of_single_validation() {
         clients.iter().map(|c| issue(&e, Some(Confirmation::DpopJkt(c.jkt().into())), false)).collect();
     let mut proofs: Vec<String> =
         clients.iter().zip(&tokens).map(|(c, t)| c.sign("POST", AUD, Some(t.as_bytes()), NOW, &rand_jti())).collect();
-    let last = proofs[1].pop().unwrap();
-    proofs[1].push(if last == 'A' { 'B' } else { 'A' }); // a broken signature
+    // A broken signature that still parses: a character in the middle of it (the last
+    // one would only change base64 trailing bits, refused before any signature check),
+    // so the batch of Ed25519 proofs fails as a whole and each is verified alone.
+    let at = proofs[1].len() - 20;
+    let replacement = if &proofs[1][at..at + 1] == "A" { "B" } else { "A" };
+    proofs[1].replace_range(at..at + 1, replacement);
+    assert!(tokenbroker_core::dpop::parse_proof(proofs[1].as_bytes(), &tokenbroker_core::dpop::ProofKeyCache::new(1))
+        .is_ok());
     proofs[2] = clients[3].sign("POST", AUD, Some(tokens[2].as_bytes()), NOW, &rand_jti()); // another key
     let p256_key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
     let (_, jkt) = es256_proof(&p256_key, None, "", AUD);
