@@ -38,6 +38,9 @@ pub struct VerifiedProof {
     pub jkt: String,
     pub jti: String,
     pub iat: u64,
+    /// The proof's `nonce` claim (RFC 9449 section 8), for the caller to check: nonces
+    /// are the server's, so the engine only hands them over.
+    pub nonce: Option<String>,
 }
 
 fn invalid(detail: impl Into<std::borrow::Cow<'static, str>>) -> Rejection {
@@ -200,12 +203,14 @@ impl<'a> ParsedProof<'a> {
         }
     }
 
-    /// After the signature verified: `jti`, `htm`, `htu`, `iat` window and `ath`.
+    /// After the signature verified: `jti`, `htm`, `htu`, `iat` window and, when the proof
+    /// comes with an access token, `ath`. Without one (a proof sent to the token endpoint,
+    /// RFC 9449 section 5) there is nothing for `ath` to cover and it is not read.
     pub fn check_claims(
         self,
         http_method: &str,
         http_uri: &str,
-        access_token: &[u8],
+        access_token: Option<&[u8]>,
         now: u64,
         cfg: &DpopConfig,
     ) -> Result<VerifiedProof, Rejection> {
@@ -233,20 +238,28 @@ impl<'a> ParsedProof<'a> {
         if iat + cfg.window_secs() < now {
             return Err(invalid("proof is too old"));
         }
-        let ath = str_member(&claims, "ath", "proof claim", Reason::ProofInvalid)?;
-        if !bool::from(ath.as_bytes().ct_eq(access_token_hash(access_token).as_bytes())) {
-            return Err(invalid("proof 'ath' does not match the access token"));
+        if let Some(token) = access_token {
+            let ath = str_member(&claims, "ath", "proof claim", Reason::ProofInvalid)?;
+            if !bool::from(ath.as_bytes().ct_eq(access_token_hash(token).as_bytes())) {
+                return Err(invalid("proof 'ath' does not match the access token"));
+            }
         }
-        Ok(VerifiedProof { jkt: self.jkt, jti: jti.to_owned(), iat })
+        let nonce = match claims.get("nonce") {
+            None => None,
+            Some(Value::String(n)) if !n.is_empty() && n.len() <= 256 => Some(n.clone()),
+            Some(_) => return Err(invalid("proof 'nonce' must be a string of 1 to 256 characters")),
+        };
+        Ok(VerifiedProof { jkt: self.jkt, jti: jti.to_owned(), iat, nonce })
     }
 }
 
-/// Verifies a DPoP proof for one request. `now` is Unix seconds.
+/// Verifies a DPoP proof for one request (with the access token it presents, or none at
+/// the token endpoint). `now` is Unix seconds.
 pub fn verify_proof(
     proof: &[u8],
     http_method: &str,
     http_uri: &str,
-    access_token: &[u8],
+    access_token: Option<&[u8]>,
     now: u64,
     cfg: &DpopConfig,
     keys: &ProofKeyCache,
@@ -299,12 +312,28 @@ impl ProofSigner {
     /// A proof for one request: fresh `jti`, `htm`, `htu` (query and fragment dropped),
     /// `iat`, and `ath` when an access token is given.
     pub fn sign(&self, http_method: &str, http_uri: &str, access_token: Option<&[u8]>, iat: u64, jti: &str) -> String {
+        self.sign_with_nonce(http_method, http_uri, access_token, iat, jti, None)
+    }
+
+    /// `sign`, with the server's `nonce` (RFC 9449 section 8) when it asked for one.
+    pub fn sign_with_nonce(
+        &self,
+        http_method: &str,
+        http_uri: &str,
+        access_token: Option<&[u8]>,
+        iat: u64,
+        jti: &str,
+        nonce: Option<&str>,
+    ) -> String {
         use ed25519_dalek::Signer;
         let header = serde_json::json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": self.jwk});
         let htu = normalize_htu(http_uri).unwrap_or_else(|| http_uri.to_owned());
         let mut claims = serde_json::json!({"jti": jti, "htm": http_method, "htu": htu, "iat": iat});
         if let Some(token) = access_token {
             claims["ath"] = Value::String(access_token_hash(token));
+        }
+        if let Some(nonce) = nonce {
+            claims["nonce"] = Value::String(nonce.to_owned());
         }
         let mut proof = b64::encode(header.to_string().as_bytes());
         proof.push('.');
@@ -330,5 +359,26 @@ mod tests {
         assert_ne!(normalize_htu("http://h:8080/"), normalize_htu("http://h/"));
         assert!(normalize_htu("ftp://h/").is_none());
         assert!(normalize_htu("/relative").is_none());
+    }
+
+    #[test]
+    fn token_endpoint_proofs_carry_their_nonce_and_need_no_ath() {
+        let keys = ProofKeyCache::new(8);
+        let cfg = DpopConfig::default();
+        let signer = ProofSigner::generate();
+        let uri = "https://as.example/token";
+        let plain = signer.sign("POST", uri, None, 1000, "j1");
+        let v = verify_proof(plain.as_bytes(), "POST", uri, None, 1000, &cfg, &keys).unwrap();
+        assert_eq!((v.jkt.as_str(), v.jti.as_str(), v.nonce), (signer.jkt(), "j1", None));
+        let with_nonce = signer.sign_with_nonce("POST", uri, None, 1000, "j2", Some("n-1"));
+        let v = verify_proof(with_nonce.as_bytes(), "POST", uri, None, 1000, &cfg, &keys).unwrap();
+        assert_eq!(v.nonce.as_deref(), Some("n-1"));
+        // A resource request still needs its ath.
+        let err = verify_proof(plain.as_bytes(), "POST", uri, Some(b"tok"), 1000, &cfg, &keys).unwrap_err();
+        assert_eq!(err.reason, Reason::ProofInvalid);
+        // Another endpoint, method or a stale proof is refused.
+        assert!(verify_proof(plain.as_bytes(), "POST", "https://as.example/other", None, 1000, &cfg, &keys).is_err());
+        assert!(verify_proof(plain.as_bytes(), "GET", uri, None, 1000, &cfg, &keys).is_err());
+        assert!(verify_proof(plain.as_bytes(), "POST", uri, None, 1000 + cfg.window_secs() + 1, &cfg, &keys).is_err());
     }
 }

@@ -469,14 +469,8 @@ impl Engine {
         Ok(claims)
     }
 
-    /// Everything that depends on the request or the clock, up to a DPoP proof's
-    /// signature: run on every call (a cached token skips only its own signature).
-    fn binding<'r>(
-        &self,
-        claims: &AccessClaims,
-        req: &ValidateRequest<'r>,
-        now: u64,
-    ) -> Result<Binding<'r>, Rejection> {
+    /// Lifetime, issuer and audience: the checks every use of a token starts with.
+    fn check_lifetime_and_audience(&self, claims: &AccessClaims, audience: &str, now: u64) -> Result<(), Rejection> {
         let leeway = self.cfg.leeway_secs;
         if now >= claims.exp.saturating_add(leeway) {
             return Err(reject(Reason::Expired, "token has expired"));
@@ -487,12 +481,33 @@ impl Engine {
         if claims.iss != self.cfg.issuer {
             return Err(reject(Reason::WrongIssuer, "token was issued by another issuer"));
         }
-        if req.audience.is_empty() {
+        if audience.is_empty() {
             return Err(reject(Reason::WrongAudience, "no audience given to validate for"));
         }
-        if claims.aud != req.audience {
+        if claims.aud != audience {
             return Err(reject(Reason::WrongAudience, "token was issued for another audience"));
         }
+        Ok(())
+    }
+
+    /// RFC 7662 introspection: the token's signature, shape, lifetime, issuer and
+    /// audience, but not its binding. The caller (a resource server) checks the proof
+    /// against the `cnf` it is given; nothing is recorded (no replay, no `once` use).
+    pub fn introspect(&self, token: &[u8], audience: &str, now: u64) -> Result<Validated, Rejection> {
+        let claims = self.verified_claims(token, now)?;
+        self.check_lifetime_and_audience(&claims, audience, now)?;
+        Ok(Validated { claims, replay: Vec::new(), missing_scopes: None })
+    }
+
+    /// Everything that depends on the request or the clock, up to a DPoP proof's
+    /// signature: run on every call (a cached token skips only its own signature).
+    fn binding<'r>(
+        &self,
+        claims: &AccessClaims,
+        req: &ValidateRequest<'r>,
+        now: u64,
+    ) -> Result<Binding<'r>, Rejection> {
+        self.check_lifetime_and_audience(claims, req.audience, now)?;
         let proof = req.dpop_proof.filter(|p| !p.is_empty());
         match &claims.cnf {
             Some(Confirmation::DpopJkt(_)) => {
@@ -544,7 +559,7 @@ impl Engine {
             // Not reached (a proof is parsed only for a DPoP-bound token): fail closed, never panic.
             _ => return Err(reject(Reason::BindingMismatch, "token is not DPoP-bound")),
         };
-        let verified = parsed.check_claims(method, uri, req.token, now, &self.cfg.dpop)?;
+        let verified = parsed.check_claims(method, uri, Some(req.token), now, &self.cfg.dpop)?;
         if !bool::from(verified.jkt.as_bytes().ct_eq(jkt.as_bytes())) {
             return Err(reject(Reason::BindingMismatch, "DPoP proof key is not the key the token is bound to"));
         }

@@ -544,3 +544,20 @@ fn a_cached_proof_key_still_has_every_proof_verified() {
     let other = client.sign("GET", AUD, Some(t.as_bytes()), NOW, &rand_jti());
     assert_eq!(e.validate(&dpop_request(&t, &other), NOW).unwrap_err().reason, Reason::ProofInvalid, "htm");
 }
+
+#[test]
+fn introspection_checks_everything_but_the_binding_and_records_nothing() {
+    let e = engine();
+    let client = ProofSigner::generate();
+    let bound = issue(&e, Some(Confirmation::DpopJkt(client.jkt().into())), true);
+    let v = e.introspect(bound.as_bytes(), AUD, NOW).unwrap();
+    assert!(matches!(&v.claims.cnf, Some(Confirmation::DpopJkt(j)) if j == client.jkt()));
+    assert!(v.replay.is_empty(), "introspection must not use up a proof or a single-use token");
+    // Still the token's own rules: audience, lifetime, signature.
+    let wrong_aud = e.introspect(bound.as_bytes(), "https://other.example/mcp", NOW).unwrap_err();
+    assert_eq!(wrong_aud.reason, Reason::WrongAudience);
+    assert_eq!(e.introspect(bound.as_bytes(), AUD, NOW + 3600).unwrap_err().reason, Reason::Expired);
+    let mut forged = bound.clone();
+    forged.replace_range(forged.len() - 4.., "AAAA");
+    assert_eq!(e.introspect(forged.as_bytes(), AUD, NOW).unwrap_err().reason, Reason::BadSignature);
+}

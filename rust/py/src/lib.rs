@@ -8,7 +8,7 @@ use pyo3::types::{PyString, PyTuple};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokenbroker_core::claims::{AccessClaims, Confirmation, MAX_CLAIM_BYTES, MAX_LIFETIME_SECS};
-use tokenbroker_core::dpop::{DpopConfig, ProofSigner as CoreProofSigner};
+use tokenbroker_core::dpop::{DpopConfig, ProofKeyCache, ProofSigner as CoreProofSigner};
 use tokenbroker_core::engine::{MAX_DPOP_AGE_SECS, MAX_LEEWAY_SECS};
 use tokenbroker_core::keys::KeySet as CoreKeySet;
 use tokenbroker_core::replay::ReplayConfig;
@@ -504,6 +504,16 @@ impl Engine {
         Verdict::from_result(py, result)
     }
 
+    /// RFC 7662 introspection for `audience`: everything but the token's binding (the
+    /// caller checks the proof against the claims' confirmation); records nothing.
+    #[pyo3(signature = (token, audience, now=None))]
+    fn introspect(&self, py: Python<'_>, token: &str, audience: &str, now: Option<u64>) -> PyResult<Verdict> {
+        let now = now.unwrap_or_else(unix_now);
+        let engine = &self.inner;
+        let result = py.allow_threads(|| engine.introspect(token.as_bytes(), audience, now));
+        Verdict::from_result(py, result)
+    }
+
     /// Many validations in one call, the GIL released throughout: token signatures, then
     /// Ed25519 proof signatures, each verified as one batch.
     #[pyo3(signature = (requests, now=None))]
@@ -584,7 +594,7 @@ impl ProofSigner {
         pyo3::types::PyBytes::new(py, &self.inner.secret_bytes())
     }
 
-    #[pyo3(signature = (http_method, http_uri, access_token=None, *, iat=None, jti=None))]
+    #[pyo3(signature = (http_method, http_uri, access_token=None, *, iat=None, jti=None, nonce=None))]
     fn sign(
         &self,
         http_method: &str,
@@ -592,13 +602,51 @@ impl ProofSigner {
         access_token: Option<&str>,
         iat: Option<u64>,
         jti: Option<String>,
+        nonce: Option<&str>,
     ) -> String {
         let jti = jti.unwrap_or_else(tokenbroker_core::engine::random_id);
-        self.inner.sign(http_method, http_uri, access_token.map(str::as_bytes), iat.unwrap_or_else(unix_now), &jti)
+        let iat = iat.unwrap_or_else(unix_now);
+        self.inner.sign_with_nonce(http_method, http_uri, access_token.map(str::as_bytes), iat, &jti, nonce)
     }
 
     fn __repr__(&self) -> String {
         format!("ProofSigner(jkt={:?})", self.inner.jkt())
+    }
+}
+
+/// The proof keys `verify_dpop_proof` has decompressed (bounded, like the engine's own).
+static TOKEN_ENDPOINT_PROOF_KEYS: std::sync::OnceLock<ProofKeyCache> = std::sync::OnceLock::new();
+
+/// Verifies a DPoP proof sent without an access token (to the token endpoint, RFC 9449
+/// section 5): structure, `typ`, `alg` (EdDSA or ES256), `jwk`, signature, `jti`, `htm`,
+/// `htu` and the `iat` window. Returns (jkt, jti, iat, nonce); the caller records the
+/// `jti` (replay) and checks the nonce. Raises ValueError with a one-line reason that
+/// never contains key material.
+#[pyfunction]
+#[pyo3(signature = (proof, http_method, http_uri, *, now=None, max_age_seconds=60, leeway_seconds=5))]
+fn verify_dpop_proof(
+    py: Python<'_>,
+    proof: &str,
+    http_method: &str,
+    http_uri: &str,
+    now: Option<u64>,
+    max_age_seconds: u64,
+    leeway_seconds: u64,
+) -> PyResult<(String, String, u64, Option<String>)> {
+    if max_age_seconds > MAX_DPOP_AGE_SECS || leeway_seconds > MAX_LEEWAY_SECS {
+        return Err(PyValueError::new_err(format!(
+            "max_age_seconds is at most {MAX_DPOP_AGE_SECS} and leeway_seconds at most {MAX_LEEWAY_SECS}"
+        )));
+    }
+    let cfg = DpopConfig { max_age_secs: max_age_seconds, leeway_secs: leeway_seconds };
+    let keys = TOKEN_ENDPOINT_PROOF_KEYS.get_or_init(|| ProofKeyCache::new(10_000));
+    let now = now.unwrap_or_else(unix_now);
+    let verified = py.allow_threads(|| {
+        tokenbroker_core::dpop::verify_proof(proof.as_bytes(), http_method, http_uri, None, now, &cfg, keys)
+    });
+    match verified {
+        Ok(v) => Ok((v.jkt, v.jti, v.iat, v.nonce)),
+        Err(r) => Err(PyValueError::new_err(r.detail.into_owned())),
     }
 }
 
@@ -644,6 +692,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reason_names, m)?)?;
     m.add_function(wrap_pyfunction!(jwk_thumbprint, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_htu, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_dpop_proof, m)?)?;
     let limits = Limits {
         max_token_bytes: tokenbroker_core::jws::MAX_COMPACT_BYTES,
         max_lifetime_seconds: MAX_LIFETIME_SECS,
