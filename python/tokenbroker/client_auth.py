@@ -8,8 +8,10 @@ raises, and the exception's `.rule` names it for the audit log:
    client id over its limit is refused only when its credential then fails to verify, so
    nobody can lock a client out by failing on its behalf;
 2. `credential.*` / `client.unknown`: an RFC 7523 `private_key_jwt` assertion signed by
-   the client's registered key (EdDSA/Ed25519 or ES256/P-256), whose `aud` is one string,
-   the issuer or the token endpoint; or the client's secret;
+   the client's registered key with one of four algorithms, each only with its key type:
+   EdDSA (Ed25519), ES256 (P-256), RS256 and PS256 (RSA, 2048 to 8192 bits; a key whose
+   JWK names an `alg` is used with that one only), whose `aud` is one string, the issuer
+   or the token endpoint; or the client's secret;
 3. `client.pending` / `client.disabled`: the client is approved;
    then an assertion is recorded as used, once (a refused client writes no record);
 4. `audience.not_allowed`: the audience is one the client may get tokens for;
@@ -19,7 +21,8 @@ raises, and the exception's `.rule` names it for the audit log:
 
 Client enumeration: an unknown client id, a wrong credential and a credential of a type
 the client does not have get one answer, `AUTH_FAILED` (UNAUTHENTICATED), after the same
-work (an unknown client's assertion is verified against a dummy key, its secret against a
+work (an unknown client's assertion is verified against a dummy key of the algorithm its
+header names, made once per process: Ed25519, P-256 or RSA 2048; its secret against a
 dummy hash); only the audit rule tells them apart. A client learns its status and policy
 only once its credential verified.
 
@@ -38,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tokenbroker.client_assertion import PrivateKey, public_jwk
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError, RateLimitedError
@@ -48,7 +51,14 @@ from tokenbroker.registry_file import check_public_jwk, hash_secret, secret_matc
 from tokenbroker.store.base import Remembered, Store
 
 MAX_ASSERTION_BYTES = 8 * 1024
-_ALGORITHM_FOR_KEY = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256"}
+# The algorithms an assertion may be signed with, and the key type (kty, crv) each needs.
+ASSERTION_ALGORITHMS = ("EdDSA", "ES256", "RS256", "PS256")
+_KEY_TYPE_FOR_ALGORITHM: dict[str, tuple[str, str | None]] = {
+    "EdDSA": ("OKP", "Ed25519"),
+    "ES256": ("EC", "P-256"),
+    "RS256": ("RSA", None),
+    "PS256": ("RSA", None),
+}
 # Header members that would make a verifier fetch or trust something outside the registry.
 _FORBIDDEN_HEADER_MEMBERS = ("jku", "x5u", "jwk", "x5c", "crit")
 AUTH_FAILED = (
@@ -89,18 +99,38 @@ class ClientThrottledError(RateLimitedError):
 
 
 @functools.lru_cache(maxsize=4096)
-def _verification_key(jwk_json: str) -> jwt.PyJWK:
-    return jwt.PyJWK(json.loads(jwk_json))
+def _verification_key(jwk_json: str, algorithm: str) -> jwt.PyJWK:
+    """The key bound to `algorithm`: PyJWT then verifies with that algorithm only (an RSA
+    key would otherwise default to RS256 whatever the header says)."""
+    return jwt.PyJWK(json.loads(jwk_json), algorithm=algorithm)
+
+
+def _key_fits(jwk: dict[str, object], algorithm: str) -> bool:
+    """Whether a registered key may verify an assertion signed with `algorithm`."""
+    kty, crv = _KEY_TYPE_FOR_ALGORITHM[algorithm]
+    if jwk.get("kty") != kty or (crv is not None and jwk.get("crv") != crv):
+        return False
+    named = jwk.get("alg")
+    return named is None or named == algorithm or (algorithm == "EdDSA" and named == "Ed25519")
+
+
+@functools.cache
+def _dummy_private_key(kty: str) -> PrivateKey:
+    """One throwaway key per key type for the whole process (RS256 and PS256 share the RSA
+    one, 2048 bits: the usual size of a real client's key)."""
+    if kty == "OKP":
+        return ed25519.Ed25519PrivateKey.generate()
+    if kty == "EC":
+        return ec.generate_private_key(ec.SECP256R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @functools.cache
 def _dummy_key(algorithm: str) -> jwt.PyJWK:
     """A throwaway public key per algorithm: what an unknown client's assertion is
     verified against, so that it costs what a known client's does."""
-    key: PrivateKey = (
-        ed25519.Ed25519PrivateKey.generate() if algorithm == "EdDSA" else ec.generate_private_key(ec.SECP256R1())
-    )
-    return _verification_key(json.dumps(public_jwk(key), sort_keys=True))
+    key = _dummy_private_key(_KEY_TYPE_FOR_ALGORITHM[algorithm][0])
+    return _verification_key(json.dumps(public_jwk(key), sort_keys=True), algorithm)
 
 
 # What an unknown client's secret is compared with (same hash and comparison as a real one).
@@ -192,6 +222,9 @@ class ClientAuthenticator:
         self._source_failures = KeyedBuckets(
             rate=source_failures_per_second, burst=source_failure_burst, max_keys=failure_table_size, clock=clock
         )
+        # Made now, not at the first unknown client: that answer would be slower (RSA).
+        for algorithm in ASSERTION_ALGORITHMS:
+            _dummy_key(algorithm)
 
     # -- rate limits ------------------------------------------------------------------
 
@@ -283,8 +316,8 @@ class ClientAuthenticator:
         except jwt.PyJWTError:
             raise refuse("not a JWS compact serialization", shape) from None
         algorithm = header.get("alg")
-        if algorithm not in ("EdDSA", "ES256"):
-            raise refuse(f"alg must be EdDSA or ES256, not {str(algorithm)[:20]!r}", shape)
+        if not isinstance(algorithm, str) or algorithm not in ASSERTION_ALGORITHMS:
+            raise refuse(f"alg must be EdDSA, ES256, RS256 or PS256, not {str(algorithm)[:20]!r}", shape)
         forbidden = [m for m in _FORBIDDEN_HEADER_MEMBERS if m in header]
         if forbidden:
             raise refuse(f"header member {forbidden[0]!r} is not accepted", shape)
@@ -296,12 +329,12 @@ class ClientAuthenticator:
             failed = "client.unknown"
         elif jwk is None:
             failed = "credential.no_key"
-        elif _ALGORITHM_FOR_KEY.get((jwk.get("kty"), jwk.get("crv"))) != algorithm:  # type: ignore[arg-type]
+        elif not _key_fits(jwk, algorithm):
             failed = "credential.assertion_invalid"
         key = (
             _dummy_key(algorithm)
             if failed is not None or jwk is None
-            else _verification_key(json.dumps(check_public_jwk(jwk), sort_keys=True))
+            else _verification_key(json.dumps(check_public_jwk(jwk), sort_keys=True), algorithm)
         )
         try:
             claims = jwt.decode(
@@ -541,6 +574,39 @@ class ClientAuthenticator:
             self._remembered_or_charge(record, outcome, source, throttled)
         return self._after_credential(record, audience, scopes, client_ip, dpop_jkt, cert_thumbprint)
 
+    async def aauthenticate_client(
+        self,
+        *,
+        client_id: str,
+        client_assertion: str | None = None,
+        client_secret: str | None = None,
+        client_ip: str | None = None,
+    ) -> ClientRecord:
+        """Rules 1 to 3 alone: the client proved itself and is approved (its assertion is
+        now used). For a door that must know the client before it can name what is asked
+        (the token endpoint: `resource` may be left out, a nonce may be required per
+        client); it then calls `check_request`. Raises as `authenticate` does."""
+        now = int(self._clock())
+        record, replay, source, throttled = self._verify(client_id, client_assertion, client_secret, client_ip, now)
+        if replay is not None:
+            key, issued_at, until = replay
+            outcome = await self.store.aremember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
+            self._remembered_or_charge(record, outcome, source, throttled)
+        return record
+
+    def check_request(
+        self,
+        record: ClientRecord,
+        *,
+        audience: str,
+        scopes: Iterable[str] | str | None = (),
+        client_ip: str | None = None,
+        dpop_jkt: str | None = None,
+        cert_thumbprint: str | None = None,
+    ) -> ClientRecord:
+        """Rules 4 to 7 for a client `aauthenticate_client` returned."""
+        return self._after_credential(record, audience, scopes, client_ip, dpop_jkt, cert_thumbprint)
+
     def _remembered_or_charge(self, record: ClientRecord, outcome: Remembered, source: str, throttled: bool) -> None:
         try:
             self._remembered(record, Remembered(outcome))
@@ -552,6 +618,7 @@ class ClientAuthenticator:
 
 
 __all__ = [
+    "ASSERTION_ALGORITHMS",
     "AUTH_FAILED",
     "ClientAuthenticator",
     "ClientRefusedError",

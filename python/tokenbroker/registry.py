@@ -31,8 +31,11 @@ class Binding(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class ClientRecord:
     """A registered MCP client. It authenticates with a `private_key_jwt` assertion (RFC
-    7523) signed by `public_jwk` (OKP Ed25519 or EC P-256) or with a client secret, of
-    which only `secret_hash` is stored. `binding` decides what its tokens are bound to."""
+    7523) signed by `public_jwk` (OKP Ed25519, EC P-256 or RSA) or with a client secret, of
+    which only `secret_hash` is stored. `binding` decides what its tokens are bound to.
+    `require_dpop_nonce`: its DPoP proofs at the token endpoint must carry a nonce the
+    broker issued (RFC 9449 section 8), which bounds how far ahead a stolen DPoP key's
+    proofs can be made; only for `binding` `dpop`."""
 
     client_id: str
     status: ClientStatus = ClientStatus.PENDING
@@ -44,6 +47,7 @@ class ClientRecord:
     limit_policy: LimitPolicy = LimitPolicy.REJECT
     allowed_cidrs: tuple[str, ...] = ()  # empty: any source address
     binding: Binding = Binding.DPOP
+    require_dpop_nonce: bool = False
 
     @property
     def session_limit(self) -> SessionLimit:

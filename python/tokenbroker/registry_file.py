@@ -10,6 +10,7 @@ max_sessions = 10
 limit_policy = "reject"
 allowed_cidrs = []
 binding = "dpop"          # dpop (the default when absent), mtls or bearer
+require_dpop_nonce = true # optional, default false: DPoP proofs at /token need a broker nonce
 
 [servers.mcp-1]
 audiences = ["https://mcp.example.com/mcp"]
@@ -54,6 +55,17 @@ _ID = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,256}")
 _RELOAD_EVERY_SECONDS = 1.0
 _SUPPORTED_KEYS = {("OKP", "Ed25519"): ("x",), ("EC", "P-256"): ("x", "y")}
 _PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
+# The `alg` a registered key may name (RFC 7517 4.4: the algorithm it is meant for); the
+# verifier then uses the key with that algorithm only. "Ed25519" is RFC 9864's name.
+_ALGS_FOR_KEY_TYPE = {"OKP": ("EdDSA", "Ed25519"), "EC": ("ES256",), "RSA": ("RS256", "PS256")}
+# RSA client keys: at least 2048 bits (NIST SP 800-131A); at most 8192, so that nobody
+# can register a key that makes each verification cost tens of milliseconds.
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
+# A public exponent this large is legal but makes verification cost like signing; real
+# keys use 65537 (NIST SP 800-56B allows up to 2**256).
+_MAX_RSA_EXPONENT_BITS = 256
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class RegistryFileError(InvalidArgumentError):
@@ -92,27 +104,94 @@ def check_id(kind: str, value: str) -> str:
 
 
 def check_public_jwk(jwk: Mapping[str, Any], *, where: str = "public key") -> dict[str, str]:
-    """Returns a clean public JWK (OKP Ed25519 or EC P-256), or raises.
+    """Returns a clean public JWK (OKP Ed25519, EC P-256 or RSA of 2048 to 8192 bits), or
+    raises naming what is wrong.
 
-    A private member (`d`) is refused: the registry holds public keys only."""
+    A private member (`d`, ...) is refused: the registry holds public keys only. An RSA
+    key's `n` and `e` are checked as numbers (size, odd exponent of at least 3) and stored
+    in their minimal base64url form, so its RFC 7638 thumbprint is the standard one. An
+    `alg` must fit the key type and `use`, when present, must be `sig`."""
     if not isinstance(jwk, Mapping):
         raise InvalidArgumentError(f"{where} must be a JWK object")
     if any(member in jwk for member in _PRIVATE_JWK_MEMBERS):
         raise InvalidArgumentError(f"{where} holds a private key: register the public key only")
     kty, crv = jwk.get("kty"), jwk.get("crv")
-    members = _SUPPORTED_KEYS.get((kty, crv))  # type: ignore[arg-type]
-    if members is None:
-        raise InvalidArgumentError(f"{where} is {kty}/{crv}: only OKP Ed25519 and EC P-256 keys are supported")
-    clean = {"kty": str(kty), "crv": str(crv)}
-    for member in members:
-        value = jwk.get(member)
-        if not isinstance(value, str) or not value:
-            raise InvalidArgumentError(f"{where} lacks its {member!r} member")
-        clean[member] = value
+    clean: dict[str, str]
+    if kty == "RSA":
+        clean = {"kty": "RSA", **_check_rsa_members(jwk, where)}
+    else:
+        members = _SUPPORTED_KEYS.get((kty, crv))  # type: ignore[arg-type]
+        if members is None:
+            raise InvalidArgumentError(
+                f"{where} is {str(kty)[:20]}/{str(crv)[:20]}: only OKP Ed25519, EC P-256 and RSA keys are supported"
+            )
+        clean = {"kty": str(kty), "crv": str(crv)}
+        for member in members:
+            value = jwk.get(member)
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentError(f"{where} lacks its {member!r} member")
+            clean[member] = value
     for optional in ("kid", "alg", "use"):
         if isinstance(jwk.get(optional), str):
             clean[optional] = jwk[optional]
+    allowed_algs = _ALGS_FOR_KEY_TYPE[clean["kty"]]
+    if "alg" in clean and clean["alg"] not in allowed_algs:
+        raise InvalidArgumentError(
+            f"{where} names alg {clean['alg'][:20]!r}, which a {clean['kty']} key cannot sign with: use "
+            f"{' or '.join(allowed_algs)}, or leave alg out"
+        )
+    if "use" in clean and clean["use"] != "sig":
+        raise InvalidArgumentError(
+            f"{where} has use {clean['use'][:20]!r}: a client key signs assertions, so use must be 'sig' (or absent)"
+        )
     return clean
+
+
+def _base64url_uint(jwk: Mapping[str, Any], member: str, where: str) -> int:
+    """The unsigned integer in a JWK member (RFC 7518 6.3.1: base64url, big-endian)."""
+    value = jwk.get(member)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError(f"{where} lacks its {member!r} member")
+    if not _BASE64URL.fullmatch(value):
+        raise InvalidArgumentError(f"{where}: {member!r} is not base64url (A-Z, a-z, 0-9, '-', '_', no padding)")
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except ValueError:
+        raise InvalidArgumentError(f"{where}: {member!r} is not valid base64url") from None
+    return int.from_bytes(raw, "big")
+
+
+def _base64url_of_uint(number: int) -> str:
+    raw = number.to_bytes(max(1, (number.bit_length() + 7) // 8), "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _check_rsa_members(jwk: Mapping[str, Any], where: str) -> dict[str, str]:
+    """`n` and `e` of an RSA public JWK, checked and in minimal form, or raises."""
+    n = _base64url_uint(jwk, "n", where)
+    e = _base64url_uint(jwk, "e", where)
+    bits = n.bit_length()
+    if bits < MIN_RSA_BITS:
+        raise InvalidArgumentError(
+            f"{where} is an RSA key of {bits} bits: RSA client keys need at least {MIN_RSA_BITS} bits "
+            "(generate one with `tokenbroker clients add ID --generate-key FILE --key-type rsa`)"
+        )
+    if bits > MAX_RSA_BITS:
+        raise InvalidArgumentError(
+            f"{where} is an RSA key of {bits} bits: at most {MAX_RSA_BITS} bits are accepted (use 2048 to 4096)"
+        )
+    if n % 2 == 0:
+        raise InvalidArgumentError(f"{where}: its modulus 'n' is even, so it is not an RSA public key")
+    if e < 3 or e % 2 == 0:
+        raise InvalidArgumentError(
+            f"{where}: its public exponent 'e' must be an odd number of at least 3 (65537, 'AQAB', is the usual one)"
+        )
+    if e.bit_length() > _MAX_RSA_EXPONENT_BITS or e >= n:
+        raise InvalidArgumentError(
+            f"{where}: its public exponent 'e' is too large (at most {_MAX_RSA_EXPONENT_BITS} bits; "
+            "65537, 'AQAB', is the usual one)"
+        )
+    return {"n": _base64url_of_uint(n), "e": _base64url_of_uint(e)}
 
 
 def check_binding(value: Any) -> Binding:
@@ -154,17 +233,23 @@ def _client_from_toml(client_id: str, data: Mapping[str, Any], source: str) -> C
         secret_hash = data.get("secret_hash")
         if secret_hash is not None and not isinstance(secret_hash, str):
             raise RegistryFileError(f"{where}: secret_hash must be a string")
-        return ClientRecord(
-            client_id=client_id,
-            status=ClientStatus(data.get("status", ClientStatus.PENDING)),
-            public_jwk=check_public_jwk(jwk, where=f"{where} public_jwk") if jwk is not None else None,
-            secret_hash=secret_hash,
-            allowed_audiences=_strings(data.get("allowed_audiences"), "allowed_audiences", where),
-            allowed_scopes=_strings(data.get("allowed_scopes"), "allowed_scopes", where),
-            max_sessions=max_sessions,
-            limit_policy=LimitPolicy(data.get("limit_policy", LimitPolicy.REJECT)),
-            allowed_cidrs=tuple(check_cidr(c) for c in _strings(data.get("allowed_cidrs"), "allowed_cidrs", where)),
-            binding=check_binding(data.get("binding", Binding.DPOP)),
+        require_dpop_nonce = data.get("require_dpop_nonce", False)
+        if not isinstance(require_dpop_nonce, bool):
+            raise RegistryFileError(f"{where}: require_dpop_nonce must be true or false")
+        return _checked_client(
+            ClientRecord(
+                client_id=client_id,
+                status=ClientStatus(data.get("status", ClientStatus.PENDING)),
+                public_jwk=check_public_jwk(jwk, where=f"{where} public_jwk") if jwk is not None else None,
+                secret_hash=secret_hash,
+                allowed_audiences=_strings(data.get("allowed_audiences"), "allowed_audiences", where),
+                allowed_scopes=_strings(data.get("allowed_scopes"), "allowed_scopes", where),
+                max_sessions=max_sessions,
+                limit_policy=LimitPolicy(data.get("limit_policy", LimitPolicy.REJECT)),
+                allowed_cidrs=tuple(check_cidr(c) for c in _strings(data.get("allowed_cidrs"), "allowed_cidrs", where)),
+                binding=check_binding(data.get("binding", Binding.DPOP)),
+                require_dpop_nonce=require_dpop_nonce,
+            )
         )
     except RegistryFileError:
         raise
@@ -213,6 +298,8 @@ def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
     data["limit_policy"] = str(record.limit_policy)
     data["allowed_cidrs"] = list(record.allowed_cidrs)
     data["binding"] = str(record.binding)
+    if record.require_dpop_nonce:
+        data["require_dpop_nonce"] = True
     if record.public_jwk is not None:
         data["public_jwk"] = dict(record.public_jwk)
     return data
@@ -501,11 +588,19 @@ def _checked_client(record: ClientRecord) -> ClientRecord:
     """The record with a clean public JWK and canonical CIDRs, or raises."""
     if record.max_sessions < 1:
         raise InvalidArgumentError("max_sessions must be at least 1")
+    binding = check_binding(record.binding)
+    if not isinstance(record.require_dpop_nonce, bool):
+        raise InvalidArgumentError("require_dpop_nonce must be true or false")
+    if record.require_dpop_nonce and binding is not Binding.DPOP:
+        raise InvalidArgumentError(
+            f"client {record.client_id!r} has binding {binding.value}, which sends no DPoP proof, so it cannot "
+            "require a DPoP nonce: use binding dpop, or turn require_dpop_nonce off (--no-require-dpop-nonce)"
+        )
     return replace(
         record,
         status=ClientStatus(record.status),
         limit_policy=LimitPolicy(record.limit_policy),
-        binding=check_binding(record.binding),
+        binding=binding,
         public_jwk=check_public_jwk(record.public_jwk) if record.public_jwk is not None else None,
         allowed_cidrs=tuple(check_cidr(c) for c in record.allowed_cidrs),
         allowed_audiences=tuple(record.allowed_audiences),

@@ -4,8 +4,9 @@ audiences and scopes, with which credential and binding."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -17,6 +18,8 @@ from tokenbroker.cli._values import scopes as split_scopes
 
 if TYPE_CHECKING:
     from tokenbroker.registry import ClientRecord, ClientStatus
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
 
 
 @click.group(cls=OneLineErrors)
@@ -41,18 +44,22 @@ def _load_public_key(path: Path) -> dict[str, str]:
     try:
         return public_jwk(data)
     except ValueError as exc:
-        fail(f"{path}: {exc} (expected an Ed25519 or P-256 public key in PEM, or a public JWK)")
+        fail(f"{path}: {exc} (expected an Ed25519, P-256 or RSA public key in PEM, or a public JWK)")
 
 
 def _generate_client_key(key_type: str) -> tuple[bytes, dict[str, str]]:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    from tokenbroker.client_assertion import public_jwk
+    from tokenbroker.client_assertion import PrivateKey, public_jwk
 
-    key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey = (
-        ed25519.Ed25519PrivateKey.generate() if key_type == "ed25519" else ec.generate_private_key(ec.SECP256R1())
-    )
+    key: PrivateKey
+    if key_type == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    elif key_type == "p256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:  # rsa: 2048 bits, what the MCP SDK's RS256 clients usually hold
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return pem, public_jwk(key)
 
@@ -64,6 +71,15 @@ _policy_option = click.option(
 )
 
 
+def _nonce_option(default: bool | None) -> Callable[[_Command], _Command]:
+    return click.option(
+        "--require-dpop-nonce/--no-require-dpop-nonce",
+        default=default,
+        help="Its DPoP proofs at the token endpoint must carry a nonce the broker issued (RFC 9449 section 8; "
+        "binding dpop only)." + (" Default: off." if default is not None else ""),
+    )
+
+
 @clients.command("add")
 @click.argument("client_id")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PEM or JWK file.")
@@ -72,7 +88,13 @@ _policy_option = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Generate a key pair; write the private key (PEM, 0600) here.",
 )
-@click.option("--key-type", type=click.Choice(["ed25519", "p256"]), default="ed25519", show_default=True)
+@click.option(
+    "--key-type",
+    type=click.Choice(["ed25519", "p256", "rsa"]),
+    default="ed25519",
+    show_default=True,
+    help="With --generate-key: Ed25519 (EdDSA), P-256 (ES256) or RSA 2048 (RS256/PS256, the MCP SDK's default).",
+)
 @click.option("--generate-secret", is_flag=True, help="Generate a client secret (printed once).")
 @click.option(
     "--secret-file",
@@ -91,6 +113,7 @@ _policy_option = click.option(
     show_default=True,
     help="What its tokens are bound to: its DPoP key, its mTLS certificate, or nothing (bearer).",
 )
+@_nonce_option(False)
 @click.option("--approve", is_flag=True, help="Approve at once (new clients are pending otherwise).")
 @pass_state
 def clients_add(
@@ -107,6 +130,7 @@ def clients_add(
     policy: str | None,
     cidrs: tuple[str, ...],
     binding: str,
+    require_dpop_nonce: bool,
     approve: bool,
 ) -> None:
     """Register a client (pending until approved). Only hashes of secrets are stored."""
@@ -144,6 +168,7 @@ def clients_add(
         limit_policy=LimitPolicy(policy or "reject"),
         allowed_cidrs=tuple(check_cidr(c) for c in cidrs),
         binding=Binding(binding),
+        require_dpop_nonce=require_dpop_nonce,
     )
     # The files are written before the registry entry, and removed again when it fails:
     # a client is never registered without the key or secret it was given.
@@ -188,6 +213,7 @@ def clients_add(
 @click.option(
     "--binding", type=click.Choice(["dpop", "mtls", "bearer"]), help="What its tokens are bound to (see clients add)."
 )
+@_nonce_option(None)
 @pass_state
 def clients_update(
     state: State,
@@ -200,6 +226,7 @@ def clients_update(
     cidrs: tuple[str, ...],
     any_source: bool,
     binding: str | None,
+    require_dpop_nonce: bool | None,
 ) -> None:
     """Change a client's key or policy; each list given replaces the old one."""
     from tokenbroker.models import LimitPolicy
@@ -225,9 +252,12 @@ def clients_update(
         changes["allowed_cidrs"] = ()
     if binding:
         changes["binding"] = Binding(binding)
+    if require_dpop_nonce is not None:
+        changes["require_dpop_nonce"] = require_dpop_nonce
     if not changes:
         raise click.UsageError(
-            "nothing to change: give --audience, --scope, --public-key, --max-sessions, --binding, ..."
+            "nothing to change: give --audience, --scope, --public-key, --max-sessions, --binding, "
+            "--require-dpop-nonce, ..."
         )
     record = state.registry().update_client(client_id, **changes)
     info(f"updated client {client_id!r}")
