@@ -5,7 +5,11 @@
 
 `BrokerAuth` gets a token from the broker with the client's private-key assertion, bound
 to a DPoP key held in memory, refreshes it before expiry and signs a fresh DPoP proof for
-every HTTP request. Works with mcp 2.x (`Client`, httpx2) and 1.x (`ClientSession`, httpx)."""
+every HTTP request. Works with mcp 2.x (`Client`, httpx2) and 1.x (`ClientSession`, httpx).
+
+`--token-endpoint URL` gets the tokens from `tokenbroker serve`'s OAuth token endpoint over
+HTTP (`http://127.0.0.1:8080/token`, or the issuer `http://127.0.0.1:8080` to discover it)
+instead of gRPC `IssueToken`; DPoP nonces are answered either way."""
 
 from __future__ import annotations
 
@@ -97,12 +101,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--client-id", default="demo-client")
     parser.add_argument("--key", type=Path, default=Path(".tokenbroker-demo/client-key.pem"), help="client PEM key")
     parser.add_argument("--scope", dest="scopes", action="append", help="scope to ask for (default: tools:call)")
+    parser.add_argument(
+        "--token-endpoint",
+        metavar="URL",
+        help="get tokens from this OAuth token endpoint (or issuer) over HTTP instead of the broker's gRPC",
+    )
     args = parser.parse_args(argv)
 
     print(json.dumps(asyncio.run(_main(args)), indent=2))
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.token_endpoint:
+        auth = BrokerAuth.from_token_endpoint(
+            args.token_endpoint,
+            client_id=args.client_id,
+            private_key=args.key.read_bytes(),
+            resource=args.audience or args.url,
+            scopes=args.scopes or ["tools:call"],
+        )
+        return await run(args.url, auth)
     async with BrokerClient(args.broker, timeout=5.0) as broker:
         auth = BrokerAuth(
             broker,

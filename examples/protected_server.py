@@ -10,7 +10,12 @@ Tools: `whoami` (the caller as the broker validated it, from the SDK's
 `BrokerAuthMiddleware` validates token + proof + method + URI + client address before the
 SDK sees the request; the SDK's own auth stack (`BrokerTokenVerifier`, `AuthSettings`)
 then finds the principal already validated, enforces the required scopes again and serves
-the OAuth protected resource metadata (RFC 9728) at /.well-known/oauth-protected-resource."""
+the OAuth protected resource metadata (RFC 9728) at /.well-known/oauth-protected-resource.
+
+`--authorization-server URL` (tokenbroker's `public_url`) has the middleware publish that
+metadata itself, with `authorization_servers` = [URL], so standard MCP clients find
+tokenbroker's token endpoint; `--require-dpop-nonce` requires server-provided DPoP nonces
+(RFC 9449 section 9; a random nonce key, right for one process)."""
 
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.settings import AuthSettings
 
+from tokenbroker.dpop_nonce import DpopNonces
 from tokenbroker.mcp import BrokerAuthMiddleware, BrokerTokenVerifier, Validator
+from tokenbroker.mcp import resource_metadata_url as _metadata_url
 
 try:  # mcp 2.x
     from mcp.server.mcpserver import MCPServer as _Server
@@ -63,8 +69,7 @@ def add(a: int, b: int) -> int:
 
 def resource_metadata_url(audience: str) -> str:
     """RFC 9728 section 3.1: the well-known URI for the resource `audience`."""
-    parts = urlsplit(audience)
-    return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{parts.path.rstrip('/')}"
+    return _metadata_url(audience)
 
 
 def create_server(
@@ -106,10 +111,15 @@ def create_app(
     stateless: bool = False,
     json_response: bool = False,
     require_dpop: bool = True,
+    authorization_server: str | None = None,
+    dpop_nonces: DpopNonces | None = None,
 ) -> Any:
     """The ASGI app: the SDK's streamable HTTP app behind `BrokerAuthMiddleware`, or
     unprotected when `broker` is None (for comparisons only). `require_dpop=False` also
-    accepts Bearer tokens (clients registered with `binding` `bearer`)."""
+    accepts Bearer tokens (clients registered with `binding` `bearer`).
+    `authorization_server` (tokenbroker's `public_url`): the middleware publishes the
+    protected resource metadata naming it (and the SDK's settings name it as the issuer).
+    `dpop_nonces`: DPoP proofs must carry a nonce of these."""
     verifier = (
         BrokerTokenVerifier(broker, audience=audience, required_scopes=required_scopes, require_dpop=require_dpop)
         if broker
@@ -117,7 +127,7 @@ def create_app(
     )
     server = create_server(
         verifier,
-        issuer=issuer,
+        issuer=authorization_server or issuer,
         required_scopes=required_scopes,
         host=host,
         stateless=stateless,
@@ -137,6 +147,8 @@ def create_app(
         public_base_url=public_base_url,
         resource_metadata_url=resource_metadata_url(audience),
         require_dpop=require_dpop,
+        authorization_server=authorization_server,
+        dpop_nonces=dpop_nonces,
     )
 
 
@@ -161,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=True,
         help="accept only DPoP-bound tokens with their proof (default); --no-require-dpop also accepts Bearer",
     )
+    parser.add_argument(
+        "--authorization-server",
+        metavar="URL",
+        help="tokenbroker's public_url: publish the protected resource metadata naming it (RFC 9728)",
+    )
+    parser.add_argument(
+        "--require-dpop-nonce", action="store_true", help="require server-provided DPoP nonces (RFC 9449 section 9)"
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -175,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host,
         stateless=args.stateless,
         require_dpop=args.require_dpop,
+        authorization_server=args.authorization_server,
+        dpop_nonces=DpopNonces() if args.require_dpop_nonce else None,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

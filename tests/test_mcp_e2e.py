@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tokenbroker import Keyring, ProofSigner
 from tokenbroker.client import BrokerClient
 from tokenbroker.client_assertion import public_jwk
+from tokenbroker.dpop_nonce import proof_nonce
 from tokenbroker.mcp import BrokerAuth
 from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.registry_file import FileRegistry, hash_secret
@@ -38,6 +39,7 @@ except ImportError:  # mcp 1.x
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUER = "https://broker.mcp-e2e.test"
+PUBLIC_URL = "http://127.0.0.1:8080"  # the authorization server the nonce server's metadata names
 KEY_SERVER, KEY_OTHER, KEY_ADMIN = "key-server-" + "s" * 40, "key-other-" + "o" * 40, "key-admin-" + "a" * 40
 
 
@@ -111,6 +113,8 @@ class Deployment:
     broker: BrokerProcess
     server: McpServerProcess
     client_key: ed25519.Ed25519PrivateKey
+    # the example server with --authorization-server and --require-dpop-nonce
+    nonce_server: McpServerProcess
 
     @property
     def other_audience(self) -> str:  # another MCP server, registered with the same broker
@@ -122,8 +126,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     workdir = tmp_path_factory.mktemp("mcp-e2e")
     Keyring.generate().save(workdir / "keys.json")
     client_key = ed25519.Ed25519PrivateKey.generate()
-    port = free_port()
+    port, nonce_port = free_port(), free_port()
     audience, other = f"http://127.0.0.1:{port}/mcp", f"http://127.0.0.1:{port}/other-mcp"
+    nonce_audience = f"http://127.0.0.1:{nonce_port}/mcp"
     registry = FileRegistry(workdir / "registry.toml")
     for client_id, scopes in [("agent", ("tools:call", "tools:list")), ("reader", ("tools:list",))]:
         registry.add_client(
@@ -131,11 +136,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 client_id,
                 status=ClientStatus.APPROVED,
                 public_jwk=public_jwk(client_key),
-                allowed_audiences=(audience, other),
+                allowed_audiences=(audience, other, nonce_audience),
                 allowed_scopes=scopes,
             )
         )
-    registry.add_server(ServerRecord("mcp-server", audiences=(audience,), api_key_hash=hash_secret(KEY_SERVER)))
+    registry.add_server(
+        ServerRecord("mcp-server", audiences=(audience, nonce_audience), api_key_hash=hash_secret(KEY_SERVER))
+    )
     registry.add_server(ServerRecord("other-server", audiences=(other,), api_key_hash=hash_secret(KEY_OTHER)))
     registry.add_server(ServerRecord("ops", admin=True, api_key_hash=hash_secret(KEY_ADMIN)))
     env = broker_env(workdir, ISSUER)
@@ -143,11 +150,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     api_key_file.write_text(KEY_SERVER + "\n")
     broker = BrokerProcess(workdir, env)
     server = McpServerProcess(workdir, broker.target, api_key_file, port)
+    nonce_options = ("--authorization-server", PUBLIC_URL, "--require-dpop-nonce")
+    nonce_server = McpServerProcess(workdir, broker.target, api_key_file, nonce_port, options=nonce_options)
     try:
         broker.start()
         server.start()
-        yield Deployment(broker, server, client_key)
+        nonce_server.start()
+        yield Deployment(broker, server, client_key, nonce_server)
     finally:
+        nonce_server.stop()
         server.stop()
         assert broker.stop() == 0, broker.log.read_text()[-2000:]
 
@@ -305,6 +316,48 @@ async def test_a_client_without_the_required_scope_is_forbidden(
     assert response.status_code == 403
     assert 'error="insufficient_scope"' in challenge(response, "DPoP")
     assert 'scope="tools:call"' in challenge(response, "DPoP")
+
+
+async def test_with_nonces_required_the_sdk_client_answers_the_challenge_once_and_calls_tools(
+    deployment: Deployment, broker_client: BrokerClient
+) -> None:
+    url = deployment.nonce_server.url
+    exchanges = Exchanges()
+    async with agent.connect(url, broker_auth(deployment, broker_client, audience=url), **exchanges.hooks()) as s:
+        me = agent.tool_result(await s.call_tool("whoami", {}))
+        total = agent.tool_result(await s.call_tool("add", {"a": 2, "b": 3}))
+    assert (me["client_id"], me["resource"], total) == ("agent", url, 5)
+    # one nonce challenge, answered; every later request carries the remembered nonce
+    assert exchanges.statuses.count(401) == 1
+    assert exchanges.statuses[0] == 401
+    nonces = {proof_nonce(request.headers["dpop"]) for request in exchanges.requests[1:]}
+    assert None not in nonces
+
+
+async def test_with_nonces_required_a_replayed_request_is_refused(
+    deployment: Deployment, broker_client: BrokerClient
+) -> None:
+    url = deployment.nonce_server.url
+    exchanges = Exchanges()
+    async with agent.connect(url, broker_auth(deployment, broker_client, audience=url), **exchanges.hooks()) as s:
+        await s.call_tool("whoami", {})
+    sent = next(r for r, status in zip(exchanges.requests, exchanges.statuses, strict=True) if status == 200)
+    replayed = raw_post(url, dict(sent.headers), sent.content)
+    assert replayed.status_code == 401
+    assert 'error="invalid_dpop_proof"' in challenge(replayed, "DPoP")
+
+
+def test_the_nonce_server_publishes_metadata_naming_the_authorization_server(deployment: Deployment) -> None:
+    server = deployment.nonce_server
+    metadata_url = f"http://127.0.0.1:{server.port}/.well-known/oauth-protected-resource/mcp"
+    document = httpx.get(metadata_url, timeout=10).json()
+    assert document["authorization_servers"] == [PUBLIC_URL]
+    assert document["resource"] == server.url
+    assert document["dpop_bound_access_tokens_required"] is True
+    anonymous = raw_post(server.url, {})
+    assert anonymous.status_code == 401
+    assert f'resource_metadata="{metadata_url}"' in challenge(anonymous, "DPoP")
+    assert anonymous.headers["dpop-nonce"]
 
 
 def test_no_token_or_proof_appears_in_the_logs(deployment: Deployment) -> None:

@@ -15,10 +15,16 @@ SDK's auth context variable is set, so `get_access_token()` returns the
 request as `Bearer` and the verifier returns what this middleware validated: one broker
 call per request either way.
 
+With `authorization_server` (tokenbroker's `public_url`) it also publishes the RFC 9728
+protected resource metadata that sends standard MCP clients there (see
+`tokenbroker.mcp.resource_metadata`), and every challenge names it (`resource_metadata=`).
+With `dpop_nonces` it requires server-provided DPoP nonces (RFC 9449 section 9).
+
 Answers: 401 with `WWW-Authenticate` challenges for DPoP (`algs="EdDSA ES256"`) and, when
 Bearer is accepted (`require_dpop=False`), Bearer (RFC 9449 section 7, RFC 6750 section 3),
-`error="invalid_token"` or `error="invalid_dpop_proof"` on the scheme concerned; 403
-`insufficient_scope`; 400 `invalid_request` for duplicated credentials and for request
+`error="invalid_token"`, `error="invalid_dpop_proof"` or `error="use_dpop_nonce"` (with a
+`DPoP-Nonce` header) on the scheme concerned; 403 `insufficient_scope` with `scope=` (every
+scope this server requires); 400 `invalid_request` for duplicated credentials and for request
 targets that could route somewhere other than where they were signed for (dot segments,
 encoded dots, slashes or backslashes: see `routed_path`); 503 when the broker or its store
 cannot answer (fail closed); 500 when the broker refuses this server (misconfiguration)."""
@@ -39,9 +45,12 @@ from urllib.parse import quote, unquote_to_bytes
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from starlette.authentication import AuthCredentials
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenbroker.dpop_nonce import NONCE_HEADER, USE_DPOP_NONCE, DpopNonces, proof_nonce
 from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
+from tokenbroker.mcp.resource_metadata import ProtectedResourceMetadata
+from tokenbroker.mcp.resource_metadata import resource_metadata_url as resource_metadata_url_of
 from tokenbroker.mcp.verifier import BrokerAccessToken, Validator, validated_principal
 from tokenbroker.models import Validation
 from tokenbroker.reason import Reason
@@ -62,6 +71,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PCHAR_SAFE = "/-._~!$&'()*+,;=:@"
 # Characters allowed in an error_description (RFC 6750 section 3): printable ASCII but " and \.
 _NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+_NONCE_HEADER_NAME = NONCE_HEADER.lower().encode("ascii")
 
 _PROOF_REASONS = frozenset({Reason.PROOF_INVALID})
 _DPOP_REASONS = frozenset({Reason.PROOF_MISSING, Reason.PROOF_INVALID, Reason.BINDING_MISMATCH})
@@ -143,6 +154,19 @@ def _dpop_bound(token: str) -> bool:
     return isinstance(cnf, dict) and isinstance(cnf.get("jkt"), str)
 
 
+def _with_nonce(send: Send, nonces: DpopNonces) -> Send:
+    """`send`, adding the current DPoP nonce to the response (RFC 9449 section 9: a server
+    may hand out a fresh nonce in any response)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (_NONCE_HEADER_NAME, nonces.current().encode("ascii"))]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
+
+
 def cert_thumbprint(pem_or_der: str | bytes) -> str:
     """RFC 8705 `x5t#S256`: base64url(SHA-256(DER certificate)), no padding."""
     der = ssl.PEM_cert_to_DER_cert(pem_or_der) if isinstance(pem_or_der, str) else pem_or_der
@@ -162,13 +186,26 @@ class BrokerAuthMiddleware:
     which trusts the Host header: set it in production and whenever a proxy sits in front.
     `exempt_paths`: path prefixes served without a token (default: `/.well-known/`, the
     OAuth protected resource metadata).
-    `resource_metadata_url`: RFC 9728 metadata URL, added to the challenges when given.
+    `authorization_server`: tokenbroker's `public_url` (the issuer). When given, this
+    middleware serves the RFC 9728 protected resource metadata itself, without a token, at
+    `/.well-known/oauth-protected-resource` plus the audience's path and at the bare path,
+    with `authorization_servers` = [`authorization_server`], `scopes_supported`
+    (default: `required_scopes`) and `dpop_bound_access_tokens_required` = `require_dpop`;
+    and every challenge carries `resource_metadata=` with its URL.
+    `resource_metadata_url`: the RFC 9728 metadata URL for the challenges, when it is not
+    the one derived from the audience (default: that one, with `authorization_server`;
+    none without).
     `realm`: added to the challenges when given.
     `require_dpop` (default True, as a client's `binding` is `dpop` by default): only
     `Authorization: DPoP` with a verified proof gets in; a `Bearer` presentation is refused
     with 401 and the DPoP challenge before any broker call, and no Bearer challenge is
     offered. False also accepts Bearer tokens (clients registered with `binding` `bearer`
     or `mtls`, whose certificate the broker then checks).
+    `dpop_nonces`: a `tokenbroker.dpop_nonce.DpopNonces` (share its key between replicas).
+    When given, a DPoP proof must carry a nonce it accepts, or the request gets 401
+    `error="use_dpop_nonce"` with a fresh nonce in `DPoP-Nonce`, before any broker call (so
+    the proof's `jti` is not spent and the client re-signs with the nonce); every answer
+    then carries the current nonce (RFC 9449 section 9). None: no nonce is required.
 
     Every request target is checked first (`routed_path`): one that could route somewhere
     other than the path the proof covers gets 400 before any validation, exempt paths too.
@@ -190,6 +227,9 @@ class BrokerAuthMiddleware:
         resource_metadata_url: str | None = None,
         realm: str | None = None,
         require_dpop: bool = True,
+        authorization_server: str | None = None,
+        scopes_supported: Sequence[str] | None = None,
+        dpop_nonces: DpopNonces | None = None,
     ) -> None:
         if not audience:
             raise ValueError("audience (this MCP server's resource URI) is required")
@@ -204,6 +244,19 @@ class BrokerAuthMiddleware:
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.exempt_paths = tuple(exempt_paths)
         self.require_dpop = require_dpop
+        self.dpop_nonces = dpop_nonces
+        self.resource_metadata = (
+            ProtectedResourceMetadata(
+                audience,
+                authorization_server,
+                scopes_supported=self.required_scopes if scopes_supported is None else scopes_supported,
+                require_dpop=require_dpop,
+            )
+            if authorization_server is not None
+            else None
+        )
+        if resource_metadata_url is None and authorization_server is not None:
+            resource_metadata_url = resource_metadata_url_of(audience)
         self._realm = f'realm="{_description(realm)}"' if realm else ""
         self._metadata = f'resource_metadata="{_description(resource_metadata_url)}"' if resource_metadata_url else ""
 
@@ -216,6 +269,9 @@ class BrokerAuthMiddleware:
             return
         try:
             path = routed_path(scope)  # before anything else: exempt paths are routed too
+            if self.resource_metadata is not None and path in self.resource_metadata.paths:
+                await self.resource_metadata(scope, receive, send)
+                return
             authenticated = None if self._exempt(scope["path"]) else await self._authenticate(scope, path)
         except _Refusal as refusal:
             client = scope.get("client")
@@ -238,7 +294,7 @@ class BrokerAuthMiddleware:
         validated = validated_principal.set(token)
         context = auth_context_var.set(inner["user"])
         try:
-            await self.app(inner, receive, send)
+            await self.app(inner, receive, send if self.dpop_nonces is None else _with_nonce(send, self.dpop_nonces))
         finally:
             auth_context_var.reset(context)
             validated_principal.reset(validated)
@@ -273,6 +329,11 @@ class BrokerAuthMiddleware:
             proof = proofs[0].decode("latin-1").strip()
             if not _COMPACT_JWS.fullmatch(proof):
                 raise _Refusal(401, "invalid_dpop_proof", "DPoP proof is not a compact JWS", scheme="dpop")
+            # Before the broker sees the proof: a refused nonce must not spend its jti. The
+            # nonce is read unverified; the broker then verifies the signature covering it.
+            if self.dpop_nonces is not None and not self.dpop_nonces.accepts(proof_nonce(proof)):
+                description = f"this server requires a nonce in DPoP proofs: sign again with the {NONCE_HEADER} one"
+                raise _Refusal(401, USE_DPOP_NONCE, description, scheme="dpop")
         validation = await self._validate(scope, path, token, proof)
         if not validation.valid:
             raise self._refusal(validation, scheme, proof is not None)
@@ -390,6 +451,8 @@ class BrokerAuthMiddleware:
 
     async def _refuse(self, send: Send, refusal: _Refusal) -> None:
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        if self.dpop_nonces is not None:
+            headers.append((_NONCE_HEADER_NAME, self.dpop_nonces.current().encode("ascii")))
         if refusal.status in (401, 403):
             scheme = refusal.scheme or ("dpop" if self.require_dpop else "bearer")
             for value in self.challenges(refusal.error, refusal.description, scheme=scheme, scope=refusal.scope):
