@@ -670,6 +670,8 @@ def script_calls(store: RedisStore, client_id: str, session_id: str, jti: str) -
     limit = SessionLimit(2, LimitPolicy.EVICT_OLDEST)
     drive(store._open_op(SessionOpen(client_id, AUD, None, 60, limit, "", NOW)), [[True, ["OK"]]])
     drive(store._open_op(SessionOpen(client_id, AUD, session_id, 60, limit, "", NOW)), [[["OK", NOW, NOW + 60, ""]]])
+    continued = SessionOpen(client_id, AUD, None, 60, limit, "", NOW, continuation="k", idle_seconds=30)
+    drive(store._open_op(continued), [[True, ["CONTINUE", session_id]], [["OK", NOW, NOW + 60, ""], 1]])
     replay = ((replay_key(1), NOW + 60), (replay_key(2), NOW + 60))
     request = token_check(Session(session_id, client_id, AUD, NOW, NOW + 60, NOW), jti=jti, replay=replay)
     drive(store._checks_op([request]), [[["OK", NOW], ["OK", NOW]]])

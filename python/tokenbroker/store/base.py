@@ -16,16 +16,69 @@ ReplayRecord = tuple[str, int]
 
 
 class SessionOpen(NamedTuple):
-    """What the store needs to open a session, or to continue one (`session_id`): one
-    type from the broker's issuance to the backend, as `TokenCheck` is for validation."""
+    """What the store needs to open a session, or to continue one (`session_id`, else
+    `continuation`): one type from the broker's issuance to the backend, as `TokenCheck`
+    is for validation.
+
+    `continuation` lets a door without session ids (HTTP `POST /token`) continue: an
+    opaque string the broker computes (say, a hash of client, audience and DPoP key).
+    With `session_id` None, a live session it names (same client and audience) is
+    continued; otherwise a new one is opened under `limit` and the continuation names it
+    from then on. Atomic: concurrent opens with one continuation open one session.
+
+    `idle_seconds` (fixed when the session opens; None: no idle end) ends a session that
+    has seen no activity (an open or continue, a successful validation) for that long:
+    its expiry slides, `min(created_at + ttl_seconds, last activity + idle_seconds)`, so
+    an idle session leaves the live count like an expired one. `token_ttl_seconds` is
+    the lifetime of the token about to be issued: an open or continue of an idle-ending
+    session keeps it live at least that long (within its hard end), so a token is never
+    issued that its session's idle end would cut short."""
 
     client_id: str
     audience: str
-    session_id: str | None  # None opens a new session under `limit`
-    ttl_seconds: int
+    session_id: str | None  # None opens a new session under `limit` (or continues `continuation`'s)
+    ttl_seconds: int  # the session's hard lifetime: its expiry never slides past created_at + this
     limit: SessionLimit
     client_ip: str
     now: int
+    continuation: str | None = None
+    idle_seconds: int | None = None
+    token_ttl_seconds: int = 0
+
+
+def idle_expiry(ends_at: int, expires_at: int, idle_seconds: int | None, hold: int, now: int) -> int:
+    """A session's expiry after activity at `now`: slid to `now + max(idle, hold)`, never
+    past its hard end `ends_at`, never earlier than it was (a live token keeps it)."""
+    if idle_seconds is None:
+        return expires_at
+    return max(expires_at, min(ends_at, now + max(idle_seconds, hold)))
+
+
+def opening_expiry(opening: SessionOpen) -> int:
+    """The expiry of a session that `opening` opens: its hard end, or sooner when it ends
+    when idle (opening is its first activity)."""
+    now, idle = opening.now, opening.idle_seconds
+    ends_at = now + opening.ttl_seconds
+    return ends_at if idle is None else idle_expiry(ends_at, now, idle, opening.token_ttl_seconds, now)
+
+
+def idle_step(idle_seconds: int) -> int:
+    """How far a validation must move a session's expiry before it is written: a busy
+    session writes it at most about ten times per idle window, and the expiry stays at
+    least `idle_seconds - step` ahead of its last use, so it never ends while used."""
+    return max(1, idle_seconds // 10)
+
+
+def check_opening(opening: SessionOpen) -> None:
+    """The rules every store applies to an opening before touching its state."""
+    if opening.ttl_seconds < 1:
+        raise InvalidArgumentError("ttl_seconds must be positive")
+    if opening.idle_seconds is not None and opening.idle_seconds < 1:
+        raise InvalidArgumentError("idle_seconds must be positive, or None for sessions that never end when idle")
+    if opening.token_ttl_seconds < 0:
+        raise InvalidArgumentError("token_ttl_seconds must be >= 0")
+    if opening.continuation is not None and not opening.continuation:
+        raise InvalidArgumentError("continuation must be a non-empty string, or None")
 
 
 class TokenCheck(NamedTuple):
@@ -69,8 +122,9 @@ class Store(Protocol):
 
     def open_session(self, opening: SessionOpen) -> Session:
         """Continues `opening.session_id` (it must be live and the client's, for this
-        audience) or opens a new session under `opening.limit`. Raises `SessionNotFoundError`,
-        `SessionLimitExceededError` or `InvalidArgumentError`."""
+        audience), else the live session `opening.continuation` names, else opens a new
+        session under `opening.limit` (named by the continuation from then on). Raises
+        `SessionNotFoundError`, `SessionLimitExceededError` or `InvalidArgumentError`."""
         ...
 
     def check_token(self, check: TokenCheck) -> Reason:
@@ -80,7 +134,8 @@ class Store(Protocol):
         records new (else `REPLAYED`) and within the client's quota (else
         `REPLAY_CACHE_FULL`). The store is the single exact replay record. Nothing is
         written unless every check passed; then the replay records and the session's
-        activity are recorded. Returns `Reason.OK` or the reason to refuse."""
+        activity are recorded (and an idle-ending session's expiry slides: `idle_step`).
+        Returns `Reason.OK` or the reason to refuse."""
         ...
 
     def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:

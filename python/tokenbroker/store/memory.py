@@ -2,8 +2,12 @@
 
 Thread-safe (one lock). Every table is bounded, and no operation scans a table on the hot
 path: sessions and records expire through heaps, a client's live sessions are kept in
-insertion order, and revoked or evicted sessions leave them at once. The store is the one
-exact replay record of the embedded broker (the engine's bloom filter only marks keys)."""
+insertion order, and revoked or evicted sessions leave them at once. A continuation names
+a live session only: it is dropped when its session ends, expires or is forgotten. The
+store is the one exact replay record of the embedded broker (the engine's bloom filter
+only marks keys). Sessions that end when idle slide their expiry (`store.base.idle_expiry`);
+each slide pushes a heap entry and leaves the old one stale, so validations slide only by
+`idle_step` or more."""
 
 from __future__ import annotations
 
@@ -18,7 +22,16 @@ from tokenbroker._core import random_id
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
 from tokenbroker.models import LimitPolicy, Session
 from tokenbroker.reason import Reason
-from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck, token_checks
+from tokenbroker.store.base import (
+    Remembered,
+    SessionOpen,
+    TokenCheck,
+    check_opening,
+    idle_expiry,
+    idle_step,
+    opening_expiry,
+    token_checks,
+)
 
 # Expired entries forgotten per validation: more than one adds, so memory follows traffic.
 _PURGE_PER_CHECK = 4
@@ -30,9 +43,12 @@ class _SessionRecord:
     client_id: str
     audience: str
     created_at: int
-    expires_at: int
+    expires_at: int  # the current expiry: slides with activity when idle_seconds is set
     last_seen_at: int
     last_ip: str
+    ends_at: int  # the hard end, created_at + ttl: the expiry never slides past it
+    idle_seconds: int | None
+    continuation: str | None  # the continuation that named this session when it opened
 
     def public(self) -> Session:
         return Session(
@@ -64,6 +80,7 @@ class MemoryStoreSizes(NamedTuple):
     replay_records: int
     replay_heap: int
     revoked_tokens: int
+    continuations: int = 0
 
 
 class MemoryStore:
@@ -103,6 +120,8 @@ class MemoryStore:
         self._max_replay_per_client = max_replay_records_per_client
         self._lock = threading.Lock()
         self._sessions: dict[str, _SessionRecord] = {}  # live sessions (maybe expired, not yet purged)
+        # (client_id, continuation) -> the live session it names; dropped with that session.
+        self._continuations: dict[tuple[str, str], str] = {}
         self._live_by_client: dict[str, dict[str, _SessionRecord]] = {}  # insertion (= creation) order
         self._ended: dict[str, _Ended] = {}
         self._ended_by_client: dict[str, dict[str, None]] = {}  # insertion order, for the per-client cap
@@ -123,12 +142,14 @@ class MemoryStore:
                 len(self._replay),
                 len(self._replay_heap),
                 len(self._revoked_tokens),
+                len(self._continuations),
             )
 
     # -- sessions -------------------------------------------------------------------
 
     def open_session(self, opening: SessionOpen) -> Session:
-        client_id, audience, session_id, ttl_seconds, limit, client_ip, now = opening
+        check_opening(opening)
+        client_id, audience, session_id, ttl_seconds, limit, client_ip, now, continuation, idle, hold = opening
         with self._lock:
             self._expire_sessions(now, None)
             if session_id:
@@ -137,8 +158,11 @@ class MemoryStore:
                     raise SessionNotFoundError(f"session {session_id!r} is unknown, expired or revoked")
                 if record.audience != audience:
                     raise InvalidArgumentError(f"session {session_id!r} belongs to another audience")
-                record.last_seen_at, record.last_ip = now, client_ip or record.last_ip
-                return record.public()
+                return self._continue(record, client_ip, hold, now)
+            if continuation is not None:
+                named = self._sessions.get(self._continuations.get((client_id, continuation), ""))
+                if named is not None and named.audience == audience and named.expires_at > now:
+                    return self._continue(named, client_ip, hold, now)
             live = self._live_by_client.get(client_id)
             count = len(live) if live is not None else 0
             if live is not None and count >= limit.max_sessions:
@@ -149,11 +173,38 @@ class MemoryStore:
                     )
                 for _ in range(count - limit.max_sessions + 1):
                     self._end(next(iter(live.values())), Reason.SESSION_REVOKED)
-            record = _SessionRecord(random_id(), client_id, audience, now, now + ttl_seconds, now, client_ip)
+            expires_at, ends_at = opening_expiry(opening), now + ttl_seconds
+            record = _SessionRecord(
+                random_id(), client_id, audience, now, expires_at, now, client_ip, ends_at, idle, continuation
+            )
             self._sessions[record.session_id] = record
             self._live_by_client.setdefault(client_id, {})[record.session_id] = record
             heapq.heappush(self._session_heap, (record.expires_at, record.session_id))
+            if continuation is not None:
+                self._continuations[(client_id, continuation)] = record.session_id
             return record.public()
+
+    def _continue(self, record: _SessionRecord, client_ip: str, hold: int, now: int) -> Session:
+        """Records an open's activity on a live session: seen now, from `client_ip` (kept
+        when empty), its idle expiry slid (the session's own idle_seconds, at least `hold`)."""
+        record.last_seen_at, record.last_ip = now, client_ip or record.last_ip
+        self._slide(record, hold, now)
+        return record.public()
+
+    def _slide(self, record: _SessionRecord, hold: int, now: int) -> None:
+        """Moves an idle-ending session's expiry to `idle_expiry`; the heap gets an entry for
+        the new expiry (the old one goes stale: see _expire_sessions)."""
+        expires_at = idle_expiry(record.ends_at, record.expires_at, record.idle_seconds, hold, now)
+        if expires_at != record.expires_at:
+            record.expires_at = expires_at
+            heapq.heappush(self._session_heap, (expires_at, record.session_id))
+
+    def _forget_continuation(self, record: _SessionRecord) -> None:
+        """Drops the continuation that names `record` (not one that names a newer session)."""
+        if record.continuation is not None:
+            key = (record.client_id, record.continuation)
+            if self._continuations.get(key) == record.session_id:
+                del self._continuations[key]
 
     def sessions(self, client_id: str, *, now: int) -> list[Session]:
         with self._lock:
@@ -164,6 +215,7 @@ class MemoryStore:
         """Takes a live session out of its client's live sessions at once; remembers why."""
         sid, cid = record.session_id, record.client_id
         del self._sessions[sid]
+        self._forget_continuation(record)
         live = self._live_by_client[cid]
         del live[sid]
         if not live:
@@ -187,6 +239,7 @@ class MemoryStore:
             record = self._sessions.get(sid)
             if record is not None and record.expires_at == expires_at:
                 del self._sessions[sid]
+                self._forget_continuation(record)
                 live = self._live_by_client[record.client_id]
                 del live[sid]
                 if not live:
@@ -242,6 +295,9 @@ class MemoryStore:
             record.last_seen_at = now
             if client_ip:
                 record.last_ip = client_ip
+            idle = record.idle_seconds
+            if idle is not None and min(record.ends_at, now + idle) - record.expires_at >= idle_step(idle):
+                self._slide(record, 0, now)
             return Reason.OK
 
     def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:

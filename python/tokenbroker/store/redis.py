@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from tokenbroker.errors import (
 from tokenbroker.models import Session
 from tokenbroker.reason import Reason
 from tokenbroker.store import redis_keys
-from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck, token_checks
+from tokenbroker.store.base import Remembered, SessionOpen, TokenCheck, check_opening, opening_expiry, token_checks
 from tokenbroker.store.redis_calls import Call, Command, Eval, Op, RoundTrips
 from tokenbroker.store.redis_coalesce import CheckCoalescer, ThreadCheckCoalescer, raise_first_error
 from tokenbroker.store.redis_connect import AsyncClient, SyncClient, connect
@@ -78,6 +79,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SESSION_FIELDS = ("client_id", "audience", "created_at", "expires_at", "last_seen_at", "last_ip", "revoked", "seq")
+# Opens with a continuation that may find its session gone between the script that named it
+# and continue_session (revoked or evicted meanwhile): the next attempt opens a new one.
+_CONTINUE_ATTEMPTS = 3
 _STATE_REASONS = frozenset({Reason.SESSION_UNKNOWN, Reason.SESSION_REVOKED, Reason.CLIENT_REVOKED})
 
 
@@ -238,44 +242,92 @@ class RedisStore:
     # -- operations, written once as generators of round trips --------------------------
 
     def _open_op(self, opening: SessionOpen) -> Op[Session]:
-        client_id, audience, session_id, ttl_seconds, limit, client_ip, now = opening
-        live, order, seq, marker = self._session_keys(client_id)
+        """Continues `session_id` (one round trip); else opens a new session (one round
+        trip), or continues the live session `continuation` names (two: the open script
+        answers CONTINUE, then continue_session runs on that session)."""
+        check_opening(opening)
+        client_id, audience, session_id = opening.client_id, opening.audience, opening.session_id
         if session_id:
-            key = self.session_key(client_id, session_id)
-            call = Eval("continue_session", (key, live, marker), (client_id, audience, now, client_ip, session_id))
-            replies = yield [call]
-            reply = reply_texts(reply_value(replies[0]))
+            reply = reply_texts(reply_value((yield [self._continue_call(opening, session_id)])[0]))
             if reply[0] == "NOT_FOUND":
                 raise SessionNotFoundError(f"session {session_id!r} is unknown, expired or revoked")
             if reply[0] == "WRONG_AUDIENCE":
                 raise InvalidArgumentError(f"session {session_id!r} belongs to another audience")
-            return Session(session_id, client_id, audience, int(reply[1]), int(reply[2]), now, reply[3])
-        if ttl_seconds < 1:
-            raise InvalidArgumentError("ttl_seconds must be positive")
-        sid = random_id()
-        expires_at = now + ttl_seconds
-        index = self.session_index_key(sid)
-        ended = self.client_key(client_id, "ended")
-        keys = (live, order, seq, self.session_key(client_id, sid), self.epoch_key(live), ended)
-        args = (client_id, audience, now, expires_at, client_ip, limit.max_sessions, limit.policy.value)
-        call = Eval("open_session", keys, (*args, sid, self._epoch_id))
-        # The index is written beside the script: a session is only handed out once both
-        # succeeded. The script reads no session hash, so it never has to be retried.
-        replies = yield [Command(("SET", index, client_id, "EX", ttl_seconds)), call]
-        for reply in replies:
-            reply_value(reply)
-        reply = reply_texts(replies[-1])
-        if reply[0] == "OK":
-            if len(reply) > 1:
-                for purged in (yield self._purge_calls(client_id, ended, reply[1:])):
-                    reply_value(purged)
-            return Session(sid, client_id, audience, now, expires_at, now, client_ip)
-        if reply[0] == "LIMIT":
-            yield [Command(("DEL", index))]
-            raise SessionLimitExceededError(
-                f"client {client_id!r} has {reply[1]} live sessions (limit {limit.max_sessions})"
-            )
-        raise ReplyError(f"unexpected open_session reply {reply[0]!r}")
+            return Session(session_id, client_id, audience, int(reply[1]), int(reply[2]), opening.now, reply[3])
+        dead = ""  # a session the continuation named that continue_session then found gone
+        for _ in range(_CONTINUE_ATTEMPTS):
+            sid = random_id()
+            index = self.session_index_key(sid)
+            # The index is written beside the script: a session is only handed out once both
+            # succeeded. The script reads no session hash, so it never has to be retried.
+            replies = yield [
+                Command(("SET", index, client_id, "EX", opening.ttl_seconds)),
+                self._open_call(opening, sid, dead),
+            ]
+            for reply in replies:
+                reply_value(reply)
+            reply = reply_texts(replies[-1])
+            if reply[0] == "OK":
+                if len(reply) > 1:
+                    ended = self.client_key(client_id, "ended")
+                    for purged in (yield self._purge_calls(client_id, ended, reply[1:])):
+                        reply_value(purged)
+                now = opening.now
+                return Session(sid, client_id, audience, now, opening_expiry(opening), now, opening.client_ip)
+            if reply[0] == "LIMIT":
+                yield [Command(("DEL", index))]
+                raise SessionLimitExceededError(
+                    f"client {client_id!r} has {reply[1]} live sessions (limit {opening.limit.max_sessions})"
+                )
+            if reply[0] != "CONTINUE":
+                raise ReplyError(f"unexpected open_session reply {reply[0]!r}")
+            named = reply[1]
+            # The index of the session not opened goes in the same round trip.
+            replies = yield [self._continue_call(opening, named), Command(("DEL", index))]
+            cont = reply_texts(reply_value(replies[0]))
+            if cont[0] == "OK":
+                return Session(named, client_id, audience, int(cont[1]), int(cont[2]), opening.now, cont[3])
+            dead = named  # revoked or evicted between the two round trips (or inconsistent): not again
+        raise SessionNotFoundError(
+            f"the session of client {client_id!r} that this continuation names kept ending while it was "
+            "continued: retry the request"
+        )
+
+    def _continue_call(self, opening: SessionOpen, session_id: str) -> Eval:
+        client_id = opening.client_id
+        live, _, _, marker = self._session_keys(client_id)
+        keys = (self.session_key(client_id, session_id), live, marker)
+        args = (client_id, opening.audience, opening.now, opening.client_ip, session_id, opening.token_ttl_seconds)
+        return Eval("continue_session", keys, args)
+
+    def _open_call(self, opening: SessionOpen, sid: str, dead: str) -> Eval:
+        """The open_session script for a new session `sid` (or the live session the
+        continuation names, unless that is `dead`). The continuation is hashed: its key
+        field has a fixed size whatever the broker passes."""
+        client_id, now, idle, limit = opening.client_id, opening.now, opening.idle_seconds, opening.limit
+        live, order, seq, _ = self._session_keys(client_id)
+        keys = [live, order, seq, self.session_key(client_id, sid), self.epoch_key(live)]
+        keys.append(self.client_key(client_id, "ended"))
+        continuation = ""
+        if opening.continuation is not None:
+            keys.append(self.client_key(client_id, "continuations"))
+            continuation = hashlib.sha256(opening.continuation.encode()).hexdigest()
+        args = (
+            client_id,
+            opening.audience,
+            now,
+            opening_expiry(opening),
+            opening.client_ip,
+            limit.max_sessions,
+            limit.policy.value,
+            sid,
+            self._epoch_id,
+            now + opening.ttl_seconds,
+            "" if idle is None else idle,
+            continuation,
+            dead,
+        )
+        return Eval("open_session", tuple(keys), args)
 
     def _purge_calls(self, client_id: str, ended: str, sids: Sequence[str]) -> list[Call]:
         """Deletes evicted sessions the client no longer keeps (hash and index), then takes
@@ -438,11 +490,12 @@ class RedisStore:
     # -- the Store protocol -----------------------------------------------------------
 
     def open_session(self, opening: SessionOpen) -> Session:
-        """Continues `opening.session_id` (live, the client's, same audience) or opens a new
-        session: one script trims the client's expired sessions, counts the live ones and
-        rejects or evicts the oldest (SESSION_REVOKED) by `opening.limit.policy`. Raises
-        `SessionNotFoundError`, `SessionLimitExceededError`, `InvalidArgumentError`,
-        `StoreUnavailableError`."""
+        """Continues `opening.session_id` (live, the client's, same audience), else the live
+        session `opening.continuation` names, else opens a new session: one script decides
+        (so concurrent opens with one continuation open one session), trims the client's
+        expired and idle-ended sessions, counts the live ones and rejects or evicts the
+        oldest (SESSION_REVOKED) by `opening.limit.policy`. Raises `SessionNotFoundError`,
+        `SessionLimitExceededError`, `InvalidArgumentError`, `StoreUnavailableError`."""
         return self._run("open_session", self._open_op(opening))
 
     def check_token(self, check: TokenCheck) -> Reason:

@@ -2,10 +2,16 @@
 
 Key layout (`tb` is the prefix):
 
-- `tb:{<client>}:session:<sid>`  hash: client_id, audience, created_at, expires_at,
-  last_seen_at, last_ip, seq, revoked (reason name); TTL = the session's lifetime
+- `tb:{<client>}:session:<sid>`  hash: client_id, audience, created_at, expires_at (the
+  current expiry), ends_at (the hard end), idle (seconds; absent: no idle end),
+  last_seen_at, last_ip, seq, revoked (reason name); TTL = until expires_at (extended
+  whenever an idle-ending session's expiry slides)
 - `tb:{<client>}:sessions`       sorted set of the client's live session ids, scored by
-  expires_at: a session is live only while it is a member (eviction removes it)
+  expires_at: a session is live only while it is a member (eviction removes it); it and
+  the two keys below live until the hard end of the client's longest session
+- `tb:{<client>}:continuations`  hash: SHA-256 of a continuation -> "<sid> <audience>",
+  the session it continues while that one is live; entries of sessions that left the
+  live set are pruned by `open_session` (at most about twice the limit are kept)
 - `tb:{<client>}:order`          the same ids scored by `seq` (opening order, for eviction);
   `tb:{<client>}:seq` numbers the client's sessions
 - `tb:{<client>}:ended`          sorted set of the client's evicted sessions, scored by seq:
@@ -35,7 +41,7 @@ cluster it lives in its own slot (spread over the cluster instead of loading one
 concurrently: one round-trip time); it also refuses tokens older than the jti slot's epoch
 (a revocation there may have been lost). The cluster's price: a revoked token's proof is
 still recorded as used and its session's last_seen_at still moves (within the client's
-quota), which refuses nothing that should pass."""
+quota) and an idle-ending session's expiry slides, which refuses nothing that should pass."""
 
 from __future__ import annotations
 
