@@ -95,6 +95,7 @@ class Broker:
         default_ttl_seconds: int = 300,
         session_ttl_seconds: int = 8 * 3600,
         session_limit: SessionLimit | None = None,
+        session_idle_seconds: int | None = None,
         leeway_seconds: int = 5,
         dpop_max_age_seconds: int = 60,
         token_cache_capacity: int = 100_000,
@@ -124,6 +125,10 @@ class Broker:
         self.default_ttl_seconds = default_ttl_seconds
         self.session_ttl_seconds = session_ttl_seconds
         self.session_limit = session_limit or SessionLimit()
+        # Sessions opened without an idle time of their own end after this long unused (None: never).
+        if session_idle_seconds is not None and session_idle_seconds < 1:
+            raise InvalidArgumentError("session_idle_seconds must be positive (or None: sessions never idle out)")
+        self.session_idle_seconds = session_idle_seconds
         self._leeway = leeway_seconds
         self._clock = clock
 
@@ -137,33 +142,93 @@ class Broker:
 
     # -- issuance -------------------------------------------------------------------
 
-    def issue(self, *, session_limit: SessionLimit | None = None, **fields: Unpack[IssueFields]) -> IssuedToken:
+    def issue(
+        self,
+        *,
+        session_limit: SessionLimit | None = None,
+        continuation: str | None = None,
+        idle_seconds: int | None = None,
+        **fields: Unpack[IssueFields],
+    ) -> IssuedToken:
         """Issues a token bound to `audience` and to a session: `session_id` continues a
-        live session of this client, None opens a new one under the session limit (the
-        client's `session_limit`, else the broker's).
+        live session of this client; None continues the live session `continuation`
+        names (same client and audience), if any, else opens a new one under the session
+        limit (the client's `session_limit`, else the broker's) that the continuation
+        then names. `idle_seconds` makes a session opened now end after that long
+        without activity (see `issue_request`).
 
         Raises `InvalidArgumentError`, `SessionNotFoundError`, `SessionLimitExceededError`
         or `StoreUnavailableError`. The caller has already authenticated the client."""
-        return self.issue_request(issue_request(**fields), session_limit=session_limit)
+        request = issue_request(**fields)
+        return self.issue_request(
+            request, session_limit=session_limit, continuation=continuation, idle_seconds=idle_seconds
+        )
 
-    async def aissue(self, *, session_limit: SessionLimit | None = None, **fields: Unpack[IssueFields]) -> IssuedToken:
+    async def aissue(
+        self,
+        *,
+        session_limit: SessionLimit | None = None,
+        continuation: str | None = None,
+        idle_seconds: int | None = None,
+        **fields: Unpack[IssueFields],
+    ) -> IssuedToken:
         """The asyncio twin of `issue`."""
-        return await self.aissue_request(issue_request(**fields), session_limit=session_limit)
+        request = issue_request(**fields)
+        return await self.aissue_request(
+            request, session_limit=session_limit, continuation=continuation, idle_seconds=idle_seconds
+        )
 
-    def issue_request(self, request: IssueRequest, *, session_limit: SessionLimit | None = None) -> IssuedToken:
-        """`issue` for a request already built (as the gRPC and HTTP doors do)."""
+    def issue_request(
+        self,
+        request: IssueRequest,
+        *,
+        session_limit: SessionLimit | None = None,
+        continuation: str | None = None,
+        idle_seconds: int | None = None,
+    ) -> IssuedToken:
+        """`issue` for a request already built (as the gRPC and HTTP doors do).
+
+        `continuation` (an opaque string the door computes, e.g. a hash of client,
+        audience and DPoP key thumbprint) continues a session without a session id, for
+        clients that ask for a new token rather than refresh: they keep one session
+        instead of exhausting the limit. `idle_seconds` (None: the broker's
+        `session_idle_seconds`, by default never) ends a session opened now after that
+        long without an issuance or a successful validation; it frees its place under the
+        limit, and its tokens are refused like those of an expired session.
+
+        Lifetimes, by choice: a token's `exp` is capped by its session's hard end
+        (created + `session_ttl_seconds`) as before, never by the idle expiry. Issuing
+        slides an idle-ending session's expiry to now + max(idle seconds, the token's
+        lifetime), within the hard end: a session never idles out under a token it just
+        issued, even one that is never used (the simpler and safer rule than tracking
+        each live token's exp)."""
         now = self._now()
-        session = self.store.open_session(self._session_open(request, session_limit, now))
-        return self._sign(request, session, now)
+        opening = self._session_open(request, session_limit, now, continuation, idle_seconds)
+        return self._sign(request, self.store.open_session(opening), now)
 
-    async def aissue_request(self, request: IssueRequest, *, session_limit: SessionLimit | None = None) -> IssuedToken:
+    async def aissue_request(
+        self,
+        request: IssueRequest,
+        *,
+        session_limit: SessionLimit | None = None,
+        continuation: str | None = None,
+        idle_seconds: int | None = None,
+    ) -> IssuedToken:
         """The asyncio twin of `issue_request`."""
         now = self._now()
-        session = await self.store.aopen_session(self._session_open(request, session_limit, now))
-        return self._sign(request, session, now)
+        opening = self._session_open(request, session_limit, now, continuation, idle_seconds)
+        return self._sign(request, await self.store.aopen_session(opening), now)
 
-    def _session_open(self, request: IssueRequest, session_limit: SessionLimit | None, now: int) -> SessionOpen:
-        """What the store opens (or continues) for `request`: the client's limit, else the broker's."""
+    def _session_open(
+        self,
+        request: IssueRequest,
+        session_limit: SessionLimit | None,
+        now: int,
+        continuation: str | None,
+        idle_seconds: int | None,
+    ) -> SessionOpen:
+        """What the store opens (or continues) for `request`: the client's limit, else the
+        broker's; the token's lifetime, which an idle-ending session is kept live for."""
         return SessionOpen(
             request.client_id,
             request.audience,
@@ -172,6 +237,9 @@ class Broker:
             session_limit or self.session_limit,
             request.client_ip or "",
             now,
+            continuation,
+            idle_seconds if idle_seconds is not None else self.session_idle_seconds,
+            request.ttl_seconds or self.default_ttl_seconds,
         )
 
     def _sign(self, request: IssueRequest, session: Session, now: int) -> IssuedToken:
@@ -269,6 +337,28 @@ class Broker:
 
     async def asessions(self, client_id: str) -> list[Session]:
         return await self.store.asessions(client_id, now=self._now())
+
+    # -- introspection (RFC 7662) -----------------------------------------------------
+
+    async def aintrospect(self, token: str, *, audience: str) -> tuple[Validation, Claims | None]:
+        """Whether `token` is active for `audience`: signature, lifetime, issuer, audience
+        and its state in the store (session live, nothing revoked), but not its binding:
+        the resource server that asks checks the DPoP proof or certificate against the
+        returned claims' `confirmation` itself. Records nothing (no replay record, a
+        single-use token is not used up). The claims are None unless the token is active."""
+        if not audience:
+            raise InvalidArgumentError("audience (the caller's own resource URI) is required")
+        now = self._now()
+        verdict = self._engine.introspect(token, audience, now)
+        claims = verdict.claims
+        if claims is None:
+            return _refusal(verdict, ""), None
+        check = TokenCheck(
+            claims.client_id, claims.session_id, claims.audience, claims.jti, claims.issued_at, "", (), now
+        )
+        state = await self.store.acheck_token(check)
+        answer = _answer(verdict, claims, state, "")
+        return answer, (claims if answer.valid else None)
 
     def jwks(self) -> dict[str, Any]:
         """The public JWKS to publish for resource servers and standard JWT libraries."""
