@@ -53,6 +53,7 @@ def start_broker(workdir: Path, message_timeout: float) -> tuple[subprocess.Pope
     env = {
         **os.environ,
         "TOKENBROKER_LISTEN": target,
+        "TOKENBROKER_HTTP_LISTEN": "127.0.0.1:0",
         "TOKENBROKER_ISSUER": ISSUER,
         "TOKENBROKER_KEY_FILE": str(workdir / "keys.json"),
         "TOKENBROKER_REGISTRY_FILE": str(workdir / "registry.toml"),

@@ -10,6 +10,11 @@ import pytest
 
 from support.redis_servers import REDIS_CLI, REDIS_SERVER, RedisCluster, RedisServer
 
+# Every `tokenbroker serve` a test starts serves HTTP on a free port unless the test names
+# one: with the default (127.0.0.1:8080) brokers started side by side would collide, and
+# with a developer's `make run`. A test that checks the default clears it (no_tokenbroker_env).
+os.environ.setdefault("TOKENBROKER_HTTP_LISTEN", "127.0.0.1:0")
+
 
 def _require_redis() -> None:
     if not (shutil.which(REDIS_SERVER) and shutil.which(REDIS_CLI)):

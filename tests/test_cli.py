@@ -32,6 +32,7 @@ def env(tmp_path: Path, no_tokenbroker_env: None) -> dict[str, str]:
     return {
         "TOKENBROKER_REGISTRY_FILE": str(tmp_path / "registry.toml"),
         "TOKENBROKER_ISSUER": ISSUER,
+        "TOKENBROKER_HTTP_LISTEN": "127.0.0.1:0",
     }
 
 

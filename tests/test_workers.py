@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -236,6 +237,7 @@ class Pool:
     process: subprocess.Popen[bytes]
     port: int
     metrics_port: int
+    http_port: int
     worker_pids: dict[int, int] = field(default_factory=dict)  # worker number -> pid
 
     @property
@@ -281,8 +283,9 @@ class Pool:
 
 @pytest.fixture
 def pool(env: dict[str, str], tmp_path: Path, redis_server: RedisServer) -> Iterator[Pool]:
-    port, metrics_port = free_port(), free_port_pair()
+    port, metrics_port, http_port = free_port(), free_port_pair(), free_port()
     command = [*CLI, "serve", "--workers", "2", "--redis-url", redis_server.url, "--listen", f"127.0.0.1:{port}"]
+    command += ["--http-listen", f"127.0.0.1:{http_port}"]  # shared by the workers too
     command += ["--demo", "--demo-dir", str(tmp_path / "demo")]
     with (tmp_path / "pool.log").open("wb") as log:
         process = subprocess.Popen(
@@ -292,7 +295,7 @@ def pool(env: dict[str, str], tmp_path: Path, redis_server: RedisServer) -> Iter
             stdout=log,
             stderr=log,
         )
-    running = Pool(tmp_path, process, port, metrics_port)
+    running = Pool(tmp_path, process, port, metrics_port, http_port)
     try:
         deadline = time.monotonic() + 60
         while not running.started():
@@ -314,6 +317,12 @@ def test_two_workers_share_the_port_the_keys_and_the_redis_state(pool: Pool, tmp
     assert len(set(pool.worker_pids.values())) == 2
     for number, pid in pool.worker_pids.items():
         assert re.search(rf'"worker":"{number}/2".*"pid":{pid}|"pid":{pid}.*"worker":"{number}/2"', pool.log)
+
+    # The HTTP door is shared as the gRPC port is: every new connection gets the one issuer.
+    for _ in range(8):
+        with httpx.Client() as http:
+            metadata = http.get(f"http://127.0.0.1:{pool.http_port}/.well-known/oauth-authorization-server").json()
+        assert metadata["issuer"] == ISSUER
 
     # The demo was registered once, by the parent, before the workers started.
     demo = tmp_path / "demo"

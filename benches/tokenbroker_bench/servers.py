@@ -335,6 +335,7 @@ class Deployment:
         env = _clean_env(
             {
                 "TOKENBROKER_LISTEN": target,
+                "TOKENBROKER_HTTP_LISTEN": f"{HOST}:0",  # gRPC is measured here; HTTP on any free port
                 "TOKENBROKER_ISSUER": ISSUER,
                 "TOKENBROKER_KEY_FILE": str(self.key_file),
                 "TOKENBROKER_REGISTRY_FILE": str(self.registry_file),

@@ -90,17 +90,18 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
     store, store_kind = build_store(settings)
     broker = Broker(
         keyring,
-        issuer=settings.issuer,
+        issuer=settings.issuer_url,
         store=store,
         default_ttl_seconds=settings.default_ttl_seconds,
         session_ttl_seconds=settings.session_ttl_seconds,
         session_limit=SessionLimit(settings.max_sessions),
+        session_idle_seconds=settings.session_idle_seconds,
     )
     registry = FileRegistry(settings.registry_file)
     authenticator = ClientAuthenticator(
         registry,
         store,
-        assertion_audience=settings.issuer,
+        assertion_audience=settings.issuer_url,
         client_failure_burst=settings.client_auth_failure_burst,
         client_failures_per_second=settings.client_auth_failures_per_minute / 60,
         source_failure_burst=settings.source_auth_failure_burst,

@@ -35,6 +35,7 @@ from tokenbroker.ratelimit import TokenBucket
 REDACTED = "[redacted]"
 DECISIONS = ("grant", "refuse")
 SUPPRESSED_EVENT = "audit_suppressed"
+ISSUE_EVENT = "issue"  # a token request's decision, at every door (gRPC IssueToken, HTTP /token)
 SUPPRESSED_RULE = "audit.rate_limited"
 # Field names that carry credentials. `jti` and `session` are identifiers, not credentials.
 _SENSITIVE_NAME = re.compile(
@@ -222,4 +223,4 @@ def _is_binary(stream: Any) -> bool:
     return isinstance(mode, str) and "b" in mode and stream is not sys.stderr and stream is not sys.stdout
 
 
-__all__ = ["REDACTED", "AuditLog"]
+__all__ = ["ISSUE_EVENT", "REDACTED", "AuditLog"]

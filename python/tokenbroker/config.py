@@ -3,7 +3,8 @@ options), `TOKENBROKER_*` environment variables, the TOML file given by `--confi
 defaults below. The TOML file holds the same names at top level:
 
     listen = "0.0.0.0:50051"
-    issuer = "https://broker.example"
+    http_listen = "0.0.0.0:8080"
+    public_url = "https://broker.example"
     redis_url = "redis://redis:6379/0"
     key_file = "/etc/tokenbroker/keys.json"
 
@@ -65,7 +66,24 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, le=64, description="broker processes sharing the listen port (SO_REUSEPORT); above 1 needs redis_url"
     )
-    issuer: str = Field("http://127.0.0.1:50051", description="the tokens' iss; also the aud of client assertions")
+    http_listen: str = Field(
+        "127.0.0.1:8080", description="host:port of the OAuth HTTP server (metadata, /token, ...); empty: no HTTP"
+    )
+    public_url: str | None = Field(
+        None,
+        description="THE issuer: the tokens' iss, the metadata's issuer, the aud of client assertions and what MCP "
+        "servers name in authorization_servers (default: http://<http_listen>)",
+    )
+    issuer: str | None = Field(None, description="the older name of public_url: set one of them")
+    session_idle_seconds: int = Field(
+        1800, ge=60, le=30 * 24 * 3600, description="a session with no token request or validation this long ends"
+    )
+    require_dpop_nonce: bool = Field(
+        False, description="the token endpoint asks every DPoP client for a nonce (RFC 9449 section 8)"
+    )
+    dpop_nonce_window_seconds: int = Field(
+        300, ge=10, le=86_400, description="how long a DPoP nonce is current (it is accepted for twice that)"
+    )
     redis_url: str | None = Field(None, description="redis:// or rediss:// URL; none: embedded in-memory store")
     redis_cluster: bool = Field(False, description="connect to a Redis Cluster")
     redis_allow_unsafe_eviction: bool = Field(
@@ -156,17 +174,51 @@ class Settings(BaseSettings):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::]:50051")
+        return _host_port(value, "127.0.0.1:50051 or [::]:50051")
+
+    @field_validator("http_listen")
+    @classmethod
+    def _check_http_listen(cls, value: str) -> str:
+        return value if value == "" else _host_port(value, "127.0.0.1:8080 or [::]:8080")
+
+    @field_validator("issuer", "public_url")
+    @classmethod
+    def _check_issuer(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if value != value.strip() or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL without surrounding spaces, e.g. https://broker.example")
+        if parts.query or parts.fragment or "#" in value or "?" in value:
+            raise ValueError("must have no query or fragment (RFC 8414 section 2: it is the issuer identifier)")
         return value
 
-    @field_validator("issuer")
-    @classmethod
-    def _check_issuer(cls, value: str) -> str:
-        if not value.strip() or value != value.strip():
-            raise ValueError("must be a non-empty URL without surrounding spaces, e.g. https://broker.example")
-        return value
+    @model_validator(mode="after")
+    def _one_issuer(self) -> Settings:
+        """`public_url` and `issuer` are one string: whichever is set, or both when equal."""
+        if self.public_url is not None and self.issuer is not None and self.public_url != self.issuer:
+            raise ValueError(
+                f"public_url {self.public_url!r} and issuer {self.issuer!r} differ: they are the same thing (the "
+                "issuer); set only public_url"
+            )
+        url = self.public_url or self.issuer or f"http://{self.http_listen or self.listen}"
+        self.public_url = self.issuer = url
+        return self
+
+    def with_http_port(self, port: int) -> Settings:
+        """These settings once the HTTP door is bound to `port`: when `public_url` is the
+        default and `http_listen` asked for any port (":0"), the issuer names the port
+        bound, so tokens, metadata and assertions agree with where clients connect."""
+        # A public URL naming port 0 is never one a client could use: it is the default.
+        if not (self.http_listen.endswith(":0") and self.public_url == f"http://{self.http_listen}"):
+            return self
+        url = f"http://{self.http_listen.rpartition(':')[0]}:{port}"
+        return self.model_copy(update={"public_url": url, "issuer": url})
+
+    @property
+    def issuer_url(self) -> str:
+        """The issuer (`public_url`), always set once the settings validated."""
+        return self.public_url or f"http://{self.http_listen or self.listen}"
 
     @field_validator("redis_url")
     @classmethod
@@ -230,13 +282,21 @@ class Settings(BaseSettings):
         """What is safe to log at startup: no secrets (a Redis URL may hold a password)."""
         return {
             "listen": self.listen,
-            "issuer": self.issuer,
+            "public_url": self.public_url,
+            "http_listen": self.http_listen or None,
             "store": ("redis-cluster" if self.redis_cluster else "redis") if self.redis_url else "memory",
             "tls": self.tls_cert_file is not None,
             "mtls": self.tls_client_ca_file is not None,
             "registry_file": str(self.registry_file),
             "metrics_port": self.metrics_port,
         }
+
+
+def _host_port(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port, e.g. {example}")
+    return value
 
 
 def _mask_password(url: str) -> str:

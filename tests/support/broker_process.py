@@ -22,7 +22,13 @@ class BrokerProcess:
     workdir: Path
     env: dict[str, str]
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP door's base URL (what `public_url` is unless the test set it)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def target(self) -> str:
@@ -33,7 +39,12 @@ class BrokerProcess:
         return self.workdir / f"broker-{self.port}.log"
 
     def start(self, timeout: float = 30.0) -> BrokerProcess:
-        env = {**os.environ, **self.env, "TOKENBROKER_LISTEN": self.target}
+        env = {
+            **os.environ,
+            "TOKENBROKER_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
+            **self.env,
+            "TOKENBROKER_LISTEN": self.target,
+        }
         command = [sys.executable, "-c", "from tokenbroker.cli import main; main()", "serve"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, cwd=self.workdir, stdout=log, stderr=log)

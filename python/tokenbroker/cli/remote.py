@@ -138,7 +138,7 @@ def issue(
         raise click.UsageError("only one of --client-secret-file and --api-key-file can be read from stdin")
     credential: dict[str, str] = {}
     if key_file:
-        assertion_audience = issuer or state.settings().issuer
+        assertion_audience = issuer or state.settings().issuer_url
         credential["client_assertion"] = make_client_assertion(key_file.read_bytes(), client_id, assertion_audience)
     else:
         credential["client_secret"] = read_secret_file(secret_file, "client secret") if secret_file else env_secret

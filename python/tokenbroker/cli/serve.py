@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from tokenbroker.service.workers import WorkerSlot
 
 DEMO_CLIENT = "demo-client"
+DEMO_SDK_CLIENT = "demo-sdk-client"  # an unmodified MCP SDK client: a secret, Bearer tokens
 DEMO_SERVER = "demo-server"
 DEMO_SCOPES = ("tools:list", "tools:call", "resources:read", "prompts:get")
 
@@ -38,6 +40,10 @@ class _Demo:
 
 @click.command()
 @click.option("--listen", help="host:port to bind (default: the `listen` setting, 127.0.0.1:50051).")
+@click.option(
+    "--http-listen",
+    help="host:port of the OAuth HTTP server (default: the `http_listen` setting, 127.0.0.1:8080; '' turns it off).",
+)
 @click.option("--redis-url", help="Redis URL for shared state (default: the embedded in-memory store).")
 @click.option(
     "--workers",
@@ -66,6 +72,7 @@ class _Demo:
 def serve(
     state: State,
     listen: str | None,
+    http_listen: str | None,
     redis_url: str | None,
     workers: int | None,
     demo: bool,
@@ -74,13 +81,15 @@ def serve(
     reflection: bool | None,
     as_worker: bool,
 ) -> None:
-    """Run the gRPC broker until SIGTERM or SIGINT."""
+    """Run the broker (gRPC, and the OAuth HTTP server on http_listen) until SIGTERM or SIGINT."""
     from tokenbroker.logs import configure_logging
 
     if as_worker:
         _serve_as_worker()
         return
-    settings = state.settings(listen=listen, redis_url=redis_url, reflection=reflection, workers=workers)
+    settings = state.settings(
+        listen=listen, http_listen=http_listen, redis_url=redis_url, reflection=reflection, workers=workers
+    )
     configure_logging(settings.log_level, json=settings.log_json)
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         path = getattr(settings, name)
@@ -119,9 +128,17 @@ def _serve_workers(settings: Settings, demo: _Demo | None) -> None:
             f"--workers {count} serve metrics on ports metrics_port to metrics_port + {count - 1}, one each: "
             f"metrics_port {settings.metrics_port} leaves no room for them; choose a lower one"
         )
+    if settings.http_listen and int(settings.http_listen.rpartition(":")[2]) == 0:
+        raise click.UsageError(f"--workers {count} needs a fixed port in --http-listen, not {settings.http_listen}")
     taken = port_taken(settings.listen)
     if taken is not None:
         fail(f"cannot listen on {settings.listen} ({taken.strerror}): is another broker running? choose --listen")
+    taken = port_taken(settings.http_listen) if settings.http_listen else None
+    if taken is not None:
+        fail(
+            f"cannot listen for HTTP on {settings.http_listen} ({taken.strerror}): is another broker running? "
+            "choose --http-listen"
+        )
     keyring = load_keyring(settings)
     if demo is not None:
         _register_demo(FileRegistry(settings.registry_file), settings, demo.directory, demo.audience)
@@ -166,6 +183,9 @@ def _serve_here(
     from tokenbroker.service.server import TlsFiles, build_server
     from tokenbroker.service.server import serve as run_server
 
+    http_socket = _bind_http(settings, reuse_port=slot is not None)
+    if http_socket is not None:
+        settings = settings.with_http_port(http_socket.getsockname()[1])
     components = build_components(settings, keyring=keyring)
     if demo is not None:
         _register_demo(components.registry, settings, demo.directory, demo.audience)
@@ -190,6 +210,21 @@ def _serve_here(
     log.info("tokenbroker starting", **summary, kid=components.broker.keyring.active_kid)
 
     async def run() -> None:
+        http = None
+        if http_socket is not None:
+            from tokenbroker.http.app import build_http_app
+            from tokenbroker.http.server import HttpServer
+
+            http = HttpServer(build_http_app(components), http_socket)
+            await http.start()
+            log.info("tokenbroker HTTP serving", http_listen=settings.http_listen, public_url=settings.issuer_url)
+        try:
+            await _serve_grpc()
+        finally:
+            if http is not None:
+                await http.stop()
+
+    async def _serve_grpc() -> None:
         server = build_server(
             components.broker,
             registry=components.registry,
@@ -217,6 +252,22 @@ def _serve_here(
         components.audit.close()
 
 
+def _bind_http(settings: Settings, *, reuse_port: bool) -> socket.socket | None:
+    """The HTTP door's socket, bound before anything is served, so that a taken port is
+    a clear error at once; None when `http_listen` is empty."""
+    if not settings.http_listen:
+        return None
+    from tokenbroker.http.server import bind
+
+    try:
+        return bind(settings.http_listen, reuse_port=reuse_port)
+    except (OSError, ValueError) as exc:
+        fail(
+            f"cannot listen for HTTP on {settings.http_listen} ({getattr(exc, 'strerror', None) or exc}): is another "
+            "broker running? choose --http-listen, or --http-listen '' to serve gRPC only"
+        )
+
+
 def _register_demo(registry: FileRegistry, settings: Settings, demo_dir: Path, audience: str) -> None:
     """Registers `demo-server` (admin, API key) and `demo-client` (approved, Ed25519 key)
     and writes their credentials under `demo_dir` (0700 directory, 0600 files)."""
@@ -224,7 +275,7 @@ def _register_demo(registry: FileRegistry, settings: Settings, demo_dir: Path, a
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from tokenbroker.client_assertion import public_jwk
-    from tokenbroker.registry import ClientRecord, ClientStatus, ServerRecord
+    from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
     from tokenbroker.registry_file import generate_secret, hash_secret
 
     demo_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -246,6 +297,20 @@ def _register_demo(registry: FileRegistry, settings: Settings, demo_dir: Path, a
             max_sessions=settings.max_sessions,
         )
     )
+    sdk_secret = generate_secret()
+    sdk_secret_file = demo_dir / "sdk-client-secret"
+    write_private(sdk_secret_file, sdk_secret.encode() + b"\n", force=True)
+    registry.put_client(
+        ClientRecord(
+            DEMO_SDK_CLIENT,
+            status=ClientStatus.APPROVED,
+            secret_hash=hash_secret(sdk_secret),
+            allowed_audiences=(audience,),
+            allowed_scopes=DEMO_SCOPES,
+            max_sessions=settings.max_sessions,
+            binding=Binding.BEARER,
+        )
+    )
     target = local_target(settings.listen)
     dpop_file = demo_dir / "dpop-key"
     click.echo(
@@ -253,6 +318,9 @@ def _register_demo(registry: FileRegistry, settings: Settings, demo_dir: Path, a
         f"in {registry.path}\n"
         f"demo: client private key: {key_file}\n"
         f"demo: server API key:     {api_key_file}\n"
+        f"demo: client {DEMO_SDK_CLIENT!r} (binding bearer, for unmodified MCP SDK clients): secret in "
+        f"{sdk_secret_file}\n"
+        f"demo: OAuth metadata:     {settings.issuer_url.rstrip('/')}/.well-known/oauth-authorization-server\n"
         "demo: try, in another shell:\n"
         f"  tokenbroker issue --target {target} --client-id {DEMO_CLIENT} --key {key_file} "
         f"--audience {audience} --scope tools:call --dpop-key {dpop_file}\n"

@@ -26,7 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ISSUE = "issue"
+from tokenbroker.audit import ISSUE_EVENT
+
+ISSUE = ISSUE_EVENT
 """The event of an IssueToken decision (an admin call's event is its action: "revoke_session")."""
 
 DECIDING_METHODS = frozenset({"IssueToken", "RevokeSession", "RevokeClient", "RevokeToken", "ListSessions"})
