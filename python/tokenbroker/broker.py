@@ -344,8 +344,9 @@ class Broker:
         """Whether `token` is active for `audience`: signature, lifetime, issuer, audience
         and its state in the store (session live, nothing revoked), but not its binding:
         the resource server that asks checks the DPoP proof or certificate against the
-        returned claims' `confirmation` itself. Records nothing (no replay record, a
-        single-use token is not used up). The claims are None unless the token is active."""
+        returned claims' `confirmation` itself. Writes no replay record (a single-use
+        token is not used up); like a validation, it counts as the session's activity.
+        The claims are None unless the token is active."""
         if not audience:
             raise InvalidArgumentError("audience (the caller's own resource URI) is required")
         now = self._now()

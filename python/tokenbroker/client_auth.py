@@ -180,7 +180,7 @@ class ClientAuthenticator:
     """Authenticates a client asking for a token and checks its policy (see module doc).
 
     `assertion_audience` is the broker's issuer; a client assertion's `aud` must be that
-    string (one trailing `/` more or less tolerated) or `token_endpoint` (default: the
+    string or `token_endpoint`, each with or without one trailing `/` (default endpoint: the
     issuer + "/token"). Assertions live at most `max_assertion_lifetime` seconds and are
     accepted once: their `jti` is remembered in the `store` (shared between replicas with
     Redis). Failed authentications are limited per client id (`client_failure_burst`,
@@ -212,7 +212,8 @@ class ClientAuthenticator:
         self.assertion_audience = assertion_audience
         base = assertion_audience.rstrip("/")
         self.token_endpoint = token_endpoint or f"{base}/token"
-        self._audiences = frozenset((assertion_audience, base, f"{base}/", self.token_endpoint))
+        endpoint = self.token_endpoint.rstrip("/")
+        self._audiences = frozenset((assertion_audience, base, f"{base}/", endpoint, f"{endpoint}/"))
         self.max_assertion_lifetime = max_assertion_lifetime
         self._clock = clock
         self._leeway = leeway_seconds

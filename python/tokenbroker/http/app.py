@@ -113,7 +113,10 @@ def build_http_app(components: Components, *, public_url: str | None = None) -> 
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)])
+    app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)])
+    # No 307 to the slash-less path (built from the request's Host header): an unknown path is a 404.
+    app.router.redirect_slashes = False
+    return app
 
 
 __all__ = ["build_http_app", "nonces_for"]

@@ -122,6 +122,8 @@ class Introspection:
             token = _token_field(form)
             caller = _server(self._c, request)
             client_id: str | None = None
+            if caller is None and request.headers.get("authorization", "").lower().startswith("bearer "):
+                raise _server_challenge("the Bearer credential is not a registered server's API key")
             if caller is None:
                 credential = client_credential(request, form)
                 client_ip = request.client.host if request.client is not None else ""

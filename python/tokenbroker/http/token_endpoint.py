@@ -329,7 +329,8 @@ class TokenEndpoint:
                 f"client {record.client_id!r} has binding mtls: it gets tokens over gRPC IssueToken, where its "
                 "TLS client certificate is seen",
             )
-        scopes = scope.split() if scope is not None else list(record.allowed_scopes)
+        # RFC 6749 section 3.3: a scope is a set (repeats collapse, the order is kept).
+        scopes = list(dict.fromkeys(scope.split() if scope is not None else record.allowed_scopes))
         try:
             self._c.authenticator.check_request(
                 record, audience=audience, scopes=scopes, client_ip=client_ip, dpop_jkt=jkt, cert_thumbprint=None
