@@ -5,7 +5,7 @@ Why in-process: the embedded store is in-process state (sessions, replay records
 token endpoint in another process could not share it; and with Redis, one process per
 replica keeps one configuration, one key file and one audit log. The gRPC server runs on
 its own threads, the HTTP door on the serve loop, which did nothing but wait for signals.
-What was measured to choose the HTTP stack is in the README ("HTTP door")."""
+What was measured to choose the HTTP stack is in the README (Performance, "Token endpoint")."""
 
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ def bind(listen: str, *, reuse_port: bool = False) -> socket.socket:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on accepted connections only when
+    # the listening socket says it is TCP. Without it every answer (written in two parts by
+    # uvicorn) waited ~40 ms for the client's delayed ACK (measured: 23 grants/s for one
+    # client instead of ~1,000; benches/token_endpoint.py).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -60,6 +64,11 @@ class HttpServer:
         self.port: int = sock.getsockname()[1]
         config = uvicorn.Config(
             app,
+            # Pinned, by measurement (benches/token_endpoint.py, same app and run): httptools
+            # took 0.79x the server CPU per grant of h11; uvloop added nothing. Pinned so that
+            # what parses requests does not change with what else is installed.
+            http="httptools",
+            loop="asyncio",
             log_config=None,
             access_log=False,
             lifespan="off",
