@@ -43,7 +43,7 @@ CORE_BENCH := cargo bench -p tokenbroker-core --bench core --
 
 
 .PHONY: help venv build build-dev build-native build-any run demo bench bench-cpu test test-rust test-python \
-	test-mcp1 lint fmt redis clean proto
+	test-mcp1 fuzz-http lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -126,7 +126,17 @@ $(MCP1_VENV)/.installed: pyproject.toml
 	@touch $@
 
 test-mcp1: build redis $(MCP1_VENV)/.installed ## The MCP integration suites under mcp 1.x
-	PYTHONPATH=$(CURDIR)/python:$(CURDIR)/benches $(MCP1_VENV)/bin/python -m pytest tests/test_mcp_unit.py tests/test_mcp_e2e.py -q
+	PYTHONPATH=$(CURDIR)/python:$(CURDIR)/benches $(MCP1_VENV)/bin/python -m pytest tests/test_mcp_unit.py tests/test_mcp_e2e.py \
+		tests/test_mcp_oauth_unit.py tests/test_oauth_sdk_e2e.py tests/test_oauth_own_client_e2e.py -q
+
+# The schemathesis run of the HTTP door against its OpenAPI description is part of test-python
+# (tests/test_http_schemathesis.py: a fixed seed, 50 cases per operation); this runs it at length:
+#   make fuzz-http HTTP_FUZZ_EXAMPLES=1000 HTTP_FUZZ_SEED=7
+HTTP_FUZZ_EXAMPLES ?= 300
+HTTP_FUZZ_SEED ?= 20261202
+fuzz-http: build ## The HTTP door against its OpenAPI description at length (schemathesis)
+	HTTP_FUZZ_EXAMPLES=$(HTTP_FUZZ_EXAMPLES) HTTP_FUZZ_SEED=$(HTTP_FUZZ_SEED) HTTP_FUZZ_TIMEOUT=3300 \
+		$(PY) -m pytest tests/test_http_schemathesis.py -q --timeout=3600
 
 # redis first: a machine that cannot get redis-server fails at once, not after the Rust tests.
 test: redis test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
@@ -146,7 +156,7 @@ bench-cpu: ## The core's criterion benches, portable vs -C target-cpu=native, si
 	$(call bench_cpu,)
 
 # The embedded benches run on the native build; report.py compares them with the native core.
-bench: build-native redis ## Benchmarks with same-run baselines -> benches/results/ (under 10 minutes)
+bench: build-native redis ## Benchmarks with same-run baselines -> benches/results/ (about 14 minutes)
 	$(call bench_cpu,benches/results/core-cpu.md)
 	$(PY) -m pytest benches -q --benchmark-enable --benchmark-only --benchmark-json=benches/results/embedded.json \
 		--benchmark-min-rounds=5 --benchmark-max-time=0.5
@@ -154,6 +164,7 @@ bench: build-native redis ## Benchmarks with same-run baselines -> benches/resul
 	$(PY) benches/mcp_latency.py --json benches/results/mcp-latency.json | tee benches/results/mcp-latency.md
 	$(VENV)/bin/tokenbroker bench --duration 3 --warmup 0.5 --soak 60 --soak-warmup 65 --out benches/results
 	$(PY) benches/cpu_per_request.py --duration 5 --json benches/results/cpu-per-request.json | tee benches/results/cpu-per-request.md
+	$(PY) benches/token_endpoint.py --json benches/results/token-endpoint.json | tee benches/results/token-endpoint.md
 
 # mypy runs twice: benches/conftest.py and tests/conftest.py are both the top-level module
 # `conftest` (see [tool.mypy] in pyproject.toml), which one run cannot hold.

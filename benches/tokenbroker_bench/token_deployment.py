@@ -37,9 +37,9 @@ RSA_BITS = 2048  # what an SDK user generates; the broker takes 2048 to 8192
 MAX_SESSIONS = 1000  # a DPoP client's concurrent instances (one session per DPoP key)
 STORES = ("memory", "redis")
 # name -> (HTTP implementation, event loop, socket) of the stacks compared: uvicorn's names,
-# and how the listening socket is made (`token_http_server`: "shipped" is `serve`'s bind).
+# and how the listening socket is made (`token_http_server`: "proto0" is `serve`'s bind before the TCP_NODELAY fix).
 STACKS = {
-    "h11-shipped-socket": ("h11", "asyncio", "shipped"),
+    "h11-proto0-socket": ("h11", "asyncio", "proto0"),
     "h11": ("h11", "asyncio", "nodelay"),
     "httptools": ("httptools", "asyncio", "nodelay"),
     "httptools+uvloop": ("httptools", "uvloop", "nodelay"),

@@ -20,7 +20,7 @@ from typing import Any
 # 2000 per second"; each of their clients runs one request, so "most CPU time goes into
 # creating new TLS connections". Their figure, not measured here.
 KEYCLOAK_GRANTS_PER_VCPU = 120.0
-SERVE = "serve"  # `tokenbroker serve`, as shipped (its uvicorn picks the HTTP implementation: "auto")
+SERVE = "serve"  # `tokenbroker serve`, as shipped (uvicorn pinned to httptools)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class RowSpec:
     """What one row loads: the server (`serve` or a stack of `token_deployment.STACKS`), its
     store, the client (`"EdDSA/bearer"`, ...) and the clients in flight (None: the run's).
     `group` "stack": a row of the HTTP stack comparison, judged against `stack-h11`;
-    `candidate`: a stack `serve` could be given (the shipped-socket row only shows a cost)."""
+    `candidate`: a stack `serve` could be given (the proto0-socket row only shows a cost)."""
 
     name: str
     title: str
@@ -55,9 +55,9 @@ ROWS: dict[str, RowSpec] = {
         RowSpec("redis-eddsa-bearer", "Redis store: EdDSA assertion, Bearer token", SERVE, "redis", "EdDSA/bearer"),
         RowSpec("redis-eddsa-dpop", "Redis store: EdDSA assertion, DPoP-bound token", SERVE, "redis", "EdDSA/dpop"),
         _stack(
-            "stack-h11-shipped-socket",
-            "h11, asyncio, `serve`'s socket (no TCP_NODELAY)",
-            "h11-shipped-socket",
+            "stack-h11-proto0-socket",
+            "h11, asyncio, a protocol-0 socket (`serve`'s before the fix: no TCP_NODELAY)",
+            "h11-proto0-socket",
             candidate=False,
         ),
         _stack("stack-h11", "h11, asyncio", "h11"),
@@ -300,7 +300,7 @@ def comparisons(summaries: Sequence[RowSummary]) -> list[str]:
         _ratio_line(summaries, "redis-eddsa-dpop", "eddsa-dpop", "Redis store against the memory store (DPoP)"),
         _ratio_line(
             summaries,
-            "stack-h11-shipped-socket",
+            "stack-h11-proto0-socket",
             "eddsa-bearer",
             "the HTTP app alone (h11, `serve`'s socket) against `tokenbroker serve` (the gRPC server beside it)",
         ),
@@ -358,8 +358,8 @@ def stack_lines(choice: StackChoice | None, summaries: Sequence[RowSummary], aut
     lines += [
         "",
         f"Least server CPU per grant in this run: **{title}** ({choice.ratios[choice.best]:.2f}x h11; ratios are "
-        "medians of per-repetition ratios). `tokenbroker serve` passes no `http=` to uvicorn, so it runs `auto`: "
-        f"{auto_http} in this environment (httptools whenever it is importable).",
+        "medians of per-repetition ratios). `tokenbroker serve` pins `http=\"httptools\"` (this comparison chose it; "
+        f"uvicorn's `auto` would pick {auto_http} in this environment).",
     ]
     return lines
 
@@ -402,7 +402,7 @@ def markdown(
     sdk: SdkSummary | None,
     choice: StackChoice | None,
 ) -> str:
-    labels = {SERVE: f"`tokenbroker serve` (uvicorn auto: {meta['auto_http']})"}
+    labels = {SERVE: "`tokenbroker serve` (uvicorn, httptools)"}
     head = _find(summaries, HEADLINE)
     verdict = "-"
     if head is not None:

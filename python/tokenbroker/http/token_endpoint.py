@@ -95,7 +95,7 @@ def _basic_credential(header: str) -> ClientCredential:
         raise invalid_client("the Basic credentials are too long")
     try:
         decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text given to b64decode
         raise invalid_client("the Basic credentials are not base64 of client_id:client_secret") from None
     client_id, sep, secret = decoded.partition(":")
     if not sep or not client_id or not secret:
@@ -131,6 +131,8 @@ def client_credential(request: Request, form: Form) -> ClientCredential:
     ]
     if len(used) > 1:
         raise invalid_request(f"the client authenticated more than once ({' and '.join(used)}): use one method")
+    if assertion_type is not None and assertion is None:
+        raise invalid_request("client_assertion_type without client_assertion")
     if header is not None:
         if not header.lower().startswith("basic "):
             raise invalid_client("the token endpoint takes Basic client credentials in Authorization, no other scheme")
@@ -144,8 +146,6 @@ def client_credential(request: Request, form: Form) -> ClientCredential:
         subject = _assertion_subject(assertion)
         # A differing client_id is the authenticator's to refuse (iss and sub must be it).
         return ClientCredential("private_key_jwt", form_id or subject, assertion=assertion)
-    if assertion_type is not None:
-        raise invalid_request("client_assertion_type without client_assertion")
     if secret is not None:
         if form_id is None:
             raise invalid_request("client_secret needs client_id")
@@ -164,8 +164,11 @@ def requested_resource(form: Form) -> str | None:
     if not resources:
         return None
     resource = resources[0]
-    parts = urlsplit(resource)
-    if not parts.scheme or not parts.netloc or parts.fragment or "#" in resource:
+    try:
+        parts = urlsplit(resource)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    if parts is None or not parts.scheme or not parts.netloc or parts.fragment or "#" in resource:
         raise OAuthError("invalid_target", "resource must be an absolute URI without a fragment (RFC 8707)")
     return resource
 
