@@ -16,7 +16,7 @@ import pytest
 
 from tokenbroker import ProofSigner, Reason
 from tokenbroker.client import BrokerClient
-from tokenbroker.client_assertion import PrivateKey
+from tokenbroker.client_assertion import PrivateKey, make_client_assertion
 
 from support.broker_process import BrokerProcess
 from support.oauth import (
@@ -254,6 +254,31 @@ def test_introspection_of_another_servers_audience_is_inactive(
     assert not active(http, broker, own.token, KEY_A)
     assert not active(http, broker, "not-a-token", KEY_A)
     assert not active(http, broker, issued.token[:-3] + "AAA", KEY_A)  # signature broken
+
+
+def test_a_single_use_token_is_never_active_at_introspection(
+    http: httpx.Client, broker: BrokerProcess, client_key: PrivateKey
+) -> None:
+    # Only ValidateToken can use a `once` token up; introspection records nothing, so a
+    # resource server relying on it would accept the token again and again.
+    signer = ProofSigner()
+    with BrokerClient(broker.target, timeout=5) as anonymous:
+        once = anonymous.issue(
+            client_id="agent",
+            client_assertion=make_client_assertion(client_key, "agent", issuer_of(broker)),
+            audience=AUDIENCE_A,
+            scopes=["tools:call"],
+            dpop_jkt=signer.jkt,
+            once=True,
+        )
+    assert introspect(http, broker, once.access_token, KEY_A).json() == {"active": False}
+    # ... and is still usable once, where it is used up.
+    proof = signer.sign("POST", AUDIENCE_A, once.access_token)
+    with BrokerClient(broker.target, api_key=KEY_A, timeout=5) as server:
+        first = server.validate(
+            once.access_token, audience=AUDIENCE_A, dpop_proof=proof, http_method="POST", http_uri=AUDIENCE_A
+        )
+    assert first.valid, first.detail
 
 
 def test_introspection_needs_a_registered_servers_key(

@@ -223,6 +223,17 @@ def test_two_authentication_methods_at_once_are_invalid_request(
     )
 
 
+def test_two_authorization_headers_are_invalid_request(http: httpx.Client, broker: BrokerProcess) -> None:
+    # A proxy and the broker could each read another one: neither is believed.
+    good = basic_authorization("bearer-agent", BEARER_SECRET)
+    answer = http.post(
+        door_url(broker, "token"),
+        data=token_form(),
+        headers=[("Authorization", good), ("Authorization", "Bearer something")],
+    )
+    refused(answer, 400, "invalid_request")
+
+
 def test_no_client_authentication_is_401_with_a_challenge(http: httpx.Client, broker: BrokerProcess) -> None:
     answer = post_token(http, broker, token_form())
     refused(answer, 401, "invalid_client")

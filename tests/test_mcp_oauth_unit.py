@@ -668,16 +668,17 @@ def test_a_sync_client_gets_its_token_from_the_token_endpoint(broker: Broker) ->
     assert response.json()["authorization_scheme"] == "Bearer"  # as the SDK stack behind sees it
 
 
-async def test_a_token_issued_as_bearer_is_sent_as_bearer_without_a_proof(broker: Broker) -> None:
+async def test_a_bearer_answer_to_a_dpop_token_request_is_refused_as_a_downgrade(broker: Broker) -> None:
+    # Every token request carries a proof: a server answering with an unbound token (a
+    # misconfigured or hostile one) gets nothing sent with it.
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
     tally = Tally(BrokerAuthMiddleware(echo, broker=broker, audience=url, require_dpop=False))
     with token_endpoint(broker) as endpoint, serving(tally, port):
         async with httpx.AsyncClient(auth=http_auth(endpoint.token_url, url, client_id="bearer-agent")) as client:
-            response = await client.post(url)
-    assert response.status_code == 200
-    assert response.json()["client_id"] == "bearer-agent"
-    assert tally.answers == [("/mcp", 200, None)]
+            with pytest.raises(TokenEndpointError, match="Bearer although the request carried a DPoP proof"):
+                await client.post(url)
+    assert tally.answers == []
 
 
 async def test_the_token_endpoint_client_uses_a_given_http_client_and_never_its_auth(broker: Broker) -> None:

@@ -300,9 +300,16 @@ def comparisons(summaries: Sequence[RowSummary]) -> list[str]:
         _ratio_line(summaries, "redis-eddsa-dpop", "eddsa-dpop", "Redis store against the memory store (DPoP)"),
         _ratio_line(
             summaries,
-            "stack-h11-proto0-socket",
             "eddsa-bearer",
-            "the HTTP app alone (h11, `serve`'s socket) against `tokenbroker serve` (the gRPC server beside it)",
+            "stack-httptools",
+            "`tokenbroker serve` (the gRPC server beside the HTTP door, in one process) against the HTTP app alone "
+            "(httptools)",
+        ),
+        _ratio_line(
+            summaries,
+            "stack-h11-proto0-socket",
+            "stack-h11",
+            "h11 on a protocol-0 socket (`serve` before the TCP_NODELAY fix) against h11 on an IPPROTO_TCP socket",
         ),
     ]
     return [line for line in lines if line]
@@ -358,7 +365,7 @@ def stack_lines(choice: StackChoice | None, summaries: Sequence[RowSummary], aut
     lines += [
         "",
         f"Least server CPU per grant in this run: **{title}** ({choice.ratios[choice.best]:.2f}x h11; ratios are "
-        "medians of per-repetition ratios). `tokenbroker serve` pins `http=\"httptools\"` (this comparison chose it; "
+        'medians of per-repetition ratios). `tokenbroker serve` pins `http="httptools"` (this comparison chose it; '
         f"uvicorn's `auto` would pick {auto_http} in this environment).",
     ]
     return lines

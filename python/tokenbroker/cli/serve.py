@@ -218,6 +218,12 @@ def _serve_here(
             http = HttpServer(build_http_app(components), http_socket)
             await http.start()
             log.info("tokenbroker HTTP serving", http_listen=settings.http_listen, public_url=settings.issuer_url)
+            if _cleartext_exposed(settings):
+                log.warning(
+                    "the OAuth door listens beyond loopback on plain HTTP and public_url is http://: client "
+                    "secrets, assertions and tokens cross the network in clear; put a TLS proxy in front and set "
+                    "public_url to its https:// URL"
+                )
         try:
             await _serve_grpc()
         finally:
@@ -250,6 +256,18 @@ def _serve_here(
     finally:
         components.metrics.stop_http()
         components.audit.close()
+
+
+def _cleartext_exposed(settings: Settings) -> bool:
+    """Whether clients elsewhere would send credentials to this door in clear."""
+    import ipaddress
+
+    host = settings.http_listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return not loopback and settings.issuer_url.startswith("http://")
 
 
 def _bind_http(settings: Settings, *, reuse_port: bool) -> socket.socket | None:

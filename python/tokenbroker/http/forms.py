@@ -10,6 +10,7 @@ repeated fields, which is the pollution this module refuses."""
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
@@ -18,6 +19,7 @@ from tokenbroker.http.errors import OAuthError, invalid_request
 
 MAX_FORM_BYTES = 32 * 1024  # an 8 KiB client assertion and the rest, with room
 MAX_FIELDS = 32
+BODY_SECONDS = 10.0
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -53,10 +55,14 @@ async def read_form(request: Request) -> Form:
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
         raise OAuthError("invalid_request", f"the body is larger than {MAX_FORM_BYTES} bytes", status=413)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise OAuthError("invalid_request", f"the body is larger than {MAX_FORM_BYTES} bytes", status=413)
+    try:
+        async with asyncio.timeout(BODY_SECONDS):  # a body sent a byte at a time holds nothing long
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_FORM_BYTES:
+                    raise OAuthError("invalid_request", f"the body is larger than {MAX_FORM_BYTES} bytes", status=413)
+    except TimeoutError:
+        raise OAuthError("invalid_request", f"the body did not arrive within {BODY_SECONDS:g} s", status=408) from None
     try:
         text = body.decode("utf-8")
         fields = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict")

@@ -4,7 +4,8 @@ Introspection is for registered MCP servers (`Authorization: Bearer <API key>`).
 is reported active only for an audience the caller owns: to any other caller it is
 `{"active": false}`, so one server cannot learn about another's tokens. The answer
 carries `cnf`, so the caller checks the DPoP proof (or certificate) that came with the
-token itself: introspection checks everything but the binding, and records nothing.
+token itself: introspection checks everything but the binding, and records nothing (so a
+single-use token, which only ValidateToken can use up, is never active here).
 
 Revocation takes the client's own authentication, as the token endpoint does (the token
 must have been issued to that client), or a registered server's API key (for tokens of
@@ -47,7 +48,10 @@ def _unverified_audience(token: str) -> str | None:
 
 def _server(components: Components, request: Request) -> ServerRecord | None:
     """The registered server whose API key is the request's Bearer credential, if any."""
-    header = request.headers.get("authorization", "")
+    headers = request.headers.getlist("authorization")
+    if len(headers) > 1:
+        raise invalid_request("send one Authorization header")
+    header = headers[0] if headers else ""
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
@@ -93,7 +97,10 @@ class Introspection:
             return error_response(exc)
         except StoreUnavailableError as exc:
             return error_response(refusal_for(exc))
-        if claims is None or not validation.valid:
+        # A single-use token is used up by its one validation (ValidateToken); introspection
+        # records nothing, so a resource server relying on it could accept one any number of
+        # times: it is never active here.
+        if claims is None or not validation.valid or claims.once:
             return JSONResponse(INACTIVE, headers=NO_STORE)
         body: dict[str, Any] = {
             "active": True,

@@ -17,6 +17,8 @@ from collections.abc import Generator
 import uvicorn
 from starlette.types import ASGIApp
 
+from tokenbroker.http.connections import guarded_protocol
+
 # Bounds on what one client can make the HTTP server hold (uvicorn's own bounds).
 MAX_CONNECTIONS = 1024
 KEEP_ALIVE_SECONDS = 5
@@ -64,10 +66,10 @@ class HttpServer:
         self.port: int = sock.getsockname()[1]
         config = uvicorn.Config(
             app,
-            # Pinned, by measurement (benches/token_endpoint.py, same app and run): httptools
-            # took 0.79x the server CPU per grant of h11; uvloop added nothing. Pinned so that
-            # what parses requests does not change with what else is installed.
-            http="httptools",
+            # httptools, by measurement (benches/token_endpoint.py, same app and run): it took
+            # 0.79x the server CPU per grant of h11; uvloop added nothing. Named, so that what
+            # parses requests does not change with what else is installed.
+            http=guarded_protocol(),  # httptools, with bounds on idle and slow connections
             loop="asyncio",
             log_config=None,
             access_log=False,

@@ -121,7 +121,10 @@ def _assertion_subject(assertion: str) -> str:
 
 def client_credential(request: Request, form: Form) -> ClientCredential:
     """The one credential the client sent, or an `OAuthError`."""
-    header = request.headers.get("authorization")
+    headers = request.headers.getlist("authorization")
+    if len(headers) > 1:
+        raise invalid_request("send one Authorization header")
+    header = headers[0] if headers else None
     form_id, secret, assertion = form.get("client_id"), form.get("client_secret"), form.get("client_assertion")
     assertion_type = form.get("client_assertion_type")
     used = [

@@ -100,8 +100,10 @@ class BrokerAuth(httpx.Auth, _Httpx2Auth):
 
     Over a token endpoint, the authorization server continues the session of the same DPoP
     key (`session_id` is the one of the latest token), `ttl_seconds` is not sent (the
-    server's lifetime applies), and a token the server issued as `Bearer` (a client whose
-    `binding` is `bearer`) is sent as `Authorization: Bearer` without a proof.
+    server's lifetime applies), and an answer with `token_type` `Bearer` is refused
+    (`TokenEndpointError`): every token request carries a proof, so an unbound token would be
+    a downgrade. (A gRPC issuer's Bearer token, for a client whose `binding` is `bearer`, is
+    sent as `Authorization: Bearer` without a proof.)
 
     A response is returned as it is: a 401 is not retried, but for a nonce challenge
     (once, re-signed with the server's nonce). Sync flows call `issue`, async flows await

@@ -271,6 +271,10 @@ class TokenEndpoint:
         kinds = {"dpop": "DPoP", "bearer": "Bearer"}
         if not isinstance(token_type, str) or token_type.lower() not in kinds:
             raise invalid("token_type is neither DPoP nor Bearer")
+        if token_type.lower() != "dpop":
+            # Every request here carries a DPoP proof: an unbound answer is a downgrade
+            # (a misconfigured or hostile server), never used.
+            raise invalid("token_type is Bearer although the request carried a DPoP proof: an unbound token is refused")
         expires_in = document.get("expires_in")
         if isinstance(expires_in, bool) or not isinstance(expires_in, int) or not 0 < expires_in <= _MAX_EXPIRES_IN:
             raise invalid(f"expires_in is not a number of seconds from 1 to {_MAX_EXPIRES_IN}")
