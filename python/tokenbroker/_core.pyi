@@ -19,6 +19,7 @@ __all__ = [
     "normalize_htu",
     "random_id",
     "reason_names",
+    "verify_dpop_proof",
 ]
 
 @final
