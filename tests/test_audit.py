@@ -45,6 +45,8 @@ def test_event_is_one_json_line_with_the_decision_and_rule() -> None:
             "source_ip": "10.0.0.7",
             "session": "s1",
             "jti": "j1",
+            "seq": 1,
+            "prev": "0" * 64,  # the first line of a chain (tokenbroker.audit_chain)
         }
     ]
 

@@ -125,7 +125,9 @@ def test_behind_build_server_the_audit_lines_and_metrics_are_written() -> None:
         batch = pb.ValidateTokenBatchRequest(requests=[request, pb.ValidateTokenRequest(token="x", audience=AUDIENCE)])
         stub.ValidateTokenBatch(batch, timeout=TIMEOUT, metadata=API_KEY_MD)
         list(stub.ValidateTokenStream(iter(batch.requests), timeout=TIMEOUT, metadata=API_KEY_MD))
-    written = [json.loads(line) for line in lines.getvalue().splitlines()]
+    chained = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert [line["seq"] for line in chained] == list(range(1, len(chained) + 1))  # the stream's own chain
+    written = [{k: v for k, v in line.items() if k not in ("seq", "prev")} for line in chained]
     common = {"time": "1970-01-01T00:00:00.000Z"}
     assert written == [
         common
@@ -138,6 +140,7 @@ def test_behind_build_server_the_audit_lines_and_metrics_are_written() -> None:
             "source_ip": "10.1.2.3",
             "relayed_by": "server-a",
             "peer_ip": "127.0.0.1",
+            "door": "grpc",
             "auth_method": "client_secret",
             "session": issued.session_id,
             "jti": issued.jti,

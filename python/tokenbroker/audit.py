@@ -12,10 +12,25 @@ attacker nothing, so their lines are rate-limited: a token bucket per process
 (`refusal_burst` lines, refilled at `refusal_rate` per second). Suppressed lines are
 counted (`on_suppressed`, the Prometheus counter) and the next line written is preceded
 by one summary line, `{"event":"audit_suppressed","rule":"audit.rate_limited",
-"suppressed":N,...}`, so the log says how many it does not hold."""
+"suppressed":N,...}`, so the log says how many it does not hold.
+
+Lines written to a file or a stream are hash-chained (summary lines too): each ends with
+`"seq"` (1, 2, ...) and `"prev"`, the hex SHA-256 of the previous line's exact bytes
+(without its newline; 64 zeros before the first line), so `tokenbroker audit verify`
+finds an edited, removed or reordered line (`tokenbroker.audit_chain`, which also says
+what the chain alone cannot see: the last lines cut off). A file that already exists is
+continued: its last line, read from the end in bounded memory, gives the `seq` and hash
+to go on from. Several writers may share one file (the workers of `serve --workers N`
+do, and two `AuditLog`s in one process may): each line is appended under an exclusive
+`flock` of the file, after re-reading the file's last line when someone else appended
+since this writer's last line, so the chain stays one chain. Writers that append to the
+file without that lock (`echo >> audit.jsonl`) break it, and `verify` says where. A
+stream starts a new chain (it cannot be read back). Lines sent to structlog (no
+`audit_file`) are not chained: the log pipeline owns those bytes."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
@@ -27,9 +42,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
 import structlog
 
+from tokenbroker.audit_chain import Link, tail_of
 from tokenbroker.ratelimit import TokenBucket
 
 REDACTED = "[redacted]"
@@ -45,16 +60,17 @@ _SENSITIVE_NAME = re.compile(
 _JWT_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 
 
-def _scrub(value: Any) -> Any:
-    """`value` with credentials redacted, for nested dicts and lists too."""
+def scrub(value: Any) -> Any:
+    """`value` with credentials redacted, for nested dicts and lists too (what `AuditLog`
+    writes, and what `tokenbroker audit why` prints of a file it did not write)."""
     if isinstance(value, str):
         return _JWT_TEXT.sub(REDACTED, value) if "eyJ" in value else value
     if isinstance(value, bytes | bytearray | memoryview):
-        return _scrub(bytes(value).decode("utf-8", "replace"))
+        return scrub(bytes(value).decode("utf-8", "replace"))
     if isinstance(value, dict):
-        return {str(k): REDACTED if _SENSITIVE_NAME.search(str(k)) else _scrub(v) for k, v in value.items()}
+        return {str(k): REDACTED if _SENSITIVE_NAME.search(str(k)) else scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_scrub(v) for v in value]
+        return [scrub(v) for v in value]
     return value
 
 
@@ -82,7 +98,7 @@ class AuditLog:
         self._on_suppressed = on_suppressed
         self._suppressed = 0
         self._suppressed_since: str | None = None
-        self._owned: IO[bytes] | None = None
+        self._fd: int | None = None  # a file sink (read back: see _append)
         self._binary: IO[bytes] | None = None
         self._text: IO[str] | None = None
         self._logger: Any = None
@@ -91,13 +107,15 @@ class AuditLog:
         elif isinstance(sink, str | os.PathLike):
             path = Path(sink)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._owned = self._binary = os.fdopen(fd, "ab", buffering=0)
+            # Readable too: the last line of the file gives the chain to continue.
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         elif isinstance(sink, io.TextIOBase) or not _is_binary(sink):
             self._text = sink  # type: ignore[assignment]
         else:
             self._binary = sink  # type: ignore[assignment]
         self.sink_name = "structlog" if sink is None else str(getattr(sink, "name", sink))
+        self._link = Link()  # the end of the chain: this writer's last line
+        self._file_end: int | None = None  # the file's size after this writer's last line
 
     def entry(
         self,
@@ -110,15 +128,16 @@ class AuditLog:
         source_ip: str | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
-        """The (redacted) event as it will be written."""
+        """The (redacted) event as it will be written (a file's or stream's line then
+        ends with the chain's `seq` and `prev`)."""
         if decision not in DECISIONS:
             raise ValueError(f"decision must be 'grant' or 'refuse', not {decision!r}")
-        extra = _scrub(fields)
+        extra = scrub(fields)
         return {
             "time": _utc_now(self._clock),
             "event": event,
-            "client": _scrub(client_id or ""),
-            "audience": _scrub(audience or ""),
+            "client": scrub(client_id or ""),
+            "audience": scrub(audience or ""),
             "decision": decision,
             "rule": rule,
             "source_ip": source_ip or "",
@@ -192,28 +211,58 @@ class AuditLog:
             entry.pop("time")  # the structlog pipeline adds its own timestamp
             self._logger.info(name, audit=True, **entry)
             return
-        line = orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
         with self._lock:
+            if self._fd is not None:
+                self._append(self._fd, entry)
+                return
+            line, link = self._link.chain(entry)
             if self._binary is not None:
-                self._binary.write(line)
+                self._binary.write(line + b"\n")
                 self._binary.flush()
             elif self._text is not None:
-                self._text.write(line.decode("utf-8"))
+                self._text.write(line.decode("utf-8") + "\n")
                 self._text.flush()
+            self._link = link
+
+    def _append(self, fd: int, entry: dict[str, Any]) -> None:
+        """Appends `entry`'s line to the file, chained to the file's last line, under an
+        exclusive `flock` (other writers, other processes: module doc). The last line is
+        read back only when the file is not as this writer left it."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            end = os.fstat(fd).st_size
+            newline = b""
+            if end != self._file_end:  # the first line, another writer's, or a truncated file
+                tail = tail_of(fd, end)
+                self._link, newline = tail.link, b"\n" if tail.torn else b""
+            line, link = self._link.chain(entry)
+            data = newline + line + b"\n"
+            self._file_end = None  # unknown until the whole line is written
+            _write_all(fd, data)
+            self._link, self._file_end = link, end + len(data)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Writes the summary of suppressed lines, if any, and closes a file sink."""
         self._flush_suppressed()
         with self._lock:
-            if self._owned is not None:
-                self._owned.close()
-                self._owned = self._binary = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __repr__(self) -> str:
         return f"AuditLog({self.sink_name!r})"
 
 
-_FIXED = frozenset(("time", "event", "client", "audience", "decision", "rule", "source_ip"))
+# The fields `entry` sets, and the chain's (`seq`, `prev`): a caller's field of these names is dropped.
+_FIXED = frozenset(("time", "event", "client", "audience", "decision", "rule", "source_ip", "seq", "prev"))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _is_binary(stream: Any) -> bool:
@@ -223,4 +272,4 @@ def _is_binary(stream: Any) -> bool:
     return isinstance(mode, str) and "b" in mode and stream is not sys.stderr and stream is not sys.stdout
 
 
-__all__ = ["ISSUE_EVENT", "REDACTED", "AuditLog"]
+__all__ = ["ISSUE_EVENT", "REDACTED", "AuditLog", "scrub"]

@@ -15,6 +15,7 @@ from tokenbroker.cli._state import State
 
 # Command name -> "module:attribute" of the click command or group.
 COMMANDS: dict[str, str] = {
+    "audit": "tokenbroker.cli.audit:audit",
     "bench": "tokenbroker.cli.bench:bench",
     "clients": "tokenbroker.cli.clients:clients",
     "healthcheck": "tokenbroker.cli.remote:healthcheck",

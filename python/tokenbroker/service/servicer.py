@@ -332,6 +332,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             raise
         grant = {
             **relay,
+            "door": "grpc",
             "auth_method": "private_key_jwt" if request.client_assertion else "client_secret",
             "session": issued.session_id,
             "jti": issued.jti,
