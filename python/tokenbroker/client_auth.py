@@ -12,8 +12,13 @@ raises, and the exception's `.rule` names it for the audit log:
    EdDSA (Ed25519), ES256 (P-256), RS256 and PS256 (RSA, 2048 to 8192 bits; a key whose
    JWK names an `alg` is used with that one only), whose `aud` is one string, the issuer
    or the token endpoint; or the client's secret;
-3. `client.pending` / `client.disabled`: the client is approved;
-   then an assertion is recorded as used, once (a refused client writes no record);
+3. `client.pending` / `client.disabled` / `approval.expired`: the client is approved, and
+   its approval's `approved_until` has not passed (a record without `approved_until`, from
+   before approvals expired, stays approved); `credential.key_expired`: its credential is
+   not past `key_not_after` nor older than `key_max_age_seconds` (counted from
+   `key_created_at`; a record without it is not held to the maximum age); each expiry
+   refusal is reported once to `on_event`; then an assertion is recorded as used, once (a
+   refused client writes no record);
 4. `audience.not_allowed`: the audience is one the client may get tokens for;
 5. `scope.not_allowed`: every requested scope is allowed;
 6. `source.cidr`: the request comes from one of the client's networks, when it has any;
@@ -26,7 +31,8 @@ header names, made once per process: Ed25519, P-256 or RSA 2048; its secret agai
 dummy hash); only the audit rule tells them apart. A client learns its status and policy
 only once its credential verified.
 
-Credential failures raise `CredentialRefusedError` (UNAUTHENTICATED); rate limits and
+Credential failures raise `CredentialRefusedError` (UNAUTHENTICATED; an expired key,
+`CredentialExpiredError`, is one too, raised only after it verified); rate limits and
 quotas raise `ClientThrottledError` (RESOURCE_EXHAUSTED); the others raise
 `ClientRefusedError` (PERMISSION_DENIED). Each has `.rule` and `.authenticated` (whether
 the client had proved itself when it was refused)."""
@@ -39,8 +45,11 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import jwt
+import structlog
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tokenbroker.client_assertion import PrivateKey, public_jwk
@@ -49,6 +58,8 @@ from tokenbroker.ratelimit import KeyedBuckets, source_key
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, Registry
 from tokenbroker.registry_file import check_public_jwk, hash_secret, secret_matches
 from tokenbroker.store.base import Remembered, Store
+
+log = structlog.get_logger("tokenbroker.client_auth")
 
 MAX_ASSERTION_BYTES = 8 * 1024
 # The algorithms an assertion may be signed with, and the key type (kty, crv) each needs.
@@ -75,6 +86,13 @@ class CredentialRefusedError(AuthenticationError):
     def __init__(self, message: str, rule: str) -> None:
         super().__init__(message)
         self.rule = rule
+
+
+class CredentialExpiredError(CredentialRefusedError):
+    """The client's credential verified but is past its `key_not_after` or the maximum key
+    age (`credential.key_expired`): the client proved itself, so it may learn why."""
+
+    authenticated = True
 
 
 class ClientRefusedError(ClientNotAllowedError):
@@ -171,6 +189,11 @@ def _scope_list(scopes: Iterable[str] | str | None) -> list[str]:
     return [s for scope in scopes for s in scope.split()]
 
 
+def _iso(unix_seconds: int) -> str:
+    """A Unix time as ISO 8601 UTC, for messages people read."""
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _generic(rule: str) -> CredentialRefusedError:
     """The one answer for an unknown client, a wrong credential and a wrong credential type."""
     return CredentialRefusedError(AUTH_FAILED, rule)
@@ -187,7 +210,14 @@ class ClientAuthenticator:
     refilled at `client_failures_per_second`) and per source address (`source_*`; IPv6 by
     /64), each in a table of at most `failure_table_size` keys. Over the source limit,
     requests are refused before anything is verified; over the client id's limit, a
-    credential that fails is refused as throttled and a credential that verifies passes."""
+    credential that fails is refused as throttled and a credential that verifies passes.
+
+    Expiry (after the credential verified): an approval past its `approved_until` is
+    refused as pending (`approval.expired`), a credential past its `key_not_after` or older
+    than `key_max_age_seconds` (from `key_created_at`) as `credential.key_expired`. Each
+    such refusal calls `on_event` once with `{"event": "approval_expired", "client_id",
+    "approved_until"}` or `{"event": "key_expired", "client_id", "key_not_after"}` (the
+    deadline that passed); the hook failing never turns a refusal into a grant."""
 
     def __init__(
         self,
@@ -204,9 +234,15 @@ class ClientAuthenticator:
         source_failure_burst: int = 100,
         source_failures_per_second: float = 5.0,
         failure_table_size: int = 10_000,
+        key_max_age_seconds: int | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if not assertion_audience:
             raise ValueError("assertion_audience (the broker's issuer) is required")
+        if key_max_age_seconds is not None and key_max_age_seconds < 1:
+            raise ValueError("key_max_age_seconds must be at least 1 (None: no maximum key age)")
+        self.key_max_age_seconds = key_max_age_seconds
+        self._on_event = on_event
         self.registry = registry
         self.store = store
         self.assertion_audience = assertion_audience
@@ -253,9 +289,20 @@ class ClientAuthenticator:
 
     # -- the rules --------------------------------------------------------------------
 
-    @staticmethod
-    def _check_status(record: ClientRecord) -> None:
-        """After the credential: only a client that proved itself learns its status."""
+    def _emit(self, event: dict[str, Any]) -> None:
+        """Hands a governance event to `on_event`; its failure is logged, never raised."""
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception as exc:  # the refusal stands whatever the hook does
+            log.error(
+                "on_event hook failed", governance_event=event["event"], client_id=event["client_id"], error=repr(exc)
+            )
+
+    def _check_status(self, record: ClientRecord, now: int) -> None:
+        """After the credential: only a client that proved itself learns its status, and
+        whether its approval or its key has expired."""
         client_id = record.client_id
         if record.status is ClientStatus.PENDING:
             raise ClientRefusedError(
@@ -267,6 +314,22 @@ class ClientAuthenticator:
                 f"client {client_id!r} is disabled: the broker operator can re-enable it with "
                 f"`tokenbroker clients approve {client_id}`",
                 "client.disabled",
+            )
+        if record.approval_expired(now):
+            assert record.approved_until is not None  # approval_expired says so
+            self._emit({"event": "approval_expired", "client_id": client_id, "approved_until": record.approved_until})
+            raise ClientRefusedError(
+                f"client {client_id!r} is pending approval again: its approval expired at "
+                f"{_iso(record.approved_until)}; run `tokenbroker clients approve {client_id}`",
+                "approval.expired",
+            )
+        deadline = record.key_deadline(self.key_max_age_seconds)
+        if deadline is not None and now >= deadline:
+            self._emit({"event": "key_expired", "client_id": client_id, "key_not_after": deadline})
+            raise CredentialExpiredError(
+                f"the credential of client {client_id!r} expired at {_iso(deadline)}: the broker operator can "
+                f"replace it with `tokenbroker clients rotate-key {client_id}`",
+                "credential.key_expired",
             )
 
     def _check_credential(
@@ -513,7 +576,7 @@ class ClientAuthenticator:
             if throttled:
                 raise self._client_throttled() from None
             raise
-        self._check_status(record)
+        self._check_status(record, now)
         return record, replay, source, throttled
 
     def _after_credential(
@@ -624,5 +687,6 @@ __all__ = [
     "ClientAuthenticator",
     "ClientRefusedError",
     "ClientThrottledError",
+    "CredentialExpiredError",
     "CredentialRefusedError",
 ]

@@ -48,10 +48,54 @@ class ClientRecord:
     allowed_cidrs: tuple[str, ...] = ()  # empty: any source address
     binding: Binding = Binding.DPOP
     require_dpop_nonce: bool = False
+    # Governance (all optional: a file written before these existed still loads).
+    # Accountability: who answers for the client, and who let it in, when, until when and
+    # under which rule ("manual" for `tokenbroker clients approve`, "trusted_domain:<pattern>"
+    # for a CIMD client approved because its host matched `cimd_trusted_domains`). An
+    # approved client without `approved_until` (approved before approvals expired) stays
+    # approved with no expiry until it is approved again.
+    owner: str | None = None
+    approved_by: str | None = None
+    approved_at: int | None = None  # Unix seconds, like every time here
+    approved_until: int | None = None
+    approval_rule: str | None = None
+    # Key rotation: when the current credential (key or secret) was registered, and the
+    # time after which it is refused. Without `key_created_at` the maximum key age
+    # (setting `client_key_max_age_days`) cannot be enforced for that client.
+    key_created_at: int | None = None
+    key_not_after: int | None = None
+    # Attestation: the workload's SPIFFE ID (spiffe://trust-domain/path); with
+    # `require_attestation` it gets tokens only with a fresh attestation for that ID.
+    spiffe_id: str | None = None
+    require_attestation: bool = False
+    # A CIMD client (its id an https:// URL): the RFC 7638 thumbprints of the document's
+    # keys pinned at approval, the fingerprint of the document version approved, its host.
+    pinned_thumbprints: tuple[str, ...] = ()
+    document_fingerprint: str | None = None
+    document_domain: str | None = None
 
     @property
     def session_limit(self) -> SessionLimit:
         return SessionLimit(self.max_sessions, self.limit_policy)
+
+    def approval_expired(self, now: float) -> bool:
+        """Approved once, but `approved_until` has passed: the client is pending again
+        until `tokenbroker clients approve` renews it. False without `approved_until`."""
+        return self.status is ClientStatus.APPROVED and self.approved_until is not None and now >= self.approved_until
+
+    def effective_status(self, now: float) -> str:
+        """What the client is at `now`: "pending", "approved", "disabled", or "expired"
+        (approved, but `approved_until` has passed: refused like a pending client)."""
+        return "expired" if self.approval_expired(now) else ClientStatus(self.status).value
+
+    def key_deadline(self, max_age_seconds: int | None = None) -> int | None:
+        """When the client's credential stops being accepted: `key_not_after`, or
+        `key_created_at` + `max_age_seconds` when that is earlier. None: never (no
+        `key_not_after`, and no maximum age or no `key_created_at` to count it from)."""
+        deadlines = [self.key_not_after] if self.key_not_after is not None else []
+        if max_age_seconds is not None and self.key_created_at is not None:
+            deadlines.append(self.key_created_at + max_age_seconds)
+        return min(deadlines) if deadlines else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,19 @@ limit_policy = "reject"
 allowed_cidrs = []
 binding = "dpop"          # dpop (the default when absent), mtls or bearer
 require_dpop_nonce = true # optional, default false: DPoP proofs at /token need a broker nonce
+# Governance, each optional (times are Unix seconds, UTC):
+owner = "team-payments <payments@example.com>"
+approved_by = "alice"
+approved_at = 1767225600
+approved_until = 1774998000   # absent on an approved client: approved with no expiry
+approval_rule = "manual"      # or "trusted_domain:<pattern>" (CIMD)
+key_created_at = 1767225600   # absent: the maximum key age is not enforced for it
+key_not_after = 1798761600
+spiffe_id = "spiffe://example.org/agent-7"
+require_attestation = true    # needs spiffe_id
+pinned_thumbprints = ["..."]  # CIMD clients: RFC 7638 thumbprints pinned at approval
+document_fingerprint = "..."  # CIMD clients: the approved document version
+document_domain = "agents.example.com"
 
 [servers.mcp-1]
 audiences = ["https://mcp.example.com/mcp"]
@@ -29,6 +42,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -66,6 +80,23 @@ MAX_RSA_BITS = 8192
 # keys use 65537 (NIST SP 800-56B allows up to 2**256).
 _MAX_RSA_EXPONENT_BITS = 256
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+# Governance fields. Times are Unix seconds up to the end of year 9999 (a value beyond is
+# almost always milliseconds). Texts (owner, approver) are bounded and printable.
+_MAX_TIME = 253_402_300_799
+_MAX_OWNER_CHARS = 200
+_MAX_APPROVER_CHARS = 128
+# "manual", "trusted_domain:*.example.com", ...: a rule name, then what it matched.
+_APPROVAL_RULE = re.compile(r"[a-z][a-z0-9_]{0,31}(:[\x21-\x7e]{1,253})?")
+# SPIFFE ID (SPIFFE standard, section 2): lowercase trust domain, then a path of one or
+# more non-empty segments of letters, digits, '.', '-', '_' ('.' and '..' refused below).
+_SPIFFE_ID = re.compile(r"spiffe://([a-z0-9._-]{1,255})((?:/[A-Za-z0-9._-]+)+)")
+_MAX_SPIFFE_ID_BYTES = 2048
+_THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url SHA-256 (RFC 7638)
+_MAX_PINNED_THUMBPRINTS = 64
+_FINGERPRINT = re.compile(r"[A-Za-z0-9._:+/=-]{1,200}")
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# The members RFC 7638 hashes for each key type (section 3.2), in lexicographic order.
+_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
 
 
 class RegistryFileError(InvalidArgumentError):
@@ -194,6 +225,82 @@ def _check_rsa_members(jwk: Mapping[str, Any], where: str) -> dict[str, str]:
     return {"n": _base64url_of_uint(n), "e": _base64url_of_uint(e)}
 
 
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """The RFC 7638 SHA-256 thumbprint (base64url) of a public JWK the registry accepts
+    (OKP Ed25519, EC P-256, RSA), what `clients show` prints and CIMD approval pins."""
+    clean = check_public_jwk(jwk)
+    members = {name: clean[name] for name in _THUMBPRINT_MEMBERS[clean["kty"]]}
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode("ascii")
+
+
+def check_time(name: str, value: Any) -> int:
+    """`value` as a time in Unix seconds, or raises saying how to write one."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_TIME:
+        raise InvalidArgumentError(
+            f"{name} must be a time in whole seconds since 1970-01-01 UTC, at most {_MAX_TIME} (the end of year "
+            f"9999), not {str(value)[:40]!r} (milliseconds are not accepted)"
+        )
+    return value
+
+
+def check_text(name: str, value: Any, max_chars: int) -> str:
+    """`value` when it is a printable one-line text of 1 to `max_chars` characters."""
+    if not isinstance(value, str) or not value.strip() or len(value) > max_chars:
+        raise InvalidArgumentError(f"{name} must be a text of 1 to {max_chars} characters")
+    if not value.isprintable():
+        raise InvalidArgumentError(f"{name} must be printable on one line (no control characters or line breaks)")
+    return value
+
+
+def check_spiffe_id(value: Any) -> str:
+    """`value` when it is a SPIFFE ID of a workload, `spiffe://trust-domain/path`."""
+    how = "write it as spiffe://trust-domain/path (a lowercase trust domain, then a path such as /ns/prod/agent)"
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"spiffe_id must be a string: {how}")
+    match = _SPIFFE_ID.fullmatch(value)
+    if match is None or len(value.encode("utf-8")) > _MAX_SPIFFE_ID_BYTES:
+        raise InvalidArgumentError(f"spiffe_id {value[:80]!r} is not a SPIFFE ID: {how}")
+    if any(segment in (".", "..") for segment in match.group(2).split("/")):
+        raise InvalidArgumentError(f"spiffe_id {value[:80]!r} has a '.' or '..' path segment: {how}")
+    return value
+
+
+def check_approval_rule(value: Any) -> str:
+    """`value` when it names an approval rule: "manual" or "<rule>:<what it matched>"."""
+    if not isinstance(value, str) or not _APPROVAL_RULE.fullmatch(value):
+        raise InvalidArgumentError(
+            f'approval_rule {str(value)[:80]!r} is not a rule name: use "manual" or "trusted_domain:<pattern>"'
+        )
+    return value
+
+
+def check_host(name: str, value: Any) -> str:
+    """`value` in lowercase when it is a DNS name or an IP address, with an optional port."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 300:
+        raise InvalidArgumentError(f"{name} must be a host name such as agents.example.com")
+    text = value.lower()
+    bad = InvalidArgumentError(f"{name} {value[:80]!r} is not a host name such as agents.example.com (or host:port)")
+    if text.startswith("["):  # an IPv6 address, bracketed as in a URL
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise bad
+        port = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    else:
+        host, colon, after = text.partition(":")
+        port = after if colon else None
+        labels = host.removesuffix(".").split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise bad
+    if port is not None and not (port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        raise bad
+    return text
+
+
 def check_binding(value: Any) -> Binding:
     """`value` as a `Binding`, or raises naming the accepted ones."""
     try:
@@ -249,6 +356,8 @@ def _client_from_toml(client_id: str, data: Mapping[str, Any], source: str) -> C
                 allowed_cidrs=tuple(check_cidr(c) for c in _strings(data.get("allowed_cidrs"), "allowed_cidrs", where)),
                 binding=check_binding(data.get("binding", Binding.DPOP)),
                 require_dpop_nonce=require_dpop_nonce,
+                # Checked by _checked_client, which also checks records made in code.
+                **{name: data[name] for name in _GOVERNANCE_FIELDS if name in data},
             )
         )
     except RegistryFileError:
@@ -300,6 +409,10 @@ def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
     data["binding"] = str(record.binding)
     if record.require_dpop_nonce:
         data["require_dpop_nonce"] = True
+    for name in _GOVERNANCE_FIELDS:  # written only when set: old files stay as they were
+        value = getattr(record, name)
+        if value not in (None, False, ()):
+            data[name] = list(value) if isinstance(value, tuple) else value
     if record.public_jwk is not None:
         data["public_jwk"] = dict(record.public_jwk)
     return data
@@ -584,8 +697,70 @@ class FileRegistry:
         return f"FileRegistry({str(self.path)!r})"
 
 
+_GOVERNANCE_FIELDS = (
+    "owner",
+    "approved_by",
+    "approved_at",
+    "approved_until",
+    "approval_rule",
+    "key_created_at",
+    "key_not_after",
+    "spiffe_id",
+    "require_attestation",
+    "pinned_thumbprints",
+    "document_fingerprint",
+    "document_domain",
+)
+
+
+def _checked_governance(record: ClientRecord) -> dict[str, Any]:
+    """The record's governance fields, checked (types, bounds, order of times), or raises."""
+    cid = record.client_id
+
+    def optional(name: str, check: Callable[[Any], Any]) -> Any:
+        value = getattr(record, name)
+        return None if value is None else check(value)
+
+    fields: dict[str, Any] = {
+        "owner": optional("owner", lambda v: check_text("owner", v, _MAX_OWNER_CHARS)),
+        "approved_by": optional("approved_by", lambda v: check_text("approved_by", v, _MAX_APPROVER_CHARS)),
+        "approval_rule": optional("approval_rule", check_approval_rule),
+        "spiffe_id": optional("spiffe_id", check_spiffe_id),
+        "document_domain": optional("document_domain", lambda v: check_host("document_domain", v)),
+    }
+    for name in ("approved_at", "approved_until", "key_created_at", "key_not_after"):
+        value = getattr(record, name)
+        fields[name] = None if value is None else check_time(name, value)
+    fingerprint = record.document_fingerprint
+    if fingerprint is not None and (not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint)):
+        raise InvalidArgumentError("document_fingerprint must be 1 to 200 characters of A-Z a-z 0-9 . _ : + / = -")
+    fields["document_fingerprint"] = fingerprint
+    pinned = record.pinned_thumbprints
+    if not isinstance(pinned, list | tuple) or not all(isinstance(t, str) and _THUMBPRINT.fullmatch(t) for t in pinned):
+        raise InvalidArgumentError("pinned_thumbprints must be a list of RFC 7638 SHA-256 thumbprints (43 base64url)")
+    fields["pinned_thumbprints"] = tuple(dict.fromkeys(pinned))
+    if len(fields["pinned_thumbprints"]) > _MAX_PINNED_THUMBPRINTS:
+        raise InvalidArgumentError(f"pinned_thumbprints holds more than {_MAX_PINNED_THUMBPRINTS} keys")
+    if not isinstance(record.require_attestation, bool):
+        raise InvalidArgumentError("require_attestation must be true or false")
+    fields["require_attestation"] = record.require_attestation
+    if record.require_attestation and fields["spiffe_id"] is None:
+        raise InvalidArgumentError(
+            f"client {cid!r} requires attestation but has no spiffe_id, so no attestation could match it: give "
+            "--spiffe-id spiffe://trust-domain/path, or turn it off (--no-require-attestation)"
+        )
+    at, until = fields["approved_at"], fields["approved_until"]
+    if at is not None and until is not None and until <= at:
+        raise InvalidArgumentError(f"client {cid!r}: approved_until must be later than approved_at")
+    created, not_after = fields["key_created_at"], fields["key_not_after"]
+    if created is not None and not_after is not None and not_after <= created:
+        raise InvalidArgumentError(f"client {cid!r}: key_not_after must be later than key_created_at")
+    return fields
+
+
 def _checked_client(record: ClientRecord) -> ClientRecord:
-    """The record with a clean public JWK and canonical CIDRs, or raises."""
+    """The record with a clean public JWK, canonical CIDRs and checked governance fields,
+    or raises."""
     if record.max_sessions < 1:
         raise InvalidArgumentError("max_sessions must be at least 1")
     binding = check_binding(record.binding)
@@ -605,6 +780,7 @@ def _checked_client(record: ClientRecord) -> ClientRecord:
         allowed_cidrs=tuple(check_cidr(c) for c in record.allowed_cidrs),
         allowed_audiences=tuple(record.allowed_audiences),
         allowed_scopes=tuple(record.allowed_scopes),
+        **_checked_governance(record),
     )
 
 
@@ -615,12 +791,18 @@ def _unknown_client(client_id: str) -> str:
 __all__ = [
     "FileRegistry",
     "RegistryFileError",
+    "check_approval_rule",
     "check_binding",
     "check_cidr",
+    "check_host",
     "check_id",
     "check_public_jwk",
+    "check_spiffe_id",
+    "check_text",
+    "check_time",
     "generate_secret",
     "hash_secret",
+    "jwk_thumbprint",
     "render_registry",
     "secret_matches",
 ]

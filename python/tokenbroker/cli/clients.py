@@ -1,10 +1,18 @@
 """`tokenbroker clients`: the registry's MCP clients, who may get tokens for which
-audiences and scopes, with which credential and binding."""
+audiences and scopes, with which credential and binding, who owns them, who approved
+them and until when, and how old their key may grow.
+
+Dates on the command line are ISO 8601 in UTC: a date (`2026-12-31`, meaning 00:00 UTC
+that day) or a date and time (`2026-12-31T18:00:00Z`; without an offset it is UTC). JSON
+output shows times the same way; the registry file keeps them as Unix seconds."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import time
 from collections.abc import Callable
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,10 +35,113 @@ def clients() -> None:
     """MCP clients: who may get tokens, for which audiences and scopes."""
 
 
-def _client_json(record: ClientRecord) -> dict[str, Any]:
-    data = jsonable(record)
-    data["secret_hash"] = "set" if record.secret_hash else None
-    return dict(data)
+_TIME_FIELDS = ("approved_at", "approved_until", "key_created_at", "key_not_after")
+_KEY_TYPE_OF_KTY = {"OKP": "ed25519", "EC": "p256", "RSA": "rsa"}
+_DAY_SECONDS = 86_400
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _iso(unix_seconds: int | None) -> str | None:
+    """A Unix time as ISO 8601 UTC ("2026-12-31T18:00:00Z"); None stays None."""
+    if unix_seconds is None:
+        return None
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(option: str, value: str) -> int:
+    """An ISO 8601 date or date and time (UTC unless it names an offset) as Unix seconds."""
+    text = value.strip()
+    how = f"{option} {value[:40]!r} is not a date: write ISO 8601 in UTC, e.g. 2026-12-31 or 2026-12-31T18:00:00Z"
+    try:
+        if len(text) == 10:  # a date alone: its first second, UTC
+            day = date.fromisoformat(text)
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp())
+    except (ValueError, OverflowError):
+        fail(how)
+
+
+def _future_time(option: str, value: str, now: int, instead: str) -> int:
+    """`_parse_time`, refusing a time that is not after `now`."""
+    moment = _parse_time(option, value)
+    if moment <= now:
+        fail(f"{option} {value[:40]} is not in the future (it is {_iso(now)} now): give a later date{instead}")
+    return moment
+
+
+def _approver(by: str | None) -> str:
+    """Who approves: --by, else the name of the user running the command."""
+    from tokenbroker.registry_file import check_text
+
+    if by is None:
+        try:
+            by = getpass.getuser()
+        except Exception:  # no LOGNAME/USER and no passwd entry (KeyError, OSError)
+            fail("cannot tell who is approving (no user name in the environment): give --by NAME")
+    return check_text("--by", by, 128)
+
+
+def _approval(state: State, by: str | None, until: str | None, for_days: int | None, now: int) -> dict[str, Any]:
+    """The record fields of a manual approval made now: who, when, until when, which rule.
+    Until: --until, or now + --for-days, or now + the approval_ttl_days setting."""
+    from tokenbroker.registry import ClientStatus
+
+    if until is not None and for_days is not None:
+        raise click.UsageError("give --until or --for-days, not both")
+    if until is not None:
+        approved_until = _future_time("--until", until, now, ", or --for-days N")
+    else:
+        days = for_days if for_days is not None else int(getattr(state.settings(), "approval_ttl_days", 90))
+        approved_until = now + days * _DAY_SECONDS
+    return {
+        "status": ClientStatus.APPROVED,
+        "approved_by": _approver(by),
+        "approved_at": now,
+        "approved_until": approved_until,
+        "approval_rule": "manual",
+    }
+
+
+def _status_label(record: ClientRecord, now: int) -> str:
+    """The effective status for people: an approval without an end says so."""
+    status = record.effective_status(now)
+    if status == "approved" and record.approved_until is None:
+        return "approved (no expiry)"
+    return status
+
+
+def _client_json(record: ClientRecord, now: int, key_max_age_seconds: int | None = None) -> dict[str, Any]:
+    """The record for `show` and `list --json`: the effective status and the governance
+    fields first ("approver" is the approved_by of the design's contract), times in ISO
+    8601 UTC, the RFC 7638 thumbprint of its key; a secret shows as "set"."""
+    from tokenbroker.registry_file import jwk_thumbprint
+
+    rest = jsonable(record)
+    rest["secret_hash"] = "set" if record.secret_hash else None
+    for name in _TIME_FIELDS:
+        rest[name] = _iso(getattr(record, name))
+    data: dict[str, Any] = {
+        "client_id": record.client_id,
+        "status": record.effective_status(now),
+        "owner": record.owner,
+        "approver": record.approved_by,
+    }
+    data.update({k: v for k, v in rest.items() if k not in data})
+    data["key_thumbprint"] = jwk_thumbprint(record.public_jwk) if record.public_jwk is not None else None
+    data["key_expires_at"] = _iso(record.key_deadline(key_max_age_seconds))
+    return data
+
+
+def _key_max_age_seconds(state: State) -> int | None:
+    days = getattr(state.settings(), "client_key_max_age_days", None)
+    return int(days) * _DAY_SECONDS if days is not None else None
 
 
 def _load_public_key(path: Path) -> dict[str, str]:
@@ -114,7 +225,18 @@ def _nonce_option(default: bool | None) -> Callable[[_Command], _Command]:
     help="What its tokens are bound to: its DPoP key, its mTLS certificate, or nothing (bearer).",
 )
 @_nonce_option(False)
+@click.option("--owner", help="The team or contact that answers for this client.")
+@click.option("--spiffe-id", help="Its workload's SPIFFE ID (spiffe://trust-domain/path), for attestation.")
+@click.option(
+    "--require-attestation/--no-require-attestation",
+    default=False,
+    help="It gets tokens only with a fresh attestation of its --spiffe-id. Default: off.",
+)
+@click.option("--key-not-after", metavar="DATE", help="Refuse its credential after this date (ISO 8601, UTC).")
 @click.option("--approve", is_flag=True, help="Approve at once (new clients are pending otherwise).")
+@click.option("--by", metavar="NAME", help="With --approve: who approves (default: your user name).")
+@click.option("--until", metavar="DATE", help="With --approve: the approval ends then (default: approval_ttl_days).")
+@click.option("--for-days", type=click.IntRange(1, 3650), help="With --approve: the approval lasts this many days.")
 @pass_state
 def clients_add(
     state: State,
@@ -131,7 +253,14 @@ def clients_add(
     cidrs: tuple[str, ...],
     binding: str,
     require_dpop_nonce: bool,
+    owner: str | None,
+    spiffe_id: str | None,
+    require_attestation: bool,
+    key_not_after: str | None,
     approve: bool,
+    by: str | None,
+    until: str | None,
+    for_days: int | None,
 ) -> None:
     """Register a client (pending until approved). Only hashes of secrets are stored."""
     from tokenbroker.models import LimitPolicy
@@ -145,7 +274,14 @@ def clients_add(
         raise click.UsageError("give a credential: --public-key PEM_FILE, --generate-key OUT_FILE or --generate-secret")
     if secret_file and not generate_secret:
         raise click.UsageError("--secret-file goes with --generate-secret")
+    if not approve and (by is not None or until is not None or for_days is not None):
+        raise click.UsageError("--by, --until and --for-days go with --approve")
     check_id("client", client_id)
+    now = _now()
+    approval: dict[str, Any] = (
+        _approval(state, by, until, for_days, now) if approve else {"status": ClientStatus.PENDING}
+    )
+    not_after = _future_time("--key-not-after", key_not_after, now, "") if key_not_after else None
     registry = state.registry()
     if registry.client(client_id) is not None:
         fail(
@@ -159,7 +295,6 @@ def clients_add(
     secret = new_secret() if generate_secret else None
     record = ClientRecord(
         client_id,
-        status=ClientStatus.APPROVED if approve else ClientStatus.PENDING,
         public_jwk=jwk,
         secret_hash=hash_secret(secret) if secret else None,
         allowed_audiences=tuple(dict.fromkeys(audiences)),
@@ -169,6 +304,12 @@ def clients_add(
         allowed_cidrs=tuple(check_cidr(c) for c in cidrs),
         binding=Binding(binding),
         require_dpop_nonce=require_dpop_nonce,
+        owner=owner,
+        key_created_at=now,
+        key_not_after=not_after,
+        spiffe_id=spiffe_id,
+        require_attestation=require_attestation,
+        **approval,
     )
     # The files are written before the registry entry, and removed again when it fails:
     # a client is never registered without the key or secret it was given.
@@ -192,7 +333,11 @@ def clients_add(
     elif secret:
         info("client secret (shown once; only its hash is stored):")
         click.echo(secret)
-    status = "approved" if approve else f"pending: approve it with `tokenbroker clients approve {client_id}`"
+    status = (
+        f"approved until {_iso(approval['approved_until'])}"
+        if approve
+        else f"pending: approve it with `tokenbroker clients approve {client_id}`"
+    )
     info(f"registered client {client_id!r} in {registry.path} ({status})")
     if not audiences:
         info(
@@ -214,6 +359,18 @@ def clients_add(
     "--binding", type=click.Choice(["dpop", "mtls", "bearer"]), help="What its tokens are bound to (see clients add)."
 )
 @_nonce_option(None)
+@click.option("--owner", help="The team or contact that answers for this client.")
+@click.option("--spiffe-id", help="Its workload's SPIFFE ID (spiffe://trust-domain/path).")
+@click.option(
+    "--require-attestation/--no-require-attestation",
+    default=None,
+    help="It gets tokens only with a fresh attestation of its --spiffe-id.",
+)
+@click.option(
+    "--key-not-after",
+    metavar="DATE",
+    help="Refuse its credential after this date (ISO 8601, UTC). A new --public-key drops the old date.",
+)
 @pass_state
 def clients_update(
     state: State,
@@ -227,8 +384,13 @@ def clients_update(
     any_source: bool,
     binding: str | None,
     require_dpop_nonce: bool | None,
+    owner: str | None,
+    spiffe_id: str | None,
+    require_attestation: bool | None,
+    key_not_after: str | None,
 ) -> None:
-    """Change a client's key or policy; each list given replaces the old one."""
+    """Change a client's key or policy; each list given replaces the old one. A new
+    --public-key is a rotation (see rotate-key): its age counts from now."""
     from tokenbroker.models import LimitPolicy
     from tokenbroker.registry import Binding
     from tokenbroker.registry_file import check_cidr
@@ -236,8 +398,19 @@ def clients_update(
     if cidrs and any_source:
         raise click.UsageError("give --cidr or --any-source, not both")
     changes: dict[str, Any] = {}
+    now = _now()
     if public_key:
         changes["public_jwk"] = _load_public_key(public_key)
+        changes["key_created_at"] = now
+        changes["key_not_after"] = None  # the old key's end does not carry over to a new key
+    if key_not_after:
+        changes["key_not_after"] = _future_time("--key-not-after", key_not_after, now, "")
+    if owner is not None:
+        changes["owner"] = owner
+    if spiffe_id is not None:
+        changes["spiffe_id"] = spiffe_id
+    if require_attestation is not None:
+        changes["require_attestation"] = require_attestation
     if audiences:
         changes["allowed_audiences"] = tuple(dict.fromkeys(audiences))
     if scopes:
@@ -257,11 +430,11 @@ def clients_update(
     if not changes:
         raise click.UsageError(
             "nothing to change: give --audience, --scope, --public-key, --max-sessions, --binding, "
-            "--require-dpop-nonce, ..."
+            "--require-dpop-nonce, --owner, --spiffe-id, --require-attestation, --key-not-after, ..."
         )
     record = state.registry().update_client(client_id, **changes)
     info(f"updated client {client_id!r}")
-    print_json(_client_json(record))
+    print_json(_client_json(record, now, _key_max_age_seconds(state)))
 
 
 def _set_status(state: State, client_id: str, status: ClientStatus) -> ClientRecord:
@@ -270,13 +443,21 @@ def _set_status(state: State, client_id: str, status: ClientStatus) -> ClientRec
 
 @clients.command("approve")
 @click.argument("client_id")
+@click.option("--by", metavar="NAME", help="Who approves (default: your user name).")
+@click.option(
+    "--until", metavar="DATE", help="The approval ends then (ISO 8601, UTC; default: now + approval_ttl_days)."
+)
+@click.option("--for-days", type=click.IntRange(1, 3650), help="The approval lasts this many days.")
 @pass_state
-def clients_approve(state: State, client_id: str) -> None:
-    """Let a client get tokens."""
-    from tokenbroker.registry import ClientStatus
-
-    _set_status(state, client_id, ClientStatus.APPROVED)
-    info(f"approved client {client_id!r}: it may get tokens now")
+def clients_approve(state: State, client_id: str, by: str | None, until: str | None, for_days: int | None) -> None:
+    """Let a client get tokens until a date; records who approved it, when and how.
+    Approving again renews an approval (also an expired one)."""
+    approval = _approval(state, by, until, for_days, _now())
+    state.registry().update_client(client_id, **approval)
+    info(
+        f"approved client {client_id!r} until {_iso(approval['approved_until'])} (by {approval['approved_by']}, "
+        "rule manual): it may get tokens now"
+    )
 
 
 @clients.command("disable")
@@ -311,19 +492,23 @@ def clients_remove(state: State, client_id: str) -> None:
 def clients_list(state: State, as_json: bool) -> None:
     """List the registered clients."""
     records = state.registry().clients()
+    now = _now()
     if as_json:
-        print_json([_client_json(r) for r in records])
+        max_age = _key_max_age_seconds(state)
+        print_json([_client_json(r, now, max_age) for r in records])
         return
     if not records:
         info("no clients registered: add one with `tokenbroker clients add ID --generate-key FILE --audience URI`")
         return
-    rows = [("CLIENT", "STATUS", "CREDENTIAL", "BINDING", "AUDIENCES", "SCOPES")]
+    rows = [("CLIENT", "STATUS", "APPROVED UNTIL", "OWNER", "CREDENTIAL", "BINDING", "AUDIENCES", "SCOPES")]
     for r in records:
         credential = "+".join(n for n, v in (("key", r.public_jwk), ("secret", r.secret_hash)) if v) or "none"
         rows.append(
             (
                 r.client_id,
-                str(r.status),
+                _status_label(r, now),
+                _iso(r.approved_until) or "-",
+                r.owner or "-",
                 credential,
                 str(r.binding),
                 ",".join(r.allowed_audiences),
@@ -337,8 +522,124 @@ def clients_list(state: State, as_json: bool) -> None:
 @click.argument("client_id")
 @pass_state
 def clients_show(state: State, client_id: str) -> None:
-    """Print one client as JSON (a secret shows as "set", never its hash)."""
+    """Print one client as JSON: its effective status (pending, approved, disabled, or
+    expired when approved_until has passed), owner, approver, approval times and rule, key
+    thumbprint and dates, pinned thumbprints, attestation, binding (a secret shows as
+    "set", never its hash)."""
     record = state.registry().client(client_id)
     if record is None:
         fail(f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones")
-    print_json(_client_json(record))
+    print_json(_client_json(record, _now(), _key_max_age_seconds(state)))
+
+
+@clients.command("rotate-key")
+@click.argument("client_id")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Generate a new key pair; write its private key (PEM, 0600) here.",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice(["ed25519", "p256", "rsa"]),
+    help="With --out: the new key's type (default: the type of the current key, else ed25519).",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Register this public key (PEM or JWK) instead of generating one.",
+)
+@click.option("--generate-secret", is_flag=True, help="Replace its client secret (the new one is shown once).")
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --generate-secret: write the new secret here (0600) instead of printing it.",
+)
+@click.option(
+    "--key-not-after",
+    metavar="DATE",
+    help="Refuse the new credential after this date (ISO 8601, UTC; default: no end date; the old one's is dropped).",
+)
+@pass_state
+def clients_rotate_key(
+    state: State,
+    client_id: str,
+    out: Path | None,
+    key_type: str | None,
+    public_key: Path | None,
+    generate_secret: bool,
+    secret_file: Path | None,
+    key_not_after: str | None,
+) -> None:
+    """Replace a client's key (or secret): the old one stops working at once, the new
+    one's age counts from now. Prints the new key's RFC 7638 thumbprint (JSON)."""
+    from tokenbroker.registry_file import generate_secret as new_secret
+    from tokenbroker.registry_file import hash_secret, jwk_thumbprint
+
+    if out and public_key:
+        raise click.UsageError("give --out (generate a key) or --public-key (register one), not both")
+    if key_type and not out:
+        raise click.UsageError("--key-type goes with --out (a generated key)")
+    if secret_file and not generate_secret:
+        raise click.UsageError("--secret-file goes with --generate-secret")
+    if not (out or public_key or generate_secret):
+        raise click.UsageError(
+            "give the new credential: --out FILE (generate a key, its private key written there), "
+            "--public-key FILE (a public key you made) or --generate-secret"
+        )
+    registry = state.registry()
+    current = registry.client(client_id)
+    if current is None:
+        fail(f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones")
+    now = _now()
+    changes: dict[str, Any] = {
+        "key_created_at": now,
+        "key_not_after": _future_time("--key-not-after", key_not_after, now, "") if key_not_after else None,
+    }
+    pem: bytes | None = None
+    if public_key:
+        changes["public_jwk"] = _load_public_key(public_key)
+        if current.public_jwk is not None and jwk_thumbprint(changes["public_jwk"]) == jwk_thumbprint(
+            current.public_jwk
+        ):
+            fail(f"{public_key} holds the key client {client_id!r} already has: a rotation needs a new key")
+    if out:
+        current_type = _KEY_TYPE_OF_KTY.get(str((current.public_jwk or {}).get("kty")), "ed25519")
+        pem, changes["public_jwk"] = _generate_client_key(key_type or current_type)
+    secret = new_secret() if generate_secret else None
+    if secret:
+        changes["secret_hash"] = hash_secret(secret)
+    written: list[Path] = []  # as in add: no registered credential without its file
+    try:
+        if out and pem is not None:
+            write_private(out, pem)
+            written.append(out)
+        if secret_file and secret:
+            write_private(secret_file, secret.encode() + b"\n")
+            written.append(secret_file)
+        record = registry.update_client(client_id, **changes)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    if out:
+        info(f"wrote the client's new private key to {out}: give it to the client, the old key no longer works")
+    if secret_file:
+        info(f"wrote the client's new secret to {secret_file} (only its hash is stored)")
+    if "public_jwk" in changes and current.secret_hash and not secret:
+        info(f"note: client {client_id!r} also has a client secret, unchanged: replace it with --generate-secret")
+    if secret and current.public_jwk is not None and "public_jwk" not in changes:
+        info(f"note: client {client_id!r} also has a key, unchanged: replace it with --out FILE or --public-key FILE")
+    info(
+        f"rotated the credential of client {client_id!r}; tokens it already holds stay valid until they expire "
+        f"unless you run `tokenbroker revoke client {client_id}`"
+    )
+    result: dict[str, Any] = {
+        "client_id": client_id,
+        "key_thumbprint": jwk_thumbprint(record.public_jwk) if record.public_jwk is not None else None,
+        "key_created_at": _iso(record.key_created_at),
+        "key_not_after": _iso(record.key_not_after),
+    }
+    if secret and not secret_file:
+        result["client_secret"] = secret  # shown once; only its hash is stored
+    print_json(result)
