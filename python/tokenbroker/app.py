@@ -4,6 +4,7 @@ audit log and metrics. `tokenbroker serve` hands these to the gRPC service."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -12,6 +13,7 @@ from tokenbroker.broker import Broker
 from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.config import Settings
 from tokenbroker.errors import InvalidKeyError
+from tokenbroker.events import Events
 from tokenbroker.keyring import Keyring
 from tokenbroker.metrics import Metrics
 from tokenbroker.models import SessionLimit
@@ -30,7 +32,8 @@ class Components:
     audit: AuditLog
     metrics: Metrics
     settings: Settings
-    store_kind: str  # "memory", "redis" or "redis-cluster", for the startup line
+    events: Events
+    store_kind: str = "memory"  # "memory", "redis" or "redis-cluster", for the startup line
 
 
 def load_keyring(settings: Settings) -> Keyring:
@@ -81,6 +84,14 @@ def build_store(settings: Settings) -> tuple[Store, str]:
     return store, "redis-cluster" if settings.redis_cluster else "redis"
 
 
+def _governance_event(events: Events, found: dict[str, Any]) -> None:
+    """An authenticator's finding (an expired approval or key) as an event."""
+    details = dict(found)
+    name = str(details.pop("event", "governance"))
+    client_id = str(details.pop("client_id", ""))
+    events.emit(name, client_id=client_id, action="deny", evidence=details)
+
+
 def build_components(settings: Settings, *, keyring: Keyring | None = None) -> Components:
     """Everything `serve` needs, built from `settings`; `keyring`, when given, instead of
     `load_keyring(settings)` (a worker of `serve --workers` signs with its parent's keys).
@@ -98,6 +109,7 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         session_idle_seconds=settings.session_idle_seconds,
     )
     registry = FileRegistry(settings.registry_file)
+    events = Events()
     authenticator = ClientAuthenticator(
         registry,
         store,
@@ -107,6 +119,8 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         source_failure_burst=settings.source_auth_failure_burst,
         source_failures_per_second=settings.source_auth_failures_per_minute / 60,
         failure_table_size=settings.auth_failure_table_size,
+        key_max_age_seconds=settings.client_key_max_age_days * 86_400 if settings.client_key_max_age_days else None,
+        on_event=lambda found: _governance_event(events, found),
     )
     metrics = Metrics()
     if hasattr(store, "observed_clock_skew"):  # the Redis store: its clock against ours
@@ -117,7 +131,7 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         refusal_rate=settings.audit_refusals_per_second,
         on_suppressed=metrics.audit_suppressed,
     )
-    return Components(broker, registry, authenticator, audit, metrics, settings, store_kind)
+    return Components(broker, registry, authenticator, audit, metrics, settings, events, store_kind)
 
 
 __all__ = ["Components", "build_components", "build_store", "load_keyring"]

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     session_idle_seconds: int = Field(
         1800, ge=60, le=30 * 24 * 3600, description="a session with no token request or validation this long ends"
     )
+    approval_ttl_days: int = Field(
+        90, ge=1, le=3650, description="how long a client approval lasts; then the client is pending again"
+    )
+    client_key_max_age_days: int | None = Field(
+        None, ge=1, le=3650, description="a client key older than this is refused until rotated; none: no limit"
+    )
     require_dpop_nonce: bool = Field(
         False, description="the token endpoint asks every DPoP client for a nonce (RFC 9449 section 8)"
     )
