@@ -87,7 +87,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> OAuthDep
     d.add_key_client("key-bearer", keys.ed, binding="bearer")
     d.add_secret_client(SPECIAL_ID, SPECIAL_SECRET, binding="bearer")
     d.add_secret_client("bearer-agent", BEARER_SECRET, binding="bearer")
-    d.add_secret_client("post-agent", POST_SECRET, binding="bearer")
+    d.add_secret_client(
+        "post-agent",
+        POST_SECRET,
+        binding="bearer",
+        owner="team-payments",
+        approved_by="alice",
+        approved_at=1_700_000_000,
+        approved_until=4_000_000_000,
+        approval_rule="manual",
+    )
     d.add_secret_client("limited-bearer", LIMITED_SECRET, binding="bearer", max_sessions=2)
     d.add_secret_client("pending", BEARER_SECRET, binding="bearer", status=ClientStatus.PENDING)
     d.add_secret_client("disabled", BEARER_SECRET, binding="bearer", status=ClientStatus.DISABLED)
@@ -535,6 +544,13 @@ def test_grants_and_refusals_are_audited_with_the_door_and_the_rule(
         "private_key_jwt",
         "dpop",
     )
+    # Who let the client in, on every grant (issue 11, accountability).
+    assert {k: grant.get(k) for k in ("owner", "approved_by", "approved_at", "approval_rule")} == {
+        "owner": "team-payments",
+        "approved_by": "alice",
+        "approved_at": 1_700_000_000,
+        "approval_rule": "manual",
+    }
     refusal = next(line for line in lines() if line.get("rule") == "scope.not_allowed")
     assert (refusal["decision"], refusal["door"]) == ("refuse", "http")
     text = deployment.audit_file.read_text()

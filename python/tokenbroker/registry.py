@@ -83,6 +83,20 @@ class ClientRecord:
         until `tokenbroker clients approve` renews it. False without `approved_until`."""
         return self.status is ClientStatus.APPROVED and self.approved_until is not None and now >= self.approved_until
 
+    def accountability(self) -> dict[str, Any]:
+        """What a grant's audit line says about who let this client in: its owner, the
+        approval (who, when, under which rule) and, for a CIMD client, the document's
+        domain and fingerprint. Only the fields that are set."""
+        fields = {
+            "owner": self.owner,
+            "approved_by": self.approved_by,
+            "approved_at": self.approved_at,
+            "approval_rule": self.approval_rule,
+            "document_domain": self.document_domain,
+            "document_fingerprint": self.document_fingerprint,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
+
     def effective_status(self, now: float) -> str:
         """What the client is at `now`: "pending", "approved", "disabled", or "expired"
         (approved, but `approved_until` has passed: refused like a pending client)."""

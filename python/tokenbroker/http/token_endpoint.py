@@ -367,6 +367,7 @@ class TokenEndpoint:
             session=issued.session_id,
             jti=issued.jti,
             binding=str(record.binding),
+            **record.accountability(),
             scope=" ".join(issued.scopes),
             expires_at=issued.expires_at,
         )

@@ -337,6 +337,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             "session": issued.session_id,
             "jti": issued.jti,
             "binding": str(record.binding),
+            **record.accountability(),
             "scope": " ".join(issued.scopes),
             "expires_at": issued.expires_at,
         }
