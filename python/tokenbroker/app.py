@@ -10,6 +10,8 @@ import structlog
 
 from tokenbroker.audit import AuditLog
 from tokenbroker.broker import Broker
+from tokenbroker.cimd import CimdFetcher
+from tokenbroker.cimd_clients import CimdClients
 from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.config import Settings
 from tokenbroker.errors import InvalidKeyError
@@ -84,6 +86,11 @@ def build_store(settings: Settings) -> tuple[Store, str]:
     return store, "redis-cluster" if settings.redis_cluster else "redis"
 
 
+def cimd_fetcher(settings: Settings) -> CimdFetcher:
+    """The guarded fetcher of client metadata documents, as the settings say."""
+    return CimdFetcher(ca_file=settings.cimd_ca_file, allow_loopback=settings.cimd_allow_loopback)
+
+
 def _governance_event(events: Events, found: dict[str, Any]) -> None:
     """An authenticator's finding (an expired approval or key) as an event."""
     details = dict(found)
@@ -110,6 +117,16 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
     )
     registry = FileRegistry(settings.registry_file)
     events = Events()
+    cimd = CimdClients(
+        registry,
+        cimd_fetcher(settings),
+        events,
+        trusted_domains=settings.cimd_trusted_domains,
+        approval_ttl_days=settings.approval_ttl_days,
+        default_audiences=settings.cimd_default_audiences,
+        default_scopes=settings.cimd_default_scopes,
+        max_sessions=settings.max_sessions,
+    )
     authenticator = ClientAuthenticator(
         registry,
         store,
@@ -121,6 +138,7 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         failure_table_size=settings.auth_failure_table_size,
         key_max_age_seconds=settings.client_key_max_age_days * 86_400 if settings.client_key_max_age_days else None,
         on_event=lambda found: _governance_event(events, found),
+        cimd=cimd,
     )
     metrics = Metrics()
     if hasattr(store, "observed_clock_skew"):  # the Redis store: its clock against ours

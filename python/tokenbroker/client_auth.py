@@ -39,6 +39,7 @@ the client had proved itself when it was refused)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -52,6 +53,8 @@ import jwt
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from tokenbroker.cimd import CimdDocumentError, CimdFetchError
+from tokenbroker.cimd_clients import CimdClients, is_cimd_client_id
 from tokenbroker.client_assertion import PrivateKey, public_jwk
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError, RateLimitedError
 from tokenbroker.ratelimit import KeyedBuckets, source_key
@@ -236,6 +239,7 @@ class ClientAuthenticator:
         failure_table_size: int = 10_000,
         key_max_age_seconds: int | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        cimd: CimdClients | None = None,
     ) -> None:
         if not assertion_audience:
             raise ValueError("assertion_audience (the broker's issuer) is required")
@@ -243,6 +247,7 @@ class ClientAuthenticator:
             raise ValueError("key_max_age_seconds must be at least 1 (None: no maximum key age)")
         self.key_max_age_seconds = key_max_age_seconds
         self._on_event = on_event
+        self.cimd = cimd  # CIMD client ids (https:// URLs), at the asyncio door only
         self.registry = registry
         self.store = store
         self.assertion_audience = assertion_audience
@@ -302,7 +307,20 @@ class ClientAuthenticator:
 
     def _check_status(self, record: ClientRecord, now: int) -> None:
         """After the credential: only a client that proved itself learns its status, and
-        whether its approval or its key has expired."""
+        whether its approval or its key has expired; a client that must attest may not use
+        its registered credential at all."""
+        client_id = record.client_id
+        self._check_approval(record, now)
+        if record.require_attestation:
+            raise ClientRefusedError(
+                f"client {client_id!r} requires attestation: ask with the jwt-bearer grant "
+                "(urn:ietf:params:oauth:grant-type:jwt-bearer) and a fresh JWT-SVID of its SPIFFE ID as the assertion",
+                "attestation.required",
+            )
+        self._check_key_age(record, now)
+
+    def _check_approval(self, record: ClientRecord, now: int) -> None:
+        """Status and approval expiry (rule 3 without the credential's own age)."""
         client_id = record.client_id
         if record.status is ClientStatus.PENDING:
             raise ClientRefusedError(
@@ -323,6 +341,14 @@ class ClientAuthenticator:
                 f"{_iso(record.approved_until)}; run `tokenbroker clients approve {client_id}`",
                 "approval.expired",
             )
+
+    def check_attested(self, record: ClientRecord) -> None:
+        """Rule 3 for a client that proved itself with an attestation (the jwt-bearer
+        grant) rather than its registered credential: approved and not expired."""
+        self._check_approval(record, int(self._clock()))
+
+    def _check_key_age(self, record: ClientRecord, now: int) -> None:
+        client_id = record.client_id
         deadline = record.key_deadline(self.key_max_age_seconds)
         if deadline is not None and now >= deadline:
             self._emit({"event": "key_expired", "client_id": client_id, "key_not_after": deadline})
@@ -561,6 +587,8 @@ class ClientAuthenticator:
         client_secret: str | None,
         client_ip: str | None,
         now: int,
+        *,
+        cimd: tuple[ClientRecord, list[dict[str, str]]] | None = None,
     ) -> tuple[ClientRecord, tuple[str, int, int] | None, str, bool]:
         """The verified client's record, its assertion's replay record, the source's
         rate-limit key and whether the client id is over its failure limit; then its status
@@ -570,7 +598,17 @@ class ClientAuthenticator:
         # Looked at before verifying, charged after: a correct credential passes anyway.
         throttled = not self._client_failures.allowed(client_id)
         try:
-            record, replay = self._check_credential(client_id, client_assertion or None, client_secret or None, now)
+            if cimd is not None:
+                if client_secret or not client_assertion:
+                    raise _generic("credential.no_secret")  # a CIMD client authenticates with its keys
+                record = cimd[0]
+                replay: tuple[str, int, int] | None = self._check_cimd_assertion(
+                    record, cimd[1], client_id, client_assertion, now
+                )
+            else:
+                record, replay = self._check_credential(
+                    client_id, client_assertion or None, client_secret or None, now
+                )
         except CredentialRefusedError:
             self._charge(client_id, source)
             if throttled:
@@ -651,12 +689,59 @@ class ClientAuthenticator:
         (the token endpoint: `resource` may be left out, a nonce may be required per
         client); it then calls `check_request`. Raises as `authenticate` does."""
         now = int(self._clock())
-        record, replay, source, throttled = self._verify(client_id, client_assertion, client_secret, client_ip, now)
+        cimd = None
+        if self.cimd is not None and is_cimd_client_id(client_id):
+            cimd = await self._cimd_candidate(client_id, client_ip)
+        record, replay, source, throttled = self._verify(
+            client_id, client_assertion, client_secret, client_ip, now, cimd=cimd
+        )
         if replay is not None:
             key, issued_at, until = replay
             outcome = await self.store.aremember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)
             self._remembered_or_charge(record, outcome, source, throttled)
         return record
+
+    async def _cimd_candidate(self, client_id: str, client_ip: str | None) -> tuple[ClientRecord, list[dict[str, str]]]:
+        """A CIMD client's record and the keys that may verify its assertion: every key of
+        its document while it is not approved (so only the client itself learns that it is
+        pending), the pinned ones of the current document once it is. The source's failure
+        limit is checked first: nobody makes the broker fetch documents for free."""
+        assert self.cimd is not None
+        self._check_source_rate(source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else ""))
+        try:
+            record, document = await self.cimd.record_for(client_id)
+        except (CimdFetchError, CimdDocumentError) as exc:
+            raise CredentialRefusedError(
+                f"the client metadata document at {client_id[:200]} cannot be used: {exc}",
+                f"cimd.{getattr(exc, 'reason', 'invalid')}",
+            ) from None
+        if record.status is ClientStatus.APPROVED:
+            return record, self.cimd.pinned_keys(record, document)
+        return record, list(document.keys)
+
+    def _check_cimd_assertion(
+        self, record: ClientRecord, keys: list[dict[str, str]], client_id: str, assertion: str, now: int
+    ) -> tuple[str, int, int]:
+        """The assertion verified with one of `keys`: the one its `kid` names, else each in
+        turn (DESIGN: `kid` is optional); a key of the right kind whose claims fail stops
+        the search (it was the client's key)."""
+        if not keys:
+            raise _generic("credential.no_key")
+        try:
+            kid = jwt.get_unverified_header(assertion).get("kid")
+        except jwt.PyJWTError:
+            kid = None
+        named = [key for key in keys if kid is not None and key.get("kid") == kid]
+        refused: CredentialRefusedError | None = None
+        for key in (named or keys)[:16]:
+            try:
+                return self._check_assertion(dataclasses.replace(record, public_jwk=key), client_id, assertion, now)
+            except CredentialRefusedError as exc:
+                if exc.rule != "credential.assertion_invalid" or exc.args[0] != AUTH_FAILED:
+                    raise
+                refused = exc
+        assert refused is not None
+        raise refused
 
     def check_request(
         self,

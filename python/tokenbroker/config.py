@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     session_idle_seconds: int = Field(
         1800, ge=60, le=30 * 24 * 3600, description="a session with no token request or validation this long ends"
     )
+    cimd_trusted_domains: list[str] = Field(
+        default_factory=list,
+        description="hosts (exact or '*.suffix') whose Client ID Metadata Document clients are approved at once",
+    )
+    cimd_allow_loopback: bool = Field(
+        False, description="let a client metadata document live on 127.0.0.1/localhost (tests, local development)"
+    )
+    cimd_ca_file: Path | None = Field(None, description="an extra CA bundle for client metadata document fetches")
+    cimd_default_audiences: list[str] = Field(
+        default_factory=list, description="what a new CIMD client may get tokens for until the operator says more"
+    )
+    cimd_default_scopes: list[str] = Field(default_factory=list, description="the scopes a new CIMD client may get")
     approval_ttl_days: int = Field(
         90, ge=1, le=3650, description="how long a client approval lasts; then the client is pending again"
     )
@@ -198,6 +210,13 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment or "#" in value or "?" in value:
             raise ValueError("must have no query or fragment (RFC 8414 section 2: it is the issuer identifier)")
         return value
+
+    @field_validator("cimd_trusted_domains")
+    @classmethod
+    def _check_trusted_domains(cls, value: list[str]) -> list[str]:
+        from tokenbroker.cimd import check_trusted_domains
+
+        return list(check_trusted_domains(value))
 
     @model_validator(mode="after")
     def _one_issuer(self) -> Settings:

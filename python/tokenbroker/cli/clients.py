@@ -453,11 +453,56 @@ def clients_approve(state: State, client_id: str, by: str | None, until: str | N
     """Let a client get tokens until a date; records who approved it, when and how.
     Approving again renews an approval (also an expired one)."""
     approval = _approval(state, by, until, for_days, _now())
-    state.registry().update_client(client_id, **approval)
+    pinned = ""
+    if client_id.startswith("https://"):
+        approval.update(_pin_document(state, client_id))
+        pinned = f", pinned {len(approval['pinned_thumbprints'])} key(s) of its document"
+        if state.registry().client(client_id) is None:  # approved before its first request
+            _add_cimd_record(state, client_id, approval)
+            approval = {}
+    if approval:
+        state.registry().update_client(client_id, **approval)
+    stored = state.registry().client(client_id)
+    assert stored is not None
+    assert stored.approved_until is not None
     info(
-        f"approved client {client_id!r} until {_iso(approval['approved_until'])} (by {approval['approved_by']}, "
-        "rule manual): it may get tokens now"
+        f"approved client {client_id!r} until {_iso(stored.approved_until)} (by {stored.approved_by}, "
+        f"rule manual{pinned}): it may get tokens now"
     )
+
+
+def _pin_document(state: State, client_id: str) -> dict[str, Any]:
+    """The document's keys at approval time, fetched now (SSRF-guarded, no cache)."""
+    import asyncio
+
+    from tokenbroker.app import cimd_fetcher
+    from tokenbroker.cimd import CimdDocumentError, CimdFetchError, load_client_document
+
+    try:
+        document = asyncio.run(
+            load_client_document(cimd_fetcher(state.settings()), client_id, approved=True, refresh=True)
+        )
+    except (CimdFetchError, CimdDocumentError) as exc:
+        fail(f"cannot approve {client_id}: its client metadata document cannot be used: {exc}")
+    return {
+        "pinned_thumbprints": tuple(sorted(document.thumbprints)),
+        "document_fingerprint": document.fingerprint,
+        "document_domain": document.domain,
+    }
+
+
+def _add_cimd_record(state: State, client_id: str, approval: dict[str, Any]) -> None:
+    from tokenbroker.registry import ClientRecord
+
+    settings = state.settings()
+    record = ClientRecord(
+        client_id,
+        allowed_audiences=tuple(settings.cimd_default_audiences),
+        allowed_scopes=tuple(settings.cimd_default_scopes),
+        max_sessions=settings.max_sessions,
+        **approval,
+    )
+    state.registry().add_client(record)  # `approval` holds status approved
 
 
 @clients.command("disable")
