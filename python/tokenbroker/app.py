@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from tokenbroker.attestation import Attesters
 from tokenbroker.audit import AuditLog
 from tokenbroker.broker import Broker
 from tokenbroker.cimd import CimdFetcher
@@ -35,6 +36,7 @@ class Components:
     metrics: Metrics
     settings: Settings
     events: Events
+    attesters: Attesters | None
     store_kind: str = "memory"  # "memory", "redis" or "redis-cluster", for the startup line
 
 
@@ -89,6 +91,19 @@ def build_store(settings: Settings) -> tuple[Store, str]:
 def cimd_fetcher(settings: Settings) -> CimdFetcher:
     """The guarded fetcher of client metadata documents, as the settings say."""
     return CimdFetcher(ca_file=settings.cimd_ca_file, allow_loopback=settings.cimd_allow_loopback)
+
+
+def build_attesters(settings: Settings) -> Attesters | None:
+    """Who may attest workloads (the `attesters` setting), or None when nobody may. Bundles
+    at https URLs come through the guarded fetcher (SPIFFE bundles may be large: 1 MiB)."""
+    if not settings.attesters:
+        return None
+    fetcher = CimdFetcher(ca_file=settings.cimd_ca_file, allow_loopback=settings.cimd_allow_loopback, max_bytes=1 << 20)
+
+    async def fetch_jwks(url: str) -> bytes:
+        return (await fetcher.fetch(url, approved=True)).body
+
+    return Attesters.from_setting(settings.attesters, fetch_jwks=fetch_jwks)
 
 
 def _governance_event(events: Events, found: dict[str, Any]) -> None:
@@ -149,7 +164,8 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         refusal_rate=settings.audit_refusals_per_second,
         on_suppressed=metrics.audit_suppressed,
     )
-    return Components(broker, registry, authenticator, audit, metrics, settings, events, store_kind)
+    attesters = build_attesters(settings)
+    return Components(broker, registry, authenticator, audit, metrics, settings, events, attesters, store_kind)
 
 
 __all__ = ["Components", "build_components", "build_store", "load_keyring"]

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
         default_factory=list, description="what a new CIMD client may get tokens for until the operator says more"
     )
     cimd_default_scopes: list[str] = Field(default_factory=list, description="the scopes a new CIMD client may get")
+    attesters: dict[str, str] = Field(
+        default_factory=dict,
+        description="trust domain = JWKS or SPIFFE bundle file, or https URL: who may attest workloads (jwt-bearer)",
+    )
     approval_ttl_days: int = Field(
         90, ge=1, le=3650, description="how long a client approval lasts; then the client is pending again"
     )

@@ -22,7 +22,7 @@ from tokenbroker.errors import StoreUnavailableError
 from tokenbroker.http.errors import NO_STORE, OAuthError, error_response
 from tokenbroker.http.introspection import Introspection
 from tokenbroker.http.metadata import Endpoints, authorization_server_metadata
-from tokenbroker.http.token_endpoint import CLIENT_CREDENTIALS, TokenEndpoint
+from tokenbroker.http.token_endpoint import CLIENT_CREDENTIALS, JWT_BEARER_GRANT, TokenEndpoint
 
 log = structlog.get_logger("tokenbroker.http")
 OPENAPI_RESOURCE = "openapi.json"
@@ -71,12 +71,14 @@ def build_http_app(components: Components, *, public_url: str | None = None) -> 
         nonces,
         require_dpop_nonce=settings.require_dpop_nonce,
         session_idle_seconds=settings.session_idle_seconds,
+        attesters=components.attesters,
     )
+    grants = (CLIENT_CREDENTIALS, JWT_BEARER_GRANT) if components.attesters is not None else (CLIENT_CREDENTIALS,)
     introspection = Introspection(components)
 
     async def metadata(request: Request) -> Response:
         scopes = {s for client in components.registry.clients() for s in client.allowed_scopes}
-        document = authorization_server_metadata(endpoints, scopes, (CLIENT_CREDENTIALS,))
+        document = authorization_server_metadata(endpoints, scopes, grants)
         return JSONResponse(document, headers={"Cache-Control": "public, max-age=60"})
 
     async def jwks(request: Request) -> Response:

@@ -47,6 +47,7 @@ from starlette.responses import JSONResponse, Response
 
 from tokenbroker._core import verify_dpop_proof
 from tokenbroker.app import Components
+from tokenbroker.attestation import AttestationError, Attesters
 from tokenbroker.audit import ISSUE_EVENT as ISSUE
 from tokenbroker.client_auth import ClientRefusedError, ClientThrottledError, CredentialRefusedError
 from tokenbroker.dpop_nonce import NONCE_HEADER, USE_DPOP_NONCE, DpopNonces
@@ -68,6 +69,7 @@ log = structlog.get_logger("tokenbroker.http")
 
 CLIENT_CREDENTIALS = "client_credentials"
 JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_RULE = "grant"
 # The DPoP proof window at the token endpoint: the engine's defaults for resource requests.
 PROOF_MAX_AGE_SECONDS = 60
@@ -240,6 +242,7 @@ class TokenEndpoint:
         *,
         require_dpop_nonce: bool = False,
         session_idle_seconds: int | None = None,
+        attesters: Attesters | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self._c = components
@@ -247,6 +250,7 @@ class TokenEndpoint:
         self._nonces = nonces
         self._require_nonce = require_dpop_nonce
         self._idle = session_idle_seconds
+        self._attesters = attesters
         self._clock = clock
 
     async def handle(self, request: Request) -> Response:
@@ -288,9 +292,20 @@ class TokenEndpoint:
         grant = form.get("grant_type")
         if grant is None:
             raise invalid_request("grant_type is required: client_credentials")
-        if grant != CLIENT_CREDENTIALS:
-            raise OAuthError("unsupported_grant_type", "tokenbroker issues tokens for the client_credentials grant")
-        credential = client_credential(request, form)
+        if grant not in (CLIENT_CREDENTIALS, JWT_BEARER_GRANT):
+            raise OAuthError(
+                "unsupported_grant_type",
+                f"tokenbroker issues tokens for the {CLIENT_CREDENTIALS} and {JWT_BEARER_GRANT} grants",
+            )
+        if grant == JWT_BEARER_GRANT:
+            if self._attesters is None:
+                raise OAuthError(
+                    "unsupported_grant_type",
+                    "this broker has no attesters configured: the jwt-bearer grant needs the attesters setting",
+                )
+            credential = ClientCredential("attestation", form.get("client_id") or "", assertion=form.get("assertion"))
+        else:
+            credential = client_credential(request, form)
         audit["client_id"] = credential.client_id[:256]
         resource = requested_resource(form)
         audit["audience"] = (resource or "")[:2048]
@@ -316,12 +331,17 @@ class TokenEndpoint:
             if self._require_nonce and not self._nonces.accepts(nonce):
                 raise self._nonce_challenge("the token endpoint requires a DPoP nonce: sign the proof with this one")
 
-        record = await self._c.authenticator.aauthenticate_client(
-            client_id=credential.client_id,
-            client_assertion=credential.assertion,
-            client_secret=credential.secret,
-            client_ip=client_ip,
-        )
+        attested_subject: str | None = None
+        if credential.method == "attestation":
+            record, attested_subject = await self._attested_client(credential)
+            audit["client_id"] = record.client_id
+        else:
+            record = await self._c.authenticator.aauthenticate_client(
+                client_id=credential.client_id,
+                client_assertion=credential.assertion,
+                client_secret=credential.secret,
+                client_ip=client_ip,
+            )
         audit["authenticated"] = True
         if jkt is not None and record.require_dpop_nonce and not self._nonces.accepts(nonce):
             raise self._nonce_challenge(
@@ -355,6 +375,7 @@ class TokenEndpoint:
             continuation=continuation_key(record.client_id, audience, kind, value),
             idle_seconds=self._idle,
         )
+        attested: dict[str, Any] = {} if attested_subject is None else {"attestation_subject": attested_subject}
         self._c.audit.record(
             event=ISSUE,
             client_id=record.client_id,
@@ -364,6 +385,7 @@ class TokenEndpoint:
             source_ip=client_ip,
             door="http",
             auth_method=credential.method,
+            **attested,
             session=issued.session_id,
             jti=issued.jti,
             binding=str(record.binding),
@@ -383,6 +405,45 @@ class TokenEndpoint:
         if jkt is not None and (self._require_nonce or record.require_dpop_nonce):
             headers[NONCE_HEADER] = self._nonces.current()  # RFC 9449 section 8.2: the next one
         return JSONResponse(body, headers=headers)
+
+    async def _attested_client(self, credential: ClientCredential) -> tuple[ClientRecord, str]:
+        """The jwt-bearer grant (RFC 7523 section 2.1): the assertion is an attester's JWT
+        (a JWT-SVID) whose `sub` is the SPIFFE ID registered for the client; it is used
+        once. The client is the one registered with that SPIFFE ID (and, when the request
+        names a client_id, that one)."""
+        assert self._attesters is not None
+        if not credential.assertion:
+            raise invalid_request("the jwt-bearer grant needs assertion (a JWT-SVID or another attester's JWT)")
+        try:
+            attestation = await self._attesters.verify(credential.assertion, audience=self._endpoints.issuer)
+        except AttestationError as exc:
+            raise OAuthError("invalid_grant", str(exc), rule=exc.reason) from None
+        subject = attestation.subject
+        records = [r for r in self._c.registry.clients() if r.spiffe_id == subject]
+        if credential.client_id:
+            records = [r for r in records if r.client_id == credential.client_id]
+        if len(records) != 1:
+            raise OAuthError(
+                "invalid_grant",
+                "no single client is registered with the attested SPIFFE ID"
+                + (" and this client_id" if credential.client_id else "")
+                + ": register it with `tokenbroker clients add ID --spiffe-id SPIFFE_ID`",
+                rule="attestation.unknown_subject",
+            )
+        record = records[0]
+        self._c.authenticator.check_attested(record)
+        key, issued_at, until = attestation.replay
+        now = int(self._clock())
+        outcome = await self._c.broker.store.aremember(
+            key, client_id=record.client_id, issued_at=issued_at, until=until, now=now
+        )
+        if outcome is not Remembered.NEW:
+            raise OAuthError(
+                "invalid_grant",
+                "the attestation was already used, or predates the broker's replay state: present a fresh one",
+                rule="attestation.replayed",
+            )
+        return record, subject
 
     @staticmethod
     def _audience(record: ClientRecord, resource: str | None) -> str:
@@ -417,4 +478,11 @@ class TokenEndpoint:
         raise OAuthError("invalid_dpop_proof", f"DPoP proof refused: {why}; sign a new proof for every request")
 
 
-__all__ = ["CLIENT_CREDENTIALS", "JWT_BEARER_ASSERTION", "TokenEndpoint", "client_credential", "continuation_key"]
+__all__ = [
+    "CLIENT_CREDENTIALS",
+    "JWT_BEARER_ASSERTION",
+    "JWT_BEARER_GRANT",
+    "TokenEndpoint",
+    "client_credential",
+    "continuation_key",
+]
