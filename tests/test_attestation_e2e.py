@@ -83,6 +83,7 @@ def test_an_attested_workload_gets_a_token_naming_its_client(setup) -> None:
     assert answer.status_code == 200, answer.text
     claims = claims_of(answer.json()["access_token"])
     assert (claims["client_id"], claims["aud"]) == ("reporter", AUDIENCE_A)
+    assert claims["attested_sub"] == WORKLOAD  # the token names the attested subject
     lines = [line for line in deployment.audit_lines() if line.get("jti") == claims["jti"]]
     assert [(line["auth_method"], line["attestation_subject"]) for line in lines] == [("attestation", WORKLOAD)]
 

@@ -100,6 +100,7 @@ class IssueRequest:
         cert_thumbprint: str | None = None,
         once: bool = False,
         client_ip: str | None = None,
+        attested_subject: str | None = None,
     ) -> IssueRequest: ...
     @property
     def client_id(self) -> str: ...
@@ -119,6 +120,8 @@ class IssueRequest:
     def once(self) -> bool: ...
     @property
     def client_ip(self) -> str | None: ...
+    @property
+    def attested_subject(self) -> str | None: ...
 
 @final
 class Claims:

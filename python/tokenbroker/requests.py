@@ -39,6 +39,7 @@ class IssueFields(TypedDict, total=False):
     cert_thumbprint: str | None
     once: bool
     client_ip: str | None
+    attested_subject: str | None
 
 
 def _ascii_text(value: object) -> str | None:
@@ -141,6 +142,7 @@ def issue_request(
     cert_thumbprint: str | None = None,
     once: bool = False,
     client_ip: str | None = None,
+    attested_subject: str | None = None,
 ) -> IssueRequest:
     """The `IssueRequest` for `Broker.issue`'s keyword arguments. Raises
     `InvalidArgumentError` for a request no store needs to see (lifetime, ids, scopes,
@@ -156,6 +158,7 @@ def issue_request(
             cert_thumbprint=cert_thumbprint,
             once=once,
             client_ip=client_ip,
+            attested_subject=attested_subject,
         )
     except (TypeError, UnicodeError, OverflowError) as exc:
         raise InvalidArgumentError(f"issue request: {exc}") from None

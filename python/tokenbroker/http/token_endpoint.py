@@ -366,7 +366,12 @@ class TokenEndpoint:
         if jkt is not None and proof_jti is not None:
             await self._remember_proof(record, jkt, proof_jti, proof_iat)
         wanted = issue_request(
-            client_id=record.client_id, audience=audience, scopes=scopes, dpop_jkt=jkt, client_ip=client_ip
+            client_id=record.client_id,
+            audience=audience,
+            scopes=scopes,
+            dpop_jkt=jkt,
+            client_ip=client_ip,
+            attested_subject=attested_subject,
         )
         kind, value = ("jkt", jkt) if jkt is not None else ("ip", client_ip)
         issued = await self._c.broker.aissue_request(

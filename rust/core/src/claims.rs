@@ -40,6 +40,10 @@ pub struct AccessClaims {
     pub cnf: Option<Confirmation>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub once: bool,
+    /// The subject a workload attestation proved (a SPIFFE ID), when the token was
+    /// issued on one (the jwt-bearer grant): who the client is, as its attester says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attested_sub: Option<String>,
 }
 
 fn malformed(detail: impl Into<std::borrow::Cow<'static, str>>) -> Rejection {
@@ -114,6 +118,11 @@ impl AccessClaims {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(malformed("claim 'once' is not a boolean")),
         };
+        let attested_sub = match map.get("attested_sub") {
+            None => None,
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_CLAIM_BYTES => Some(s.clone()),
+            Some(_) => return Err(malformed("claim 'attested_sub' is not a non-empty string")),
+        };
         Ok(AccessClaims {
             iss: string(map, "iss")?,
             sub,
@@ -127,6 +136,7 @@ impl AccessClaims {
             scope,
             cnf,
             once,
+            attested_sub,
         })
     }
 

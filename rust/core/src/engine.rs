@@ -81,6 +81,8 @@ pub struct IssueRequest<'a> {
     pub dpop_jkt: Option<&'a str>,
     pub cert_thumbprint: Option<&'a str>,
     pub once: bool,
+    /// The subject of the attestation the client proved itself with, named in the token.
+    pub attested_subject: Option<&'a str>,
 }
 
 impl IssueRequest<'_> {
@@ -273,6 +275,7 @@ impl Engine {
             scope: req.scopes.join(" "),
             cnf,
             once: req.once,
+            attested_sub: req.attested_subject.map(str::to_owned),
         };
         let token = self.sign(&claims)?;
         Ok((token, claims))

@@ -561,3 +561,24 @@ fn introspection_checks_everything_but_the_binding_and_records_nothing() {
     forged.replace_range(forged.len() - 4.., "AAAA");
     assert_eq!(e.introspect(forged.as_bytes(), AUD, NOW).unwrap_err().reason, Reason::BadSignature);
 }
+
+#[test]
+fn a_token_issued_on_an_attestation_names_the_attested_subject() {
+    let e = engine();
+    let scopes = vec!["tools:read".to_string()];
+    let req = IssueRequest {
+        client_id: "agent-1",
+        audience: AUD,
+        scopes: &scopes,
+        attested_subject: Some("spiffe://attest.test/ns/a/sa/b"),
+        ..Default::default()
+    };
+    let (token, claims) = e.issue(&req, "sess-1", u64::MAX, NOW).unwrap();
+    assert_eq!(claims.attested_sub.as_deref(), Some("spiffe://attest.test/ns/a/sa/b"));
+    let validated =
+        e.validate(&ValidateRequest { token: token.as_bytes(), audience: AUD, ..Default::default() }, NOW).unwrap();
+    assert_eq!(validated.claims.attested_sub.as_deref(), Some("spiffe://attest.test/ns/a/sa/b"));
+    // Without an attestation there is no such claim at all.
+    let plain = e.issue(&IssueRequest { attested_subject: None, ..req }, "sess-1", u64::MAX, NOW).unwrap().1;
+    assert!(plain.attested_sub.is_none());
+}

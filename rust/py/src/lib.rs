@@ -242,6 +242,8 @@ struct IssueRequest {
     once: bool,
     #[pyo3(get)]
     client_ip: Option<String>,
+    #[pyo3(get)]
+    attested_subject: Option<String>,
 }
 
 impl IssueRequest {
@@ -255,6 +257,7 @@ impl IssueRequest {
             dpop_jkt: self.dpop_jkt.as_deref(),
             cert_thumbprint: self.cert_thumbprint.as_deref(),
             once: self.once,
+            attested_subject: self.attested_subject.as_deref(),
         }
     }
 }
@@ -262,7 +265,7 @@ impl IssueRequest {
 #[pymethods]
 impl IssueRequest {
     #[new]
-    #[pyo3(signature = (*, client_id, audience, scopes=None, ttl_seconds=None, session_id=None, dpop_jkt=None, cert_thumbprint=None, once=false, client_ip=None))]
+    #[pyo3(signature = (*, client_id, audience, scopes=None, ttl_seconds=None, session_id=None, dpop_jkt=None, cert_thumbprint=None, once=false, client_ip=None, attested_subject=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         client_id: String,
@@ -274,6 +277,7 @@ impl IssueRequest {
         cert_thumbprint: Option<String>,
         once: bool,
         client_ip: Option<String>,
+        attested_subject: Option<String>,
     ) -> PyResult<Self> {
         let ttl_seconds = match ttl_seconds {
             None | Some(0) => None, // the broker's default lifetime
@@ -293,6 +297,7 @@ impl IssueRequest {
             cert_thumbprint: present(cert_thumbprint),
             once,
             client_ip: present(client_ip),
+            attested_subject: present(attested_subject),
         };
         request.core().check().map_err(PyCoreError)?;
         Ok(request)
