@@ -619,6 +619,25 @@ async def test_a_rate_limited_refetch_answers_the_last_good_document(ca, clock, 
     assert origin.count("/a.json") == 1
 
 
+async def test_made_up_urls_cannot_use_up_an_approved_documents_refetches(ca, clock, origin) -> None:
+    # Else an attacker spends the host's allowance on junk URLs, the approved client's
+    # document cannot be refetched, and a key its owner removed keeps working on the last
+    # good copy for up to a day.
+    for target in ("/victim.json", "/junk-1.json", "/junk-2.json"):
+        origin.replies[target] = Reply.json({}, cache_control="no-store")
+    fetcher = loopback_fetcher(ca, clock, per_host_rate=0.0, per_host_burst=1)
+    await fetcher.fetch(origin.url("/victim.json"), approved=True)
+    await fetcher.fetch(origin.url("/junk-1.json"))
+    assert (await refused(fetcher, origin.url("/junk-2.json"))).reason == "rate_limited"
+    again = await fetcher.fetch(origin.url("/victim.json"), approved=True)
+    assert (again.stale, again.failure) == (True, "rate_limited")  # its own allowance: one, used above
+    assert origin.count("/victim.json") == 1
+    fresh = loopback_fetcher(ca, clock, per_host_rate=0.0, per_host_burst=1)
+    await fresh.fetch(origin.url("/junk-1.json"))  # the junk's allowance is spent ...
+    refetched = await fresh.fetch(origin.url("/victim.json"), approved=True)  # ... not the approved one's
+    assert (refetched.stale, refetched.from_cache) == (False, False)
+
+
 async def test_names_sharing_an_address_share_its_rate_limit(ca, clock, origin) -> None:
     origin.replies["/client.json"] = Reply.json({}, cache_control="no-store")
     answers = {"cimd.test": [PUBLIC], "alias.test": [PUBLIC]}

@@ -730,3 +730,29 @@ def test_servers_add_relay_client_ip_is_stored_in_the_registry(tmp_path: Path) -
     record = FileRegistry(tmp_path / "registry.toml").server("gw")
     assert record is not None
     assert record.relay_client_ip
+
+
+async def test_client_metadata_documents_that_cannot_be_used_count_as_failed_authentications(tmp_path: Path) -> None:
+    # Else one source could make the broker fetch documents without limit.
+    from tokenbroker.cimd import CimdFetchError
+
+    class Unreachable:  # stands in for the document's origin, outside the thing under test
+        async def record_for(self, client_id: str) -> Any:
+            raise CimdFetchError("connect_failed", "no connection to docs.example on port 443", host="docs.example")
+
+    auth = ClientAuthenticator(
+        FileRegistry(tmp_path / "registry.toml"),
+        MemoryStore(),
+        assertion_audience=ISSUER,
+        source_failure_burst=3,
+        source_failures_per_second=0,
+        cimd=Unreachable(),  # type: ignore[arg-type]
+    )
+    rules = []
+    for n in range(4):
+        with pytest.raises((AuthenticationError, RateLimitedError)) as raised:
+            await auth.aauthenticate_client(
+                client_id=f"https://docs.example/clients/{n}.json", client_assertion="a.b.c", client_ip="198.51.100.9"
+            )
+        rules.append(getattr(raised.value, "rule", ""))
+    assert rules == ["cimd.connect_failed"] * 3 + ["auth.rate_limited"]

@@ -606,9 +606,7 @@ class ClientAuthenticator:
                     record, cimd[1], client_id, client_assertion, now
                 )
             else:
-                record, replay = self._check_credential(
-                    client_id, client_assertion or None, client_secret or None, now
-                )
+                record, replay = self._check_credential(client_id, client_assertion or None, client_secret or None, now)
         except CredentialRefusedError:
             self._charge(client_id, source)
             if throttled:
@@ -707,10 +705,12 @@ class ClientAuthenticator:
         pending), the pinned ones of the current document once it is. The source's failure
         limit is checked first: nobody makes the broker fetch documents for free."""
         assert self.cimd is not None
-        self._check_source_rate(source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else ""))
+        source = source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else "")
+        self._check_source_rate(source)
         try:
             record, document = await self.cimd.record_for(client_id)
         except (CimdFetchError, CimdDocumentError) as exc:
+            self._charge(client_id, source)  # a document that cannot be used is a failed authentication
             raise CredentialRefusedError(
                 f"the client metadata document at {client_id[:200]} cannot be used: {exc}",
                 f"cimd.{getattr(exc, 'reason', 'invalid')}",

@@ -197,7 +197,7 @@ class CimdFetcher:
             self._active += 1
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await self._get(target)
+                answer = await self._get(target, approved)
         except TimeoutError:
             raise CimdFetchError(
                 "timeout", f"fetching the document at {host} took longer than {self.timeout:g} s", host=host
@@ -222,9 +222,13 @@ class CimdFetcher:
         self._cache.put(entry, approved=approved)
         return entry
 
-    async def _get(self, target: CimdUrl) -> wire.Answer:
+    async def _get(self, target: CimdUrl, approved: bool = False) -> wire.Answer:
         host = target.host
-        self._charge(f"host:{host}", host)
+        # Approved clients' documents have rate limits of their own: fetches of made-up URLs
+        # on the same host must not use up the allowance that refetches an approved client's
+        # document (else an attacker keeps a removed key working on the last good copy).
+        tier = "approved-" if approved else ""
+        self._charge(f"{tier}host:{host}", host)
         addresses = [host] if target.ip_literal else await self._resolve(target)
         for address in addresses:
             refusal = address_refusal(address, allow_loopback=self.allow_loopback)
@@ -234,7 +238,7 @@ class CimdFetcher:
                     f"{host} is or resolves to {refusal}: documents are fetched from public addresses only",
                     host=host,
                 )
-        reader, writer = await self._connect(addresses, target)
+        reader, writer = await self._connect(addresses, target, tier)
         try:
             await wire.start_tls(writer, self._tls, host)
             return await wire.get(
@@ -262,11 +266,11 @@ class CimdFetcher:
         return addresses
 
     async def _connect(
-        self, addresses: list[str], target: CimdUrl
+        self, addresses: list[str], target: CimdUrl, tier: str = ""
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         failure: OSError | None = None
         for address in addresses[:MAX_CONNECT_ATTEMPTS]:
-            self._charge(f"address:{rate_key(address)}", target.host)
+            self._charge(f"{tier}address:{rate_key(address)}", target.host)
             try:
                 return await self._connector(address, target.port)
             except OSError as error:
