@@ -165,6 +165,7 @@ bench: build-native redis ## Benchmarks with same-run baselines -> benches/resul
 	$(VENV)/bin/tokenbroker bench --duration 3 --warmup 0.5 --soak 60 --soak-warmup 65 --out benches/results
 	$(PY) benches/cpu_per_request.py --duration 5 --json benches/results/cpu-per-request.json | tee benches/results/cpu-per-request.md
 	$(PY) benches/token_endpoint.py --json benches/results/token-endpoint.json | tee benches/results/token-endpoint.md
+	$(PY) benches/cimd_latency.py --json benches/results/cimd-latency.json --markdown benches/results/cimd-latency.md
 
 # mypy runs twice: benches/conftest.py and tests/conftest.py are both the top-level module
 # `conftest` (see [tool.mypy] in pyproject.toml), which one run cannot hold.
