@@ -130,7 +130,13 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         session_limit=SessionLimit(settings.max_sessions),
         session_idle_seconds=settings.session_idle_seconds,
     )
-    registry = FileRegistry(settings.registry_file)
+    registry: FileRegistry
+    if settings.redis_url:  # pending clients, approvals and pins shared by every replica
+        from tokenbroker.registry_shared import SharedRegistry
+
+        registry = SharedRegistry.for_store(settings.registry_file, store)
+    else:
+        registry = FileRegistry(settings.registry_file)
     events = Events()
     cimd = CimdClients(
         registry,

@@ -20,6 +20,7 @@ recorded, so made-up documents cannot grow the registry."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -78,16 +79,21 @@ class CimdClients:
         record = self.registry.client(client_id)
         now = int(self._clock())
         pins = tuple(sorted(document.thumbprints))
+        if record is None or self._changed(record, document):
+            # About to write: decide on the registry as it is now, not on the snapshot of up
+            # to a second ago, so an approval the CLI just made is not overwritten.
+            await asyncio.to_thread(self.registry.reload)
+            record = self.registry.client(client_id)
         if record is None:
-            return self._first_sight(client_id, document, pins, now), document
-        if record.status is ClientStatus.APPROVED and frozenset(record.pinned_thumbprints) != document.thumbprints:
+            return await self._first_sight(client_id, document, pins, now), document
+        if self._changed(record, document):
             changed = dataclasses.replace(
                 record,
                 status=ClientStatus.PENDING,
                 document_fingerprint=document.fingerprint,
                 document_domain=document.domain,
             )
-            self.registry.put_client(changed)
+            await self._save(changed)
             self._events.emit(
                 CLIENT_DOCUMENT_CHANGED,
                 client_id=client_id,
@@ -102,7 +108,19 @@ class CimdClients:
             return changed, document
         return record, document
 
-    def _first_sight(self, client_id: str, document: ClientDocument, pins: tuple[str, ...], now: int) -> ClientRecord:
+    @staticmethod
+    def _changed(record: ClientRecord, document: ClientDocument) -> bool:
+        """An approved client whose document no longer lists exactly its pinned keys."""
+        return record.status is ClientStatus.APPROVED and frozenset(record.pinned_thumbprints) != document.thumbprints
+
+    async def _save(self, record: ClientRecord) -> None:
+        """Records `record` off the event loop: the registry writes a file (fsync) or,
+        shared between replicas, Redis (`registry_shared`), and neither may stall the door."""
+        await asyncio.to_thread(self.registry.put_client, record)
+
+    async def _first_sight(
+        self, client_id: str, document: ClientDocument, pins: tuple[str, ...], now: int
+    ) -> ClientRecord:
         rule = trusted_domain_rule(document.domain, self._trusted)
         base = ClientRecord(
             client_id,
@@ -123,12 +141,12 @@ class CimdClients:
                 approved_until=now + self._ttl,
                 approval_rule=f"trusted_domain:{rule}",
             )
-            self.registry.put_client(record)
+            await self._save(record)
             return record
         pending = sum(1 for c in self.registry.clients() if c.status is ClientStatus.PENDING)
         if pending >= self._max_pending:
             return base  # pending, not recorded: the registry does not grow past its bound
-        self.registry.put_client(base)
+        await self._save(base)
         self._events.emit(
             CLIENT_PENDING,
             client_id=client_id,

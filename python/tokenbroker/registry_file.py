@@ -418,6 +418,24 @@ def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
     return data
 
 
+def client_to_dict(record: ClientRecord) -> dict[str, Any]:
+    """The record in the shape the file writes (plain JSON types too): the shared registry
+    (`registry_shared`) keeps clients in Redis in this same shape."""
+    return _client_to_toml(record)
+
+
+def client_from_dict(client_id: str, data: Mapping[str, Any], source: str) -> ClientRecord:
+    """A record from `client_to_dict`'s shape, checked as a file's record is; raises
+    `RegistryFileError` naming `source` and the client."""
+    return _client_from_toml(client_id, data, source)
+
+
+def checked_client(record: ClientRecord) -> ClientRecord:
+    """The record as the file would store it (clean key, canonical CIDRs, checked
+    governance fields), or raises `InvalidArgumentError` naming what is wrong."""
+    return _checked_client(record)
+
+
 def _server_to_toml(record: ServerRecord) -> dict[str, Any]:
     data: dict[str, Any] = {"audiences": list(record.audiences), "admin": record.admin}
     if record.relay_client_ip:
@@ -800,6 +818,9 @@ __all__ = [
     "check_spiffe_id",
     "check_text",
     "check_time",
+    "checked_client",
+    "client_from_dict",
+    "client_to_dict",
     "generate_secret",
     "hash_secret",
     "jwk_thumbprint",

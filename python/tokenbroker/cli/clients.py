@@ -4,7 +4,13 @@ them and until when, and how old their key may grow.
 
 Dates on the command line are ISO 8601 in UTC: a date (`2026-12-31`, meaning 00:00 UTC
 that day) or a date and time (`2026-12-31T18:00:00Z`; without an offset it is UTC). JSON
-output shows times the same way; the registry file keeps them as Unix seconds."""
+output shows times the same way; the registry file keeps them as Unix seconds.
+
+With `redis_url` set (the same settings `serve` reads: `--config`, `TOKENBROKER_REDIS_URL`)
+the clients' status, approvals and pinned documents are read from and written to the state
+every replica shares through Redis (`tokenbroker.registry_shared`), so `approve` and
+`disable` reach every replica within a second; keys, audiences and the rest of a client's
+static configuration still go to the registry file."""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from tokenbroker.cli._values import scopes as split_scopes
 
 if TYPE_CHECKING:
     from tokenbroker.registry import ClientRecord, ClientStatus
+    from tokenbroker.registry_file import FileRegistry
 
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 
@@ -38,10 +45,32 @@ def clients() -> None:
 _TIME_FIELDS = ("approved_at", "approved_until", "key_created_at", "key_not_after")
 _KEY_TYPE_OF_KTY = {"OKP": "ed25519", "EC": "p256", "RSA": "rsa"}
 _DAY_SECONDS = 86_400
+_REGISTRY_META = "tokenbroker.clients.registry"
 
 
 def _now() -> int:
     return int(time.time())
+
+
+def _registry(state: State) -> FileRegistry:
+    """The registry these commands read and change: the file; with `redis_url` set (the
+    same settings `serve` reads), the file with the clients' dynamic state shared through
+    Redis, so an approval made here reaches every replica (`tokenbroker.registry_shared`).
+    One per command, closed when it ends."""
+    context = click.get_current_context()
+    registry: FileRegistry | None = context.meta.get(_REGISTRY_META)
+    if registry is None:
+        settings = state.settings()
+        if settings.redis_url:
+            from tokenbroker.registry_shared import SharedRegistry
+
+            shared = SharedRegistry.connect(settings)
+            context.call_on_close(shared.close)
+            registry = shared
+        else:
+            registry = state.registry()
+        context.meta[_REGISTRY_META] = registry
+    return registry
 
 
 def _iso(unix_seconds: int | None) -> str | None:
@@ -282,7 +311,7 @@ def clients_add(
         _approval(state, by, until, for_days, now) if approve else {"status": ClientStatus.PENDING}
     )
     not_after = _future_time("--key-not-after", key_not_after, now, "") if key_not_after else None
-    registry = state.registry()
+    registry = _registry(state)
     if registry.client(client_id) is not None:
         fail(
             f"client {client_id!r} already exists: change it with `tokenbroker clients update {client_id}` "
@@ -432,13 +461,13 @@ def clients_update(
             "nothing to change: give --audience, --scope, --public-key, --max-sessions, --binding, "
             "--require-dpop-nonce, --owner, --spiffe-id, --require-attestation, --key-not-after, ..."
         )
-    record = state.registry().update_client(client_id, **changes)
+    record = _registry(state).update_client(client_id, **changes)
     info(f"updated client {client_id!r}")
     print_json(_client_json(record, now, _key_max_age_seconds(state)))
 
 
 def _set_status(state: State, client_id: str, status: ClientStatus) -> ClientRecord:
-    return state.registry().update_client(client_id, status=status)
+    return _registry(state).update_client(client_id, status=status)
 
 
 @clients.command("approve")
@@ -457,12 +486,12 @@ def clients_approve(state: State, client_id: str, by: str | None, until: str | N
     if client_id.startswith("https://"):
         approval.update(_pin_document(state, client_id))
         pinned = f", pinned {len(approval['pinned_thumbprints'])} key(s) of its document"
-        if state.registry().client(client_id) is None:  # approved before its first request
+        if _registry(state).client(client_id) is None:  # approved before its first request
             _add_cimd_record(state, client_id, approval)
             approval = {}
     if approval:
-        state.registry().update_client(client_id, **approval)
-    stored = state.registry().client(client_id)
+        _registry(state).update_client(client_id, **approval)
+    stored = _registry(state).client(client_id)
     assert stored is not None
     assert stored.approved_until is not None
     info(
@@ -502,7 +531,7 @@ def _add_cimd_record(state: State, client_id: str, approval: dict[str, Any]) -> 
         max_sessions=settings.max_sessions,
         **approval,
     )
-    state.registry().add_client(record)  # `approval` holds status approved
+    _registry(state).add_client(record)  # `approval` holds status approved
 
 
 @clients.command("disable")
@@ -524,7 +553,7 @@ def clients_disable(state: State, client_id: str) -> None:
 @pass_state
 def clients_remove(state: State, client_id: str) -> None:
     """Delete a client from the registry."""
-    state.registry().remove_client(client_id)
+    _registry(state).remove_client(client_id)
     info(
         f"removed client {client_id!r}; tokens it holds stay valid until they expire unless you run "
         f"`tokenbroker revoke client {client_id}`"
@@ -536,7 +565,7 @@ def clients_remove(state: State, client_id: str) -> None:
 @pass_state
 def clients_list(state: State, as_json: bool) -> None:
     """List the registered clients."""
-    records = state.registry().clients()
+    records = _registry(state).clients()
     now = _now()
     if as_json:
         max_age = _key_max_age_seconds(state)
@@ -571,7 +600,7 @@ def clients_show(state: State, client_id: str) -> None:
     expired when approved_until has passed), owner, approver, approval times and rule, key
     thumbprint and dates, pinned thumbprints, attestation, binding (a secret shows as
     "set", never its hash)."""
-    record = state.registry().client(client_id)
+    record = _registry(state).client(client_id)
     if record is None:
         fail(f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones")
     print_json(_client_json(record, _now(), _key_max_age_seconds(state)))
@@ -632,7 +661,7 @@ def clients_rotate_key(
             "give the new credential: --out FILE (generate a key, its private key written there), "
             "--public-key FILE (a public key you made) or --generate-secret"
         )
-    registry = state.registry()
+    registry = _registry(state)
     current = registry.client(client_id)
     if current is None:
         fail(f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones")

@@ -77,7 +77,18 @@ def build_http_app(components: Components, *, public_url: str | None = None) -> 
     introspection = Introspection(components)
 
     async def metadata(request: Request) -> Response:
-        scopes = {s for client in components.registry.clients() for s in client.allowed_scopes}
+        try:
+            clients = components.registry.clients()
+        except StoreUnavailableError:  # the registry shared through Redis is out of reach
+            return error_response(
+                OAuthError(
+                    "temporarily_unavailable",
+                    "the broker's registry is unreachable",
+                    status=503,
+                    headers={"Retry-After": "5"},
+                )
+            )
+        scopes = {s for client in clients for s in client.allowed_scopes}
         document = authorization_server_metadata(endpoints, scopes, grants)
         return JSONResponse(document, headers={"Cache-Control": "public, max-age=60"})
 
