@@ -122,3 +122,19 @@ def test_an_attestation_is_used_once(setup) -> None:
         again = grant(http, broker, assertion)
     assert (again.status_code, again.json()["error"]) == (400, "invalid_grant"), again.text
     assert "already used" in again.json()["error_description"]
+
+
+def test_an_attestation_may_also_be_the_client_assertion(setup) -> None:
+    _, broker, domain, _ = setup
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": "reporter",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": domain.svid(WORKLOAD, issuer_of(broker)),
+        "resource": AUDIENCE_A,
+    }
+    with http_client() as http:
+        answer = http.post(door_url(broker, "token"), data=form)
+    assert answer.status_code == 200, answer.text
+    claims = claims_of(answer.json()["access_token"])
+    assert (claims["client_id"], claims["attested_sub"]) == ("reporter", WORKLOAD)

@@ -306,6 +306,16 @@ class TokenEndpoint:
             credential = ClientCredential("attestation", form.get("client_id") or "", assertion=form.get("assertion"))
         else:
             credential = client_credential(request, form)
+            if (
+                self._attesters is not None
+                and credential.assertion is not None
+                and _assertion_subject(credential.assertion).startswith("spiffe://")
+            ):
+                # A workload's attestation sent as its client_assertion (RFC 7523 section
+                # 2.2): the same checks as the jwt-bearer grant.
+                credential = ClientCredential(
+                    "attestation", form.get("client_id") or "", assertion=credential.assertion
+                )
         audit["client_id"] = credential.client_id[:256]
         resource = requested_resource(form)
         audit["audience"] = (resource or "")[:2048]
