@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tokenbroker.config import ConfigError
 from tokenbroker.errors import AuthenticationError
+from tokenbroker.jwk import thumbprint
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +187,6 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _thumbprint(jwk: Mapping[str, Any]) -> str:
-    """RFC 7638 SHA-256 thumbprint of a public JWK given in its canonical members."""
-    required = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}[jwk["kty"]]
-    canonical = json.dumps({m: jwk[m] for m in required}, separators=(",", ":"), sort_keys=True)
-    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
-
-
 @dataclass(frozen=True, slots=True)
 class _Key:
     """One public key of a trust domain, loaded once for each algorithm it may verify."""
@@ -259,7 +253,7 @@ def _load_key(jwk: Mapping[str, Any]) -> _Key:
         canonical = jwt.algorithms.OKPAlgorithm.to_jwk(public, as_dict=True)
     else:  # an X448/Ed448 OKP key would load; it is refused by _algorithms_of first
         raise ValueError(f"{kind} did not load as a public key")
-    return _Key(kid=kid, kind=kind, thumbprint=_thumbprint(canonical), verifiers=verifiers)
+    return _Key(kid=kid, kind=kind, thumbprint=thumbprint(canonical), verifiers=verifiers)
 
 
 @dataclass(frozen=True, slots=True)

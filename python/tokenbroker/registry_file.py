@@ -42,7 +42,6 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 import re
 import secrets
@@ -58,6 +57,7 @@ import structlog
 import tomli_w
 
 from tokenbroker.errors import InvalidArgumentError
+from tokenbroker.jwk import thumbprint
 from tokenbroker.models import LimitPolicy
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 
@@ -96,7 +96,6 @@ _MAX_PINNED_THUMBPRINTS = 64
 _FINGERPRINT = re.compile(r"[A-Za-z0-9._:+/=-]{1,200}")
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # The members RFC 7638 hashes for each key type (section 3.2), in lexicographic order.
-_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
 
 
 class RegistryFileError(InvalidArgumentError):
@@ -228,10 +227,7 @@ def _check_rsa_members(jwk: Mapping[str, Any], where: str) -> dict[str, str]:
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     """The RFC 7638 SHA-256 thumbprint (base64url) of a public JWK the registry accepts
     (OKP Ed25519, EC P-256, RSA), what `clients show` prints and CIMD approval pins."""
-    clean = check_public_jwk(jwk)
-    members = {name: clean[name] for name in _THUMBPRINT_MEMBERS[clean["kty"]]}
-    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode("ascii")
+    return thumbprint(check_public_jwk(jwk))
 
 
 def check_time(name: str, value: Any) -> int:

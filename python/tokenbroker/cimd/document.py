@@ -13,18 +13,15 @@ pins, and the document's domain, which `cimd_trusted_domains` is matched against
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tokenbroker import _core
 from tokenbroker.cimd.errors import CimdDocumentError, CimdFetchError
 from tokenbroker.cimd.fetch import CimdFetcher
 from tokenbroker.cimd.url import parse_cimd_url
 from tokenbroker.errors import InvalidArgumentError
+from tokenbroker.jwk import thumbprint
 from tokenbroker.registry_file import check_public_jwk
 
 AUTH_METHOD = "private_key_jwt"
@@ -32,7 +29,6 @@ MAX_KEYS = 16
 MAX_CLIENT_NAME_LENGTH = 200
 _SECRET_MEMBERS = ("client_secret", "client_secret_expires_at")
 _PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
-_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
 
 
 @dataclass(frozen=True)
@@ -58,17 +54,8 @@ class ClientDocument:
 
 
 def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
-    """The RFC 7638 thumbprint (base64url SHA-256) of a key `check_public_jwk` returned.
-
-    OKP and EC keys go through the engine's own function, so a pinned thumbprint is the
-    one the engine computes; RSA keys (which the engine does not compute) are hashed here
-    over their required members in lexicographic order, without whitespace."""
-    members = _THUMBPRINT_MEMBERS[jwk["kty"]]
-    required = {name: jwk[name] for name in members}
-    if jwk["kty"] != "RSA":
-        return _core.jwk_thumbprint(json.dumps(required))
-    canonical = json.dumps(required, separators=(",", ":"), sort_keys=True).encode("ascii")
-    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode("ascii")
+    """The RFC 7638 thumbprint of a key `check_public_jwk` returned (the one pinned)."""
+    return thumbprint(jwk)
 
 
 @dataclass(frozen=True)
