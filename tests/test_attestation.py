@@ -164,9 +164,11 @@ async def test_es384_with_a_p384_key(tmp_path: Path) -> None:
     await refused(attesters, wrong_type, "attestation.algorithm")
 
 
-async def test_aud_may_be_an_array_that_contains_the_audience(domains: Domains) -> None:
-    token = domains.svid(aud=["https://elsewhere.test", AUDIENCE])
+async def test_aud_must_name_the_broker_alone(domains: Domains) -> None:
+    token = domains.svid(aud=[AUDIENCE])
     assert (await domains.attesters.verify(token, audience=AUDIENCE)).subject == WORKLOAD
+    # Another audience of the SVID could redeem it here first: refused.
+    await refused(domains.attesters, domains.svid(aud=["https://elsewhere.test", AUDIENCE]), "attestation.audience")
     await refused(domains.attesters, domains.svid(aud=["https://elsewhere.test"]), "attestation.audience")
     await refused(domains.attesters, domains.svid(aud=[]), "attestation.audience")
 

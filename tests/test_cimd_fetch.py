@@ -647,6 +647,17 @@ async def test_names_sharing_an_address_share_its_rate_limit(ca, clock, origin) 
     assert connector.calls == [(PUBLIC, 443)]
 
 
+async def test_slow_made_up_documents_cannot_hold_an_approved_refetch(ca, clock, origin) -> None:
+    origin.replies["/slow.json"] = Reply.json({}, delay=0.5)
+    origin.replies["/approved.json"] = Reply.json({})
+    fetcher = loopback_fetcher(ca, clock, max_concurrent=1)
+    slow = asyncio.create_task(fetcher.fetch(origin.url("/slow.json")))
+    await asyncio.sleep(0.2)
+    approved = await fetcher.fetch(origin.url("/approved.json"), approved=True)
+    assert (approved.stale, approved.from_cache) == (False, False)
+    assert (await slow).from_cache is False
+
+
 async def test_at_most_max_concurrent_fetches_run(ca, clock, origin) -> None:
     origin.replies["/slow.json"] = Reply.json({}, delay=0.5)
     origin.replies["/other.json"] = Reply.json({})

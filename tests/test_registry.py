@@ -213,3 +213,23 @@ labels = { env = "prod" }
     server = registry.server("mcp")
     assert server is not None
     assert server.labels == {"env": "prod"}
+
+
+def test_writers_in_several_processes_lose_no_change(tmp_path: Path) -> None:
+    # `serve` records CIMD clients while operators run the CLI: each change is a
+    # read-modify-write of the whole file, and one must never drop another's.
+    import subprocess
+    import sys
+
+    path = tmp_path / "registry.toml"
+    script = (
+        "import sys\n"
+        "from tokenbroker.registry import ClientRecord\n"
+        "from tokenbroker.registry_file import FileRegistry\n"
+        "registry = FileRegistry(sys.argv[1])\n"
+        "for n in range(25):\n"
+        "    registry.add_client(ClientRecord(f'{sys.argv[2]}-{n}'))\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), name]) for name in ("a", "b", "c")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
+    assert len(FileRegistry(path).clients()) == 75

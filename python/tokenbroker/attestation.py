@@ -682,8 +682,13 @@ class Attesters:
         audiences = [aud] if isinstance(aud, str) else aud
         if not isinstance(audiences, list) or not audiences or not all(isinstance(a, str) for a in audiences):
             raise _refuse("attestation.audience", f"aud must be a string or an array of strings naming {audience!r}")
-        if audience not in audiences:
-            raise _refuse("attestation.audience", f"aud must contain {audience!r}: ask for an SVID with that audience")
+        # Exactly the broker: an SVID that also names other audiences could be redeemed here
+        # first by any of them (for a token bound to its own key).
+        if audiences != [audience]:
+            raise _refuse(
+                "attestation.audience",
+                f"aud must be exactly {audience!r} (one audience): ask for an SVID for the broker alone",
+            )
         now = int(self._clock())
         exp, iat, nbf = (_numeric_date(claims, n) for n in ("exp", "iat", "nbf"))
         if exp is None:

@@ -711,8 +711,16 @@ class ClientAuthenticator:
             record, document = await self.cimd.record_for(client_id)
         except (CimdFetchError, CimdDocumentError) as exc:
             self._charge(client_id, source)  # a document that cannot be used is a failed authentication
+            # A document's own faults are the client's to fix and are said; why a fetch failed
+            # (which address, refused, TLS, timeout) would let anyone map networks through the
+            # broker, so it goes to the log only.
+            if isinstance(exc, CimdFetchError):
+                log.info("client metadata document fetch failed", client_id=client_id[:200], reason=exc.reason)
+                why = "it could not be fetched (https only, a public address, no redirect, at most 5 KB in 5 s)"
+            else:
+                why = str(exc)
             raise CredentialRefusedError(
-                f"the client metadata document at {client_id[:200]} cannot be used: {exc}",
+                f"the client metadata document at {client_id[:200]} cannot be used: {why}",
                 f"cimd.{getattr(exc, 'reason', 'invalid')}",
             ) from None
         if record.status is ClientStatus.APPROVED:

@@ -39,6 +39,8 @@ approve` takes effect in a running broker without a restart."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -48,7 +50,7 @@ import secrets
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -618,10 +620,25 @@ class FileRegistry:
 
     # -- changes (each re-reads the file, applies one change, saves atomically) --------
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Held around each change's read-modify-write: this process's lock, and an
+        exclusive flock on a sidecar file for every process (the CLI, and `serve`, which
+        records CIMD clients), so one writer never replaces the file with a copy that lacks
+        another's change (a `clients disable` lost that way would let the client back in)."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # and with it the flock
+
     def add_client(self, record: ClientRecord) -> None:
         """Registers a new client. Raises `InvalidArgumentError` if the id is taken."""
         check_id("client", record.client_id)
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             if record.client_id in snapshot.clients:
                 raise InvalidArgumentError(
@@ -633,13 +650,13 @@ class FileRegistry:
     def put_client(self, record: ClientRecord) -> None:
         """Adds or replaces a client."""
         check_id("client", record.client_id)
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             self._save_locked({**snapshot.clients, record.client_id: _checked_client(record)}, snapshot.servers)
 
     def update_client(self, client_id: str, **changes: Any) -> ClientRecord:
         """Changes fields of a client (e.g. `status=ClientStatus.APPROVED`); returns the new record."""
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             current = snapshot.clients.get(client_id)
             if current is None:
@@ -652,7 +669,7 @@ class FileRegistry:
             return updated
 
     def remove_client(self, client_id: str) -> None:
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             if client_id not in snapshot.clients:
                 raise InvalidArgumentError(_unknown_client(client_id))
@@ -662,7 +679,7 @@ class FileRegistry:
     def add_server(self, record: ServerRecord) -> None:
         """Registers a new server. Raises `InvalidArgumentError` if the id is taken."""
         check_id("server", record.server_id)
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             if record.server_id in snapshot.servers:
                 raise InvalidArgumentError(
@@ -674,12 +691,12 @@ class FileRegistry:
     def put_server(self, record: ServerRecord) -> None:
         """Adds or replaces a server."""
         check_id("server", record.server_id)
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             self._save_locked(snapshot.clients, {**snapshot.servers, record.server_id: record})
 
     def remove_server(self, server_id: str) -> None:
-        with self._lock:
+        with self._changing():
             snapshot = self._read()
             if server_id not in snapshot.servers:
                 raise InvalidArgumentError(

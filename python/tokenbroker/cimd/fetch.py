@@ -127,6 +127,7 @@ class CimdFetcher:
         self._cache = LastGoodCache(max_entries=cache_max_entries)
         self._max_concurrent = int(max_concurrent)
         self._active = 0
+        self._active_approved = 0
         self._inflight: dict[str, asyncio.Task[CachedBody]] = {}
         self._lock = threading.Lock()
 
@@ -189,12 +190,22 @@ class CimdFetcher:
 
     async def _refetch(self, target: CimdUrl, approved: bool) -> CachedBody:
         host = target.host
+        # Approved clients' refetches have slots of their own: slow origins of made-up URLs
+        # holding every slot must not make an approved document stale (a removed key would
+        # keep working on the last good copy).
         with self._lock:
-            if self._active >= self._max_concurrent:
-                raise CimdFetchError(
-                    "rate_limited", "too many document fetches are running: try again shortly", host=host
-                )
-            self._active += 1
+            if approved:
+                if self._active_approved >= self._max_concurrent:
+                    raise CimdFetchError(
+                        "rate_limited", "too many document fetches are running: try again shortly", host=host
+                    )
+                self._active_approved += 1
+            else:
+                if self._active >= self._max_concurrent:
+                    raise CimdFetchError(
+                        "rate_limited", "too many document fetches are running: try again shortly", host=host
+                    )
+                self._active += 1
         try:
             async with asyncio.timeout(self.timeout):
                 answer = await self._get(target, approved)
@@ -204,7 +215,10 @@ class CimdFetcher:
             ) from None
         finally:
             with self._lock:
-                self._active -= 1
+                if approved:
+                    self._active_approved -= 1
+                else:
+                    self._active -= 1
         parse_json_object(answer.body, host=host)  # refused here, so it never becomes the last good copy
         now = self._clock()
         lifetime = freshness_seconds(

@@ -434,9 +434,11 @@ class TokenEndpoint:
         except AttestationError as exc:
             raise OAuthError("invalid_grant", str(exc), rule=exc.reason) from None
         subject = attestation.subject
+        # One client per SPIFFE ID, whatever the request names: else one attestation could
+        # be redeemed once per client sharing the ID (its replay record is the client's).
         records = [r for r in self._c.registry.clients() if r.spiffe_id == subject]
-        if credential.client_id:
-            records = [r for r in records if r.client_id == credential.client_id]
+        if credential.client_id and [r.client_id for r in records] != [credential.client_id]:
+            records = []
         if len(records) != 1:
             raise OAuthError(
                 "invalid_grant",
