@@ -630,3 +630,14 @@ def test_serve_demo_end_to_end_over_grpc(env: dict[str, str], tmp_path: Path) ->
         ("issue", "grant", "client.approved"),
         ("issue", "refuse", "audience.not_allowed"),
     }
+
+
+def test_a_client_metadata_document_id_takes_no_key_or_secret_of_its_own(env: dict[str, str], tmp_path: Path) -> None:
+    # Its keys are its document's, pinned at approval; a key given here would let it in
+    # over gRPC IssueToken with no document or pin check.
+    url = "https://agents.example/client.json"
+    assert_one_line_error(run(env, "clients", "add", url, "--generate-secret"), "metadata document")
+    assert_one_line_error(run(env, "clients", "rotate-key", url), "rotate-key is refused")
+    key = tmp_path / "key.pem"
+    assert run(env, "clients", "add", "other", "--generate-key", str(key)).exit_code == 0
+    assert_one_line_error(run(env, "clients", "update", url, "--public-key", str(key)), "--public-key is refused")

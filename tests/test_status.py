@@ -9,7 +9,7 @@ import sys
 import grpc
 import pytest
 
-from tokenbroker import client_auth, config, errors, registry_file
+from tokenbroker import attestation, client_auth, config, errors, registry_file
 from tokenbroker.service.servicer import STATUS_BY_ERROR, status_for
 from tokenbroker.status import ERROR_BY_STATUS, error_for_status, status_name_for, status_name_of
 
@@ -19,7 +19,7 @@ def _domain_errors() -> list[type[errors.TokenBrokerError]]:
     refine them."""
     found = {
         value
-        for module in (errors, client_auth, config, registry_file)
+        for module in (errors, client_auth, config, registry_file, attestation)
         for value in vars(module).values()
         if isinstance(value, type) and issubclass(value, errors.TokenBrokerError)
     }
@@ -51,11 +51,16 @@ def test_a_status_comes_back_as_an_error_sent_with_that_status(error_type: type[
 
 def test_the_statuses_a_domain_error_is_sent_as() -> None:
     assert {e.__name__: status_name_for(_one(e)) for e in DOMAIN_ERRORS} == {
+        "AttestationError": "UNAUTHENTICATED",
         "AuthenticationError": "UNAUTHENTICATED",
+        # Caught by the authenticator, which refuses the credential; never sent as such.
+        "CimdDocumentError": "INVALID_ARGUMENT",
+        "CimdFetchError": "INTERNAL",
         "ClientNotAllowedError": "PERMISSION_DENIED",
         "ClientRefusedError": "PERMISSION_DENIED",
         "ClientThrottledError": "RESOURCE_EXHAUSTED",
         "ConfigError": "INVALID_ARGUMENT",
+        "CredentialExpiredError": "UNAUTHENTICATED",
         "CredentialRefusedError": "UNAUTHENTICATED",
         "InvalidArgumentError": "INVALID_ARGUMENT",
         "InvalidKeyError": "INTERNAL",

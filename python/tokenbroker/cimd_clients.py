@@ -85,7 +85,7 @@ class CimdClients:
             await asyncio.to_thread(self.registry.reload)
             record = self.registry.client(client_id)
         if record is None:
-            return await self._first_sight(client_id, document, pins, now), document
+            return self._first_sight(client_id, document, pins, now), document
         if self._changed(record, document):
             changed = dataclasses.replace(
                 record,
@@ -118,9 +118,10 @@ class CimdClients:
         shared between replicas, Redis (`registry_shared`), and neither may stall the door."""
         await asyncio.to_thread(self.registry.put_client, record)
 
-    async def _first_sight(
-        self, client_id: str, document: ClientDocument, pins: tuple[str, ...], now: int
-    ) -> ClientRecord:
+    def _first_sight(self, client_id: str, document: ClientDocument, pins: tuple[str, ...], now: int) -> ClientRecord:
+        """The record a new client would get (approved on a trusted domain, else pending),
+        NOT recorded yet: only once its assertion verified with one of the document's keys
+        (`record_new`), so nobody fills the registry with documents they cannot sign for."""
         rule = trusted_domain_rule(document.domain, self._trusted)
         base = ClientRecord(
             client_id,
@@ -141,19 +142,31 @@ class CimdClients:
                 approved_until=now + self._ttl,
                 approval_rule=f"trusted_domain:{rule}",
             )
-            await self._save(record)
             return record
-        pending = sum(1 for c in self.registry.clients() if c.status is ClientStatus.PENDING)
-        if pending >= self._max_pending:
-            return base  # pending, not recorded: the registry does not grow past its bound
-        await self._save(base)
-        self._events.emit(
-            CLIENT_PENDING,
-            client_id=client_id,
-            action="deny",
-            evidence={"document_domain": document.domain, "document_fingerprint": document.fingerprint},
-        )
         return base
+
+    def is_new(self, record: ClientRecord) -> bool:
+        """Whether `record` is a first sight that `record_new` has not recorded yet."""
+        return self.registry.client(record.client_id) is None
+
+    async def record_new(self, record: ClientRecord) -> None:
+        """Records a first sight whose assertion verified: approved (trusted domain) or
+        pending (with a `client_pending` event); pending ones up to `max_pending`."""
+        if record.status is ClientStatus.PENDING:
+            pending = sum(1 for c in self.registry.clients() if c.status is ClientStatus.PENDING)
+            if pending >= self._max_pending:
+                return  # refused as pending, not recorded: the registry does not grow past its bound
+        await self._save(record)
+        if record.status is ClientStatus.PENDING:
+            self._events.emit(
+                CLIENT_PENDING,
+                client_id=record.client_id,
+                action="deny",
+                evidence={
+                    "document_domain": record.document_domain,
+                    "document_fingerprint": record.document_fingerprint,
+                },
+            )
 
     def pinned_keys(self, record: ClientRecord, document: ClientDocument) -> list[dict[str, str]]:
         """The document's keys that are pinned: the only ones that may sign for it."""

@@ -690,9 +690,18 @@ class ClientAuthenticator:
         cimd = None
         if self.cimd is not None and is_cimd_client_id(client_id):
             cimd = await self._cimd_candidate(client_id, client_ip)
-        record, replay, source, throttled = self._verify(
-            client_id, client_assertion, client_secret, client_ip, now, cimd=cimd
-        )
+        try:
+            record, replay, source, throttled = self._verify(
+                client_id, client_assertion, client_secret, client_ip, now, cimd=cimd
+            )
+        except ClientRefusedError:
+            # The assertion verified with the document's keys, and the client is pending:
+            # only now is a first sight recorded (and announced).
+            if cimd is not None and self.cimd is not None and self.cimd.is_new(cimd[0]):
+                await self.cimd.record_new(cimd[0])
+            raise
+        if cimd is not None and self.cimd is not None and self.cimd.is_new(record):
+            await self.cimd.record_new(record)  # a trusted domain's first sight, proved
         if replay is not None:
             key, issued_at, until = replay
             outcome = await self.store.aremember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)

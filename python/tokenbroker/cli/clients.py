@@ -187,6 +187,16 @@ def _load_public_key(path: Path) -> dict[str, str]:
         fail(f"{path}: {exc} (expected an Ed25519, P-256 or RSA public key in PEM, or a public JWK)")
 
 
+def _no_credentials_for_documents(client_id: str, what: str) -> None:
+    """A CIMD client's keys are its document's, pinned at approval: a key or secret given
+    here would let it in through gRPC IssueToken with no document or pin check."""
+    if client_id.startswith("https://"):
+        fail(
+            f"{client_id} names a client metadata document: its keys come from that document and are pinned by "
+            f"`tokenbroker clients approve {client_id}`, so {what} is refused"
+        )
+
+
 def _generate_client_key(key_type: str) -> tuple[bytes, dict[str, str]]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -292,6 +302,8 @@ def clients_add(
     for_days: int | None,
 ) -> None:
     """Register a client (pending until approved). Only hashes of secrets are stored."""
+    if public_key or generate_key or generate_secret:
+        _no_credentials_for_documents(client_id, "a key or secret of its own")
     from tokenbroker.models import LimitPolicy
     from tokenbroker.registry import Binding, ClientRecord, ClientStatus
     from tokenbroker.registry_file import check_cidr, check_id, hash_secret
@@ -420,6 +432,8 @@ def clients_update(
 ) -> None:
     """Change a client's key or policy; each list given replaces the old one. A new
     --public-key is a rotation (see rotate-key): its age counts from now."""
+    if public_key:
+        _no_credentials_for_documents(client_id, "--public-key")
     from tokenbroker.models import LimitPolicy
     from tokenbroker.registry import Binding
     from tokenbroker.registry_file import check_cidr
@@ -647,6 +661,7 @@ def clients_rotate_key(
 ) -> None:
     """Replace a client's key (or secret): the old one stops working at once, the new
     one's age counts from now. Prints the new key's RFC 7638 thumbprint (JSON)."""
+    _no_credentials_for_documents(client_id, "rotate-key")
     from tokenbroker.registry_file import generate_secret as new_secret
     from tokenbroker.registry_file import hash_secret, jwk_thumbprint
 
