@@ -186,8 +186,8 @@ class Deployment:
         shown: dict[str, Any] = json.loads(self.cli("clients", "show", client.url).stdout)
         return shown
 
-    def approve(self, client: Published, by: str) -> None:
-        self.cli("clients", "approve", client.url, "--by", by)
+    def approve(self, client: Published, by: str, *flags: str) -> None:
+        self.cli("clients", "approve", client.url, "--by", by, *flags)
         time.sleep(REGISTRY_RELOAD_SECONDS)  # the broker sees the new registry file from now on
 
     def events(self, name: str, client: Published, *, wait: float = 3.0) -> list[dict[str, Any]]:
@@ -341,7 +341,14 @@ def test_changed_key_set_sends_the_client_back_to_pending(deployment: Deployment
     assert with_old.status == 401, with_old.body
     assert with_old.body["error"] == "invalid_client"
 
-    deployment.approve(client, by="bob")  # the operator looks at the new document and pins it
+    # Approving again pins the new key only once the operator says it reviewed the change.
+    refused = deployment.cli("clients", "approve", client.url, "--by", "bob", check=False)
+    assert refused.returncode != 0
+    assert "changed since it was recorded" in refused.stderr
+    wrong = deployment.cli("clients", "approve", client.url, "--expect-thumbprint", "A" * 43, check=False)
+    assert wrong.returncode != 0
+    assert "not the --expect-thumbprint ones" in wrong.stderr
+    deployment.approve(client, "bob", "--accept-new-keys")  # the operator looked at the new document
     deployment.check_access_token(deployment.ask(client, new), client)
     assert deployment.show(client)["pinned_thumbprints"] == [new.thumbprint]
     assert deployment.ask(client, old).status == 401  # the dropped key stays refused

@@ -491,15 +491,39 @@ def _set_status(state: State, client_id: str, status: ClientStatus) -> ClientRec
     "--until", metavar="DATE", help="The approval ends then (ISO 8601, UTC; default: now + approval_ttl_days)."
 )
 @click.option("--for-days", type=click.IntRange(1, 3650), help="The approval lasts this many days.")
+@click.option(
+    "--expect-thumbprint",
+    "expected",
+    multiple=True,
+    metavar="THUMBPRINT",
+    help="CIMD: the key thumbprints you reviewed (repeatable); refused unless the document lists exactly these.",
+)
+@click.option(
+    "--accept-new-keys",
+    is_flag=True,
+    help="CIMD: pin the document's keys although they differ from those recorded when it was seen.",
+)
 @pass_state
-def clients_approve(state: State, client_id: str, by: str | None, until: str | None, for_days: int | None) -> None:
+def clients_approve(
+    state: State,
+    client_id: str,
+    by: str | None,
+    until: str | None,
+    for_days: int | None,
+    expected: tuple[str, ...],
+    accept_new_keys: bool,
+) -> None:
     """Let a client get tokens until a date; records who approved it, when and how.
-    Approving again renews an approval (also an expired one)."""
+    Approving again renews an approval (also an expired one). For a client metadata
+    document, its keys are fetched now and pinned; they must be the ones reviewed (those
+    `clients show` listed, or --expect-thumbprint), unless --accept-new-keys."""
     approval = _approval(state, by, until, for_days, _now())
     pinned = ""
     if client_id.startswith("https://"):
         approval.update(_pin_document(state, client_id))
-        pinned = f", pinned {len(approval['pinned_thumbprints'])} key(s) of its document"
+        now_pins = tuple(approval["pinned_thumbprints"])
+        _check_reviewed_keys(_registry(state).client(client_id), client_id, now_pins, expected, accept_new_keys)
+        pinned = f", pinned key(s) {' '.join(now_pins)} of its document"
         if _registry(state).client(client_id) is None:  # approved before its first request
             _add_cimd_record(state, client_id, approval)
             approval = {}
@@ -512,6 +536,30 @@ def clients_approve(state: State, client_id: str, by: str | None, until: str | N
         f"approved client {client_id!r} until {_iso(stored.approved_until)} (by {stored.approved_by}, "
         f"rule manual{pinned}): it may get tokens now"
     )
+
+
+def _check_reviewed_keys(
+    record: ClientRecord | None,
+    client_id: str,
+    now_pins: tuple[str, ...],
+    expected: tuple[str, ...],
+    accept_new_keys: bool,
+) -> None:
+    """The keys about to be pinned are the ones the operator reviewed: a publishing
+    workflow must not swap them between the review and the approval."""
+    if expected:
+        if set(expected) != set(now_pins):
+            fail(
+                f"the document of {client_id} lists keys {' '.join(now_pins) or 'none'}, not the "
+                f"--expect-thumbprint ones {' '.join(expected)}: review the document again"
+            )
+        return
+    recorded = tuple(record.pinned_thumbprints) if record is not None else ()
+    if recorded and set(recorded) != set(now_pins) and not accept_new_keys:
+        fail(
+            f"the keys of {client_id} changed since it was recorded (recorded {' '.join(recorded)}; now "
+            f"{' '.join(now_pins) or 'none'}): review them, then approve with --expect-thumbprint or --accept-new-keys"
+        )
 
 
 def _pin_document(state: State, client_id: str) -> dict[str, Any]:
