@@ -25,7 +25,7 @@ import uvicorn
 from tokenbroker.app import build_components
 from tokenbroker.config import Settings
 from tokenbroker.http.app import build_http_app
-from tokenbroker.http.server import KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, bind
+from tokenbroker.http.server import bind, uvicorn_config
 from tokenbroker.logs import configure_logging
 
 
@@ -58,18 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("set TOKENBROKER_HTTP_LISTEN (host:port) for the HTTP door")
     sock = bind_proto0(settings.http_listen) if args.socket == "proto0" else bind(settings.http_listen)
     app = build_http_app(build_components(settings))
-    config = uvicorn.Config(
-        app,
-        http=args.http,
-        loop=args.loop,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        limit_concurrency=MAX_CONNECTIONS,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        server_header=False,
-        proxy_headers=False,
-    )
+    config = uvicorn_config(app, http=args.http, loop=args.loop)
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-import orjson
+from tokenbroker.jws_text import unverified_claims
 
 # The response header that carries a fresh nonce, and the error code that asks for one.
 NONCE_HEADER = "DPoP-Nonce"
@@ -74,14 +74,8 @@ def proof_nonce(proof: str) -> str | None:
     """The `nonce` claim of a DPoP proof, read WITHOUT verifying it: only for deciding
     whether to challenge before a verification that checks the proof's signature (a
     forged nonce can only lead to a refusal there). None when absent or unreadable."""
-    parts = proof.split(".")
-    if len(parts) != 3 or len(parts[1]) > 8192:
-        return None
-    try:
-        payload = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, TypeError):
-        return None
-    nonce = payload.get("nonce") if isinstance(payload, dict) else None
+    payload = unverified_claims(proof, max_payload_chars=8192)
+    nonce = payload.get("nonce") if payload is not None else None
     return nonce if isinstance(nonce, str) else None
 
 

@@ -14,11 +14,8 @@ all the same: the answer says nothing about it."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -27,6 +24,7 @@ from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
 from tokenbroker.http.errors import NO_STORE, OAuthError, error_response, invalid_request
 from tokenbroker.http.forms import read_form
 from tokenbroker.http.token_endpoint import client_credential, refusal_for
+from tokenbroker.jws_text import unverified_claims
 from tokenbroker.registry import ServerRecord
 
 MAX_TOKEN_CHARS = 16 * 1024
@@ -35,14 +33,8 @@ INACTIVE = {"active": False}
 
 def _unverified_audience(token: str) -> str | None:
     """The `aud` a token claims, unverified: only to pick which audience to verify it for."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    audience = claims.get("aud") if isinstance(claims, dict) else None
+    claims = unverified_claims(token)
+    audience = claims.get("aud") if claims is not None else None
     return audience if isinstance(audience, str) and audience else None
 
 

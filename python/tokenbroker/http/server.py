@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Generator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -58,27 +59,34 @@ def bind(listen: str, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app: ASGIApp, *, http: Any, loop: str = "asyncio") -> uvicorn.Config:
+    """uvicorn's configuration for the HTTP door: its bounds, no access log, no lifespan,
+    no proxy headers (`trusted_proxies` decides whose X-Forwarded-For counts); `http` and
+    `loop` are what the token endpoint bench compares."""
+    return uvicorn.Config(
+        app,
+        http=http,
+        loop=loop,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        server_header=False,
+        proxy_headers=False,
+    )
+
+
 class HttpServer:
     """The HTTP door on a bound socket: `start()` inside a running loop, `stop()` to end."""
 
     def __init__(self, app: ASGIApp, sock: socket.socket):
         self._sock = sock
         self.port: int = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            # httptools, by measurement (benches/token_endpoint.py, same app and run): it took
-            # 0.79x the server CPU per grant of h11; uvloop added nothing. Named, so that what
-            # parses requests does not change with what else is installed.
-            http=guarded_protocol(),  # httptools, with bounds on idle and slow connections
-            loop="asyncio",
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            limit_concurrency=MAX_CONNECTIONS,
-            timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            server_header=False,
-            proxy_headers=False,  # trusted_proxies decides whose X-Forwarded-For counts
-        )
+        # httptools, by measurement (benches/token_endpoint.py, same app and run): it took
+        # 0.79x the server CPU per grant of h11; uvloop added nothing. Named, so that what
+        # parses requests does not change with what else is installed.
+        config = uvicorn_config(app, http=guarded_protocol())  # httptools, with connection bounds
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
 
@@ -98,4 +106,4 @@ class HttpServer:
         self._sock.close()
 
 
-__all__ = ["HttpServer", "bind"]
+__all__ = ["HttpServer", "bind", "uvicorn_config"]

@@ -33,14 +33,12 @@ nobody uses for `session_idle_seconds` ends and stops counting toward the client
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
-import orjson
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -61,6 +59,7 @@ from tokenbroker.errors import (
 from tokenbroker.http.errors import NO_STORE, OAuthError, error_response, invalid_client, invalid_request
 from tokenbroker.http.forms import Form, read_form
 from tokenbroker.http.metadata import Endpoints
+from tokenbroker.jws_text import unverified_claims
 from tokenbroker.registry import Binding, ClientRecord
 from tokenbroker.requests import issue_request
 from tokenbroker.store.base import Remembered
@@ -108,14 +107,12 @@ def _basic_credential(header: str) -> ClientCredential:
 def _assertion_subject(assertion: str) -> str:
     """The `sub` of a client assertion, read without verifying it (the authenticator
     verifies it against that client's key, and requires `iss` = `sub` = the client id)."""
-    parts = assertion.split(".")
-    if len(parts) != 3:
+    if assertion.count(".") != 2:
         raise invalid_client("client_assertion is not a JWS compact serialization")
-    try:
-        claims = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        raise invalid_client("client_assertion's payload is not base64url JSON") from None
-    subject = claims.get("sub") if isinstance(claims, dict) else None
+    claims = unverified_claims(assertion)
+    if claims is None:
+        raise invalid_client("client_assertion's payload is not base64url JSON")
+    subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise invalid_client("client_assertion has no sub (the client id)")
     return subject
