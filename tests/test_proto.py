@@ -60,7 +60,11 @@ def test_service_has_the_contract_rpcs() -> None:
         "RevokeToken",
         "ListSessions",
         "GetJwks",
+        "WatchEvents",
     }
     stream = service.methods_by_name["ValidateTokenStream"]
     assert stream.client_streaming
     assert stream.server_streaming
+    watch = service.methods_by_name["WatchEvents"]
+    assert not watch.client_streaming
+    assert watch.server_streaming

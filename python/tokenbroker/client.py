@@ -100,6 +100,7 @@ def _validate_message(request: ValidateRequest) -> pb.ValidateTokenRequest:
         client_ip=request.client_ip or "",
         required_scopes=request.required_scopes,
         request_id=request.request_id,
+        resource=request.resource or "",
     )
 
 

@@ -28,6 +28,7 @@ class Reason(enum.IntEnum):
     BINDING_MISMATCH = 18
     INSUFFICIENT_SCOPE = 19
     REPLAY_CACHE_FULL = 20
+    ANOMALY = 21  # a detection signal whose action is deny or revoke_session refused it
 
 
 # By number, for the hot path (Reason(n) goes through the enum machinery).

@@ -25,6 +25,7 @@ class ValidateFields(TypedDict, total=False):
     client_ip: str | None
     required_scopes: Iterable[str] | str | None
     request_id: str
+    resource: str | None
 
 
 class IssueFields(TypedDict, total=False):
@@ -40,6 +41,7 @@ class IssueFields(TypedDict, total=False):
     once: bool
     client_ip: str | None
     attested_subject: str | None
+    usage_window: int | None
 
 
 def _ascii_text(value: object) -> str | None:
@@ -65,6 +67,7 @@ def validate_request(
     client_ip: str | None = None,
     required_scopes: Iterable[str] | str | None = (),
     request_id: str = "",
+    resource: str | None = None,
 ) -> ValidateRequest | Validation:
     """The `ValidateRequest` for `Broker.validate`'s keyword arguments, or the refusal when
     a field cannot be one (a token that is not text is an answer, never an exception).
@@ -98,6 +101,7 @@ def validate_request(
             client_ip=client_ip,
             required_scopes=required_scopes,  # a space-separated string is split
             request_id=rid,
+            resource=resource,
         )
     except (TypeError, UnicodeError):  # e.g. a non-str method, a lone surrogate: never raise
         pass
@@ -115,6 +119,7 @@ def validate_request(
             client_ip=_text_or_none(client_ip),
             required_scopes=required_scopes,
             request_id=rid,
+            resource=_text_or_none(resource),
         )
     except (TypeError, UnicodeError):
         return Validation.rejected(Reason.MALFORMED, "request fields are not text", rid)
@@ -143,6 +148,7 @@ def issue_request(
     once: bool = False,
     client_ip: str | None = None,
     attested_subject: str | None = None,
+    usage_window: int | None = None,
 ) -> IssueRequest:
     """The `IssueRequest` for `Broker.issue`'s keyword arguments. Raises
     `InvalidArgumentError` for a request no store needs to see (lifetime, ids, scopes,
@@ -159,6 +165,7 @@ def issue_request(
             once=once,
             client_ip=client_ip,
             attested_subject=attested_subject,
+            usage_window=usage_window,
         )
     except (TypeError, UnicodeError, OverflowError) as exc:
         raise InvalidArgumentError(f"issue request: {exc}") from None

@@ -24,45 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btokenbroker/v1/broker.proto\x12\x0etokenbroker.v1\"\xee\x01\n\x11IssueTokenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10\x63lient_assertion\x18\x02 \x01(\t\x12\x15\n\rclient_secret\x18\x03 \x01(\t\x12\x10\n\x08\x61udience\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x10\n\x08\x64pop_jkt\x18\x08 \x01(\t\x12\x17\n\x0f\x63\x65rt_thumbprint\x18\t \x01(\t\x12\x11\n\tclient_ip\x18\n \x01(\t\x12\x0c\n\x04once\x18\x0b \x01(\x08\"\x83\x01\n\x12IssueTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0b\n\x03jti\x18\x06 \x01(\t\"\xcb\x01\n\x14ValidateTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x12\n\ndpop_proof\x18\x03 \x01(\t\x12\x13\n\x0bhttp_method\x18\x04 \x01(\t\x12\x10\n\x08http_uri\x18\x05 \x01(\t\x12\x17\n\x0f\x63\x65rt_thumbprint\x18\x06 \x01(\t\x12\x11\n\tclient_ip\x18\x07 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\"\xeb\x01\n\x15ValidateTokenResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.tokenbroker.v1.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x0b\n\x03jti\x18\t \x01(\t\x12\x0e\n\x06issuer\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"S\n\x19ValidateTokenBatchRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.tokenbroker.v1.ValidateTokenRequest\"V\n\x1aValidateTokenBatchResponse\x12\x38\n\tresponses\x18\x01 \x03(\x0b\x32%.tokenbroker.v1.ValidateTokenResponse\"*\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x13RevokeClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"!\n\x12RevokeTokenRequest\x12\x0b\n\x03jti\x18\x01 \x01(\t\"!\n\x0eRevokeResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x03\"(\n\x13ListSessionsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"~\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x03\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x14\n\x0clast_seen_at\x18\x05 \x01(\x03\x12\x0f\n\x07last_ip\x18\x06 \x01(\t\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.tokenbroker.v1.Session\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t*\xa1\x04\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x14\n\x10REASON_MALFORMED\x10\x02\x12\x14\n\x10REASON_TOO_LARGE\x10\x03\x12 \n\x1cREASON_UNSUPPORTED_ALGORITHM\x10\x04\x12\x16\n\x12REASON_UNKNOWN_KEY\x10\x05\x12\x18\n\x14REASON_BAD_SIGNATURE\x10\x06\x12\x12\n\x0eREASON_EXPIRED\x10\x07\x12\x18\n\x14REASON_NOT_YET_VALID\x10\x08\x12\x17\n\x13REASON_WRONG_ISSUER\x10\t\x12\x19\n\x15REASON_WRONG_AUDIENCE\x10\n\x12\x1a\n\x16REASON_SESSION_UNKNOWN\x10\x0b\x12\x1a\n\x16REASON_SESSION_REVOKED\x10\x0c\x12\x19\n\x15REASON_CLIENT_REVOKED\x10\r\x12\x18\n\x14REASON_TOKEN_REVOKED\x10\x0e\x12\x13\n\x0fREASON_REPLAYED\x10\x0f\x12\x18\n\x14REASON_PROOF_MISSING\x10\x10\x12\x18\n\x14REASON_PROOF_INVALID\x10\x11\x12\x1b\n\x17REASON_BINDING_MISMATCH\x10\x12\x12\x1d\n\x19REASON_INSUFFICIENT_SCOPE\x10\x13\x12\x1c\n\x18REASON_REPLAY_CACHE_FULL\x10\x14\x32\xbb\x06\n\x0bTokenBroker\x12S\n\nIssueToken\x12!.tokenbroker.v1.IssueTokenRequest\x1a\".tokenbroker.v1.IssueTokenResponse\x12\\\n\rValidateToken\x12$.tokenbroker.v1.ValidateTokenRequest\x1a%.tokenbroker.v1.ValidateTokenResponse\x12\x66\n\x13ValidateTokenStream\x12$.tokenbroker.v1.ValidateTokenRequest\x1a%.tokenbroker.v1.ValidateTokenResponse(\x01\x30\x01\x12k\n\x12ValidateTokenBatch\x12).tokenbroker.v1.ValidateTokenBatchRequest\x1a*.tokenbroker.v1.ValidateTokenBatchResponse\x12U\n\rRevokeSession\x12$.tokenbroker.v1.RevokeSessionRequest\x1a\x1e.tokenbroker.v1.RevokeResponse\x12S\n\x0cRevokeClient\x12#.tokenbroker.v1.RevokeClientRequest\x1a\x1e.tokenbroker.v1.RevokeResponse\x12Q\n\x0bRevokeToken\x12\".tokenbroker.v1.RevokeTokenRequest\x1a\x1e.tokenbroker.v1.RevokeResponse\x12Y\n\x0cListSessions\x12#.tokenbroker.v1.ListSessionsRequest\x1a$.tokenbroker.v1.ListSessionsResponse\x12J\n\x07GetJwks\x12\x1e.tokenbroker.v1.GetJwksRequest\x1a\x1f.tokenbroker.v1.GetJwksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btokenbroker/v1/broker.proto\x12\x0etokenbroker.v1\"\xee\x01\n\x11IssueTokenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10\x63lient_assertion\x18\x02 \x01(\t\x12\x15\n\rclient_secret\x18\x03 \x01(\t\x12\x10\n\x08\x61udience\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x10\n\x08\x64pop_jkt\x18\x08 \x01(\t\x12\x17\n\x0f\x63\x65rt_thumbprint\x18\t \x01(\t\x12\x11\n\tclient_ip\x18\n \x01(\t\x12\x0c\n\x04once\x18\x0b \x01(\x08\"\x83\x01\n\x12IssueTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0b\n\x03jti\x18\x06 \x01(\t\"\xdd\x01\n\x14ValidateTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x12\n\ndpop_proof\x18\x03 \x01(\t\x12\x13\n\x0bhttp_method\x18\x04 \x01(\t\x12\x10\n\x08http_uri\x18\x05 \x01(\t\x12\x17\n\x0f\x63\x65rt_thumbprint\x18\x06 \x01(\t\x12\x11\n\tclient_ip\x18\x07 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08resource\x18\n \x01(\t\"\xeb\x01\n\x15ValidateTokenResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.tokenbroker.v1.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x0b\n\x03jti\x18\t \x01(\t\x12\x0e\n\x06issuer\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"S\n\x19ValidateTokenBatchRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.tokenbroker.v1.ValidateTokenRequest\"V\n\x1aValidateTokenBatchResponse\x12\x38\n\tresponses\x18\x01 \x03(\x0b\x32%.tokenbroker.v1.ValidateTokenResponse\"*\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x13RevokeClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"!\n\x12RevokeTokenRequest\x12\x0b\n\x03jti\x18\x01 \x01(\t\"!\n\x0eRevokeResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x03\"(\n\x13ListSessionsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"~\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x03\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x14\n\x0clast_seen_at\x18\x05 \x01(\x03\x12\x0f\n\x07last_ip\x18\x06 \x01(\t\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.tokenbroker.v1.Session\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"7\n\x12WatchEventsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xa7\x01\n\x05\x45vent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x11\n\tsource_ip\x18\x06 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12\x15\n\revidence_json\x18\x08 \x01(\t\x12\x0c\n\x04time\x18\t \x01(\t*\xb5\x04\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x14\n\x10REASON_MALFORMED\x10\x02\x12\x14\n\x10REASON_TOO_LARGE\x10\x03\x12 \n\x1cREASON_UNSUPPORTED_ALGORITHM\x10\x04\x12\x16\n\x12REASON_UNKNOWN_KEY\x10\x05\x12\x18\n\x14REASON_BAD_SIGNATURE\x10\x06\x12\x12\n\x0eREASON_EXPIRED\x10\x07\x12\x18\n\x14REASON_NOT_YET_VALID\x10\x08\x12\x17\n\x13REASON_WRONG_ISSUER\x10\t\x12\x19\n\x15REASON_WRONG_AUDIENCE\x10\n\x12\x1a\n\x16REASON_SESSION_UNKNOWN\x10\x0b\x12\x1a\n\x16REASON_SESSION_REVOKED\x10\x0c\x12\x19\n\x15REASON_CLIENT_REVOKED\x10\r\x12\x18\n\x14REASON_TOKEN_REVOKED\x10\x0e\x12\x13\n\x0fREASON_REPLAYED\x10\x0f\x12\x18\n\x14REASON_PROOF_MISSING\x10\x10\x12\x18\n\x14REASON_PROOF_INVALID\x10\x11\x12\x1b\n\x17REASON_BINDING_MISMATCH\x10\x12\x12\x1d\n\x19REASON_INSUFFICIENT_SCOPE\x10\x13\x12\x1c\n\x18REASON_REPLAY_CACHE_FULL\x10\x14\x12\x12\n\x0eREASON_ANOMALY\x10\x15\x32\x87\x07\n\x0bTokenBroker\x12S\n\nIssueToken\x12!.tokenbroker.v1.IssueTokenRequest\x1a\".tokenbroker.v1.IssueTokenResponse\x12\\\n\rValidateToken\x12$.tokenbroker.v1.ValidateTokenRequest\x1a%.tokenbroker.v1.ValidateTokenResponse\x12\x66\n\x13ValidateTokenStream\x12$.tokenbroker.v1.ValidateTokenRequest\x1a%.tokenbroker.v1.ValidateTokenResponse(\x01\x30\x01\x12k\n\x12ValidateTokenBatch\x12).tokenbroker.v1.ValidateTokenBatchRequest\x1a*.tokenbroker.v1.ValidateTokenBatchResponse\x12U\n\rRevokeSession\x12$.tokenbroker.v1.RevokeSessionRequest\x1a\x1e.tokenbroker.v1.RevokeResponse\x12S\n\x0cRevokeClient\x12#.tokenbroker.v1.RevokeClientRequest\x1a\x1e.tokenbroker.v1.RevokeResponse\x12Q\n\x0bRevokeToken\x12\".tokenbroker.v1.RevokeTokenRequest\x1a\x1e.tokenbroker.v1.RevokeResponse\x12Y\n\x0cListSessions\x12#.tokenbroker.v1.ListSessionsRequest\x1a$.tokenbroker.v1.ListSessionsResponse\x12J\n\x07GetJwks\x12\x1e.tokenbroker.v1.GetJwksRequest\x1a\x1f.tokenbroker.v1.GetJwksResponse\x12J\n\x0bWatchEvents\x12\".tokenbroker.v1.WatchEventsRequest\x1a\x15.tokenbroker.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenbroker.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REASON']._serialized_start=1489
-  _globals['_REASON']._serialized_end=2034
+  _globals['_REASON']._serialized_start=1734
+  _globals['_REASON']._serialized_end=2299
   _globals['_ISSUETOKENREQUEST']._serialized_start=48
   _globals['_ISSUETOKENREQUEST']._serialized_end=286
   _globals['_ISSUETOKENRESPONSE']._serialized_start=289
   _globals['_ISSUETOKENRESPONSE']._serialized_end=420
   _globals['_VALIDATETOKENREQUEST']._serialized_start=423
-  _globals['_VALIDATETOKENREQUEST']._serialized_end=626
-  _globals['_VALIDATETOKENRESPONSE']._serialized_start=629
-  _globals['_VALIDATETOKENRESPONSE']._serialized_end=864
-  _globals['_VALIDATETOKENBATCHREQUEST']._serialized_start=866
-  _globals['_VALIDATETOKENBATCHREQUEST']._serialized_end=949
-  _globals['_VALIDATETOKENBATCHRESPONSE']._serialized_start=951
-  _globals['_VALIDATETOKENBATCHRESPONSE']._serialized_end=1037
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=1039
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=1081
-  _globals['_REVOKECLIENTREQUEST']._serialized_start=1083
-  _globals['_REVOKECLIENTREQUEST']._serialized_end=1123
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1125
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1158
-  _globals['_REVOKERESPONSE']._serialized_start=1160
-  _globals['_REVOKERESPONSE']._serialized_end=1193
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1195
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1235
-  _globals['_SESSION']._serialized_start=1237
-  _globals['_SESSION']._serialized_end=1363
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1365
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1430
-  _globals['_GETJWKSREQUEST']._serialized_start=1432
-  _globals['_GETJWKSREQUEST']._serialized_end=1448
-  _globals['_GETJWKSRESPONSE']._serialized_start=1450
-  _globals['_GETJWKSRESPONSE']._serialized_end=1486
-  _globals['_TOKENBROKER']._serialized_start=2037
-  _globals['_TOKENBROKER']._serialized_end=2864
+  _globals['_VALIDATETOKENREQUEST']._serialized_end=644
+  _globals['_VALIDATETOKENRESPONSE']._serialized_start=647
+  _globals['_VALIDATETOKENRESPONSE']._serialized_end=882
+  _globals['_VALIDATETOKENBATCHREQUEST']._serialized_start=884
+  _globals['_VALIDATETOKENBATCHREQUEST']._serialized_end=967
+  _globals['_VALIDATETOKENBATCHRESPONSE']._serialized_start=969
+  _globals['_VALIDATETOKENBATCHRESPONSE']._serialized_end=1055
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=1057
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=1099
+  _globals['_REVOKECLIENTREQUEST']._serialized_start=1101
+  _globals['_REVOKECLIENTREQUEST']._serialized_end=1141
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1143
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1176
+  _globals['_REVOKERESPONSE']._serialized_start=1178
+  _globals['_REVOKERESPONSE']._serialized_end=1211
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1213
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1253
+  _globals['_SESSION']._serialized_start=1255
+  _globals['_SESSION']._serialized_end=1381
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1383
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1448
+  _globals['_GETJWKSREQUEST']._serialized_start=1450
+  _globals['_GETJWKSREQUEST']._serialized_end=1466
+  _globals['_GETJWKSRESPONSE']._serialized_start=1468
+  _globals['_GETJWKSRESPONSE']._serialized_end=1504
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1506
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1561
+  _globals['_EVENT']._serialized_start=1564
+  _globals['_EVENT']._serialized_end=1731
+  _globals['_TOKENBROKER']._serialized_start=2302
+  _globals['_TOKENBROKER']._serialized_end=3205
 # @@protoc_insertion_point(module_scope)

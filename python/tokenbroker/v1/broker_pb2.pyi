@@ -30,6 +30,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_BINDING_MISMATCH: _ClassVar[Reason]
     REASON_INSUFFICIENT_SCOPE: _ClassVar[Reason]
     REASON_REPLAY_CACHE_FULL: _ClassVar[Reason]
+    REASON_ANOMALY: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 REASON_OK: Reason
 REASON_MALFORMED: Reason
@@ -51,6 +52,7 @@ REASON_PROOF_INVALID: Reason
 REASON_BINDING_MISMATCH: Reason
 REASON_INSUFFICIENT_SCOPE: Reason
 REASON_REPLAY_CACHE_FULL: Reason
+REASON_ANOMALY: Reason
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ("client_id", "client_assertion", "client_secret", "audience", "scopes", "ttl_seconds", "session_id", "dpop_jkt", "cert_thumbprint", "client_ip", "once")
@@ -95,7 +97,7 @@ class IssueTokenResponse(_message.Message):
     def __init__(self, access_token: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_at: _Optional[int] = ..., session_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., jti: _Optional[str] = ...) -> None: ...
 
 class ValidateTokenRequest(_message.Message):
-    __slots__ = ("token", "audience", "dpop_proof", "http_method", "http_uri", "cert_thumbprint", "client_ip", "required_scopes", "request_id")
+    __slots__ = ("token", "audience", "dpop_proof", "http_method", "http_uri", "cert_thumbprint", "client_ip", "required_scopes", "request_id", "resource")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     DPOP_PROOF_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +107,7 @@ class ValidateTokenRequest(_message.Message):
     CLIENT_IP_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_SCOPES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
     token: str
     audience: str
     dpop_proof: str
@@ -114,7 +117,8 @@ class ValidateTokenRequest(_message.Message):
     client_ip: str
     required_scopes: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, token: _Optional[str] = ..., audience: _Optional[str] = ..., dpop_proof: _Optional[str] = ..., http_method: _Optional[str] = ..., http_uri: _Optional[str] = ..., cert_thumbprint: _Optional[str] = ..., client_ip: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    resource: str
+    def __init__(self, token: _Optional[str] = ..., audience: _Optional[str] = ..., dpop_proof: _Optional[str] = ..., http_method: _Optional[str] = ..., http_uri: _Optional[str] = ..., cert_thumbprint: _Optional[str] = ..., client_ip: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resource: _Optional[str] = ...) -> None: ...
 
 class ValidateTokenResponse(_message.Message):
     __slots__ = ("valid", "reason", "detail", "client_id", "subject", "session_id", "scopes", "expires_at", "jti", "issuer", "request_id")
@@ -215,3 +219,33 @@ class GetJwksResponse(_message.Message):
     JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
     jwks_json: str
     def __init__(self, jwks_json: _Optional[str] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("client_id", "follow")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    follow: bool
+    def __init__(self, client_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("event", "signal", "severity", "client_id", "session_id", "source_ip", "action", "evidence_json", "time")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_JSON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    event: str
+    signal: str
+    severity: str
+    client_id: str
+    session_id: str
+    source_ip: str
+    action: str
+    evidence_json: str
+    time: str
+    def __init__(self, event: _Optional[str] = ..., signal: _Optional[str] = ..., severity: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., source_ip: _Optional[str] = ..., action: _Optional[str] = ..., evidence_json: _Optional[str] = ..., time: _Optional[str] = ...) -> None: ...

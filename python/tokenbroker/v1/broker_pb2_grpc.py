@@ -79,6 +79,11 @@ class TokenBrokerStub:
                 request_serializer=tokenbroker_dot_v1_dot_broker__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=tokenbroker_dot_v1_dot_broker__pb2.GetJwksResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/tokenbroker.v1.TokenBroker/WatchEvents',
+                request_serializer=tokenbroker_dot_v1_dot_broker__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=tokenbroker_dot_v1_dot_broker__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class TokenBrokerServicer:
@@ -145,6 +150,14 @@ class TokenBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Admin: detection and governance events, as they happen (every replica's, when the
+        brokers share Redis). `follow` false: the events kept now, then the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +205,11 @@ def add_TokenBrokerServicer_to_server(servicer, server):
                     servicer.GetJwks,
                     request_deserializer=tokenbroker_dot_v1_dot_broker__pb2.GetJwksRequest.FromString,
                     response_serializer=tokenbroker_dot_v1_dot_broker__pb2.GetJwksResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=tokenbroker_dot_v1_dot_broker__pb2.WatchEventsRequest.FromString,
+                    response_serializer=tokenbroker_dot_v1_dot_broker__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +455,33 @@ class TokenBroker:
             '/tokenbroker.v1.TokenBroker/GetJwks',
             tokenbroker_dot_v1_dot_broker__pb2.GetJwksRequest.SerializeToString,
             tokenbroker_dot_v1_dot_broker__pb2.GetJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenbroker.v1.TokenBroker/WatchEvents',
+            tokenbroker_dot_v1_dot_broker__pb2.WatchEventsRequest.SerializeToString,
+            tokenbroker_dot_v1_dot_broker__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

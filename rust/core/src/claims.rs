@@ -44,7 +44,14 @@ pub struct AccessClaims {
     /// issued on one (the jwt-bearer grant): who the client is, as its attester says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attested_sub: Option<String>,
+    /// The client's expected usage window: bit h set = UTC hour h is usual (1 to
+    /// 2^24 - 1). Detection's `outside_usage_window` compares the time of each use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_window: Option<u32>,
 }
+
+/// Every hour of the day: the widest usage window a token can carry.
+pub const ALL_HOURS: u32 = (1 << 24) - 1;
 
 fn malformed(detail: impl Into<std::borrow::Cow<'static, str>>) -> Rejection {
     reject(Reason::Malformed, detail)
@@ -123,6 +130,14 @@ impl AccessClaims {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_CLAIM_BYTES => Some(s.clone()),
             Some(_) => return Err(malformed("claim 'attested_sub' is not a non-empty string")),
         };
+        let usage_window = match map.get("usage_window") {
+            None => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(w) if (1..=u64::from(ALL_HOURS)).contains(&w) => Some(w as u32),
+                _ => return Err(malformed("claim 'usage_window' is not an hour mask (1 to 2^24 - 1)")),
+            },
+            Some(_) => return Err(malformed("claim 'usage_window' is not an hour mask (1 to 2^24 - 1)")),
+        };
         Ok(AccessClaims {
             iss: string(map, "iss")?,
             sub,
@@ -137,6 +152,7 @@ impl AccessClaims {
             cnf,
             once,
             attested_sub,
+            usage_window,
         })
     }
 

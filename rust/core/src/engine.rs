@@ -7,7 +7,9 @@
 
 use crate::b64;
 use crate::cache::{CachedToken, VerifiedTokenCache};
-use crate::claims::{is_scope_token, is_thumbprint, AccessClaims, Confirmation, MAX_CLAIM_BYTES, MAX_LIFETIME_SECS};
+use crate::claims::{
+    is_scope_token, is_thumbprint, AccessClaims, Confirmation, ALL_HOURS, MAX_CLAIM_BYTES, MAX_LIFETIME_SECS,
+};
 use crate::dpop::{self, DpopConfig, ParsedProof, ProofKeyCache, VerifiedProof};
 use crate::error::{reject, Error, Reason, Rejection};
 use crate::json;
@@ -83,6 +85,8 @@ pub struct IssueRequest<'a> {
     pub once: bool,
     /// The subject of the attestation the client proved itself with, named in the token.
     pub attested_subject: Option<&'a str>,
+    /// The client's expected usage window (an hour mask, see `AccessClaims::usage_window`).
+    pub usage_window: Option<u32>,
 }
 
 impl IssueRequest<'_> {
@@ -103,6 +107,11 @@ impl IssueRequest<'_> {
                 if v.is_empty() || v.len() > MAX_CLAIM_BYTES {
                     return arg(format!("{name} must be 1 to {MAX_CLAIM_BYTES} bytes"));
                 }
+            }
+        }
+        if let Some(w) = self.usage_window {
+            if w == 0 || w > ALL_HOURS {
+                return arg("usage_window must be an hour mask: 1 to 2^24 - 1 (bit h: UTC hour h)".into());
             }
         }
         if let Some(bad) = self.scopes.iter().find(|s| !is_scope_token(s)) {
@@ -276,6 +285,7 @@ impl Engine {
             cnf,
             once: req.once,
             attested_sub: req.attested_subject.map(str::to_owned),
+            usage_window: req.usage_window,
         };
         let token = self.sign(&claims)?;
         Ok((token, claims))

@@ -32,10 +32,13 @@ pub enum Reason {
     /// The replay cache is full and cannot record this proof: rejecting is the only safe
     /// answer, since evicting a live entry would reopen a replay.
     ReplayCacheFull = 20,
+    /// A detection signal whose action is deny or revoke_session refused the request
+    /// (decided by the state store, never by the engine).
+    Anomaly = 21,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::Unspecified,
         Reason::Ok,
         Reason::Malformed,
@@ -57,6 +60,7 @@ impl Reason {
         Reason::BindingMismatch,
         Reason::InsufficientScope,
         Reason::ReplayCacheFull,
+        Reason::Anomaly,
     ];
 
     /// The name without the `REASON_` prefix, as the Python enum spells it.
@@ -83,6 +87,7 @@ impl Reason {
             Reason::BindingMismatch => "BINDING_MISMATCH",
             Reason::InsufficientScope => "INSUFFICIENT_SCOPE",
             Reason::ReplayCacheFull => "REPLAY_CACHE_FULL",
+            Reason::Anomaly => "ANOMALY",
         }
     }
 }

@@ -582,3 +582,46 @@ fn a_token_issued_on_an_attestation_names_the_attested_subject() {
     let plain = e.issue(&IssueRequest { attested_subject: None, ..req }, "sess-1", u64::MAX, NOW).unwrap().1;
     assert!(plain.attested_sub.is_none());
 }
+
+#[test]
+fn a_token_carries_the_usage_window_it_was_issued_with() {
+    let e = engine();
+    let scopes = vec!["tools:read".to_string()];
+    let office_hours = 0b0000_0000_0011_1111_1111_0000_0000; // 08:00 to 18:00 UTC
+    let req = IssueRequest {
+        client_id: "agent-1",
+        audience: AUD,
+        scopes: &scopes,
+        usage_window: Some(office_hours),
+        ..Default::default()
+    };
+    let token = e.issue(&req, "sess-1", u64::MAX, NOW).unwrap().0;
+    let validated =
+        e.validate(&ValidateRequest { token: token.as_bytes(), audience: AUD, ..Default::default() }, NOW).unwrap();
+    assert_eq!(validated.claims.usage_window, Some(office_hours));
+    let plain = e.issue(&IssueRequest { usage_window: None, ..req }, "sess-1", u64::MAX, NOW).unwrap().1;
+    assert!(plain.usage_window.is_none());
+    // No hour at all, or bits beyond the 24 hours: refused before anything is signed.
+    for bad in [0, 1 << 24, u32::MAX] {
+        let refused = e.issue(&IssueRequest { usage_window: Some(bad), ..req }, "sess-1", u64::MAX, NOW);
+        assert!(matches!(refused, Err(tokenbroker_core::Error::InvalidArgument(_))), "{bad}");
+    }
+}
+
+#[test]
+fn a_usage_window_claim_that_is_not_an_hour_mask_is_malformed() {
+    let e = engine();
+    let scopes = vec!["tools:read".to_string()];
+    let req = IssueRequest { client_id: "agent-1", audience: AUD, scopes: &scopes, ..Default::default() };
+    let token = e.issue(&req, "sess-1", u64::MAX, NOW).unwrap().0;
+    let payload = token.split('.').nth(1).unwrap();
+    let issued: serde_json::Value = serde_json::from_slice(&b64::decode(payload.as_bytes()).unwrap()).unwrap();
+    for bad in [serde_json::json!(0), serde_json::json!(1 << 24), serde_json::json!("08-18"), serde_json::json!(-1)] {
+        let mut claims = issued.clone();
+        claims["usage_window"] = bad.clone();
+        let token = e.sign(&claims).unwrap();
+        let refused =
+            e.validate(&ValidateRequest { token: token.as_bytes(), audience: AUD, ..Default::default() }, NOW);
+        assert_eq!(refused.unwrap_err().reason, Reason::Malformed, "{bad}");
+    }
+}

@@ -132,6 +132,9 @@ struct ValidateRequest {
     client_ip: Option<String>,
     #[pyo3(get)]
     request_id: String,
+    /// What the request touches (a tool, a resource URI): detection's input, never checked here.
+    #[pyo3(get)]
+    resource: Option<String>,
 }
 
 /// "" and None are one thing: absent.
@@ -178,7 +181,7 @@ impl ValidateRequest {
 #[pymethods]
 impl ValidateRequest {
     #[new]
-    #[pyo3(signature = (token, *, audience, dpop_proof=None, http_method=None, http_uri=None, cert_thumbprint=None, client_ip=None, required_scopes=None, request_id=None))]
+    #[pyo3(signature = (token, *, audience, dpop_proof=None, http_method=None, http_uri=None, cert_thumbprint=None, client_ip=None, required_scopes=None, request_id=None, resource=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         token: String,
@@ -190,6 +193,7 @@ impl ValidateRequest {
         client_ip: Option<String>,
         required_scopes: Option<&Bound<'_, PyAny>>,
         request_id: Option<String>,
+        resource: Option<String>,
     ) -> PyResult<Self> {
         if audience.is_empty() {
             // One answer at every door: the caller's own resource URI is configuration,
@@ -206,6 +210,7 @@ impl ValidateRequest {
             required_scopes: scope_list(required_scopes)?,
             client_ip: present(client_ip),
             request_id: request_id.unwrap_or_default(),
+            resource: present(resource),
         })
     }
 
@@ -244,6 +249,8 @@ struct IssueRequest {
     client_ip: Option<String>,
     #[pyo3(get)]
     attested_subject: Option<String>,
+    #[pyo3(get)]
+    usage_window: Option<u32>,
 }
 
 impl IssueRequest {
@@ -258,6 +265,7 @@ impl IssueRequest {
             cert_thumbprint: self.cert_thumbprint.as_deref(),
             once: self.once,
             attested_subject: self.attested_subject.as_deref(),
+            usage_window: self.usage_window,
         }
     }
 }
@@ -265,7 +273,7 @@ impl IssueRequest {
 #[pymethods]
 impl IssueRequest {
     #[new]
-    #[pyo3(signature = (*, client_id, audience, scopes=None, ttl_seconds=None, session_id=None, dpop_jkt=None, cert_thumbprint=None, once=false, client_ip=None, attested_subject=None))]
+    #[pyo3(signature = (*, client_id, audience, scopes=None, ttl_seconds=None, session_id=None, dpop_jkt=None, cert_thumbprint=None, once=false, client_ip=None, attested_subject=None, usage_window=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         client_id: String,
@@ -278,6 +286,7 @@ impl IssueRequest {
         once: bool,
         client_ip: Option<String>,
         attested_subject: Option<String>,
+        usage_window: Option<i64>,
     ) -> PyResult<Self> {
         let ttl_seconds = match ttl_seconds {
             None | Some(0) => None, // the broker's default lifetime
@@ -298,6 +307,8 @@ impl IssueRequest {
             once,
             client_ip: present(client_ip),
             attested_subject: present(attested_subject),
+            // Out of range (negative, too wide) becomes 0, which `check` refuses.
+            usage_window: usage_window.map(|w| u32::try_from(w).unwrap_or(0)),
         };
         request.core().check().map_err(PyCoreError)?;
         Ok(request)
@@ -326,6 +337,8 @@ struct Claims {
     issued_at: u64,
     expires_at: u64,
     once: bool,
+    /// The usage window the token carries (an hour mask, bit h = UTC hour h), if any.
+    usage_window: Option<u32>,
     /// ("jkt" or "x5t#S256", thumbprint) when the token is sender-constrained.
     confirmation: Option<(&'static str, String)>,
 }
@@ -345,6 +358,7 @@ impl Claims {
             issued_at: c.iat,
             expires_at: c.exp,
             once: c.once,
+            usage_window: c.usage_window,
             confirmation: match c.cnf.as_ref() {
                 Some(Confirmation::DpopJkt(j)) => Some(("jkt", j.clone())),
                 Some(Confirmation::CertThumbprint(x)) => Some(("x5t#S256", x.clone())),
