@@ -100,7 +100,7 @@ class Bench:
             assert self.redis is not None
             self.redis.flush()  # each window's broker starts from an empty Redis
             redis_url = self.redis.url
-        process, target = self.deployment.start_broker(redis_url)
+        process, target = self.deployment.start_broker(redis_url, detection=spec.detection)
         try:
             credentials = self.deployment.issue_tokens(target, self.args.tokens, dpop=spec.dpop)
         except BaseException:

@@ -21,6 +21,7 @@ from tokenbroker.cli import main
 from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.registry import ClientStatus
 from tokenbroker.registry_file import FileRegistry, hash_secret
+from tokenbroker.secret_format import parse
 from tokenbroker_bench.servers import free_port
 
 AUDIENCE = "https://mcp.test/mcp"
@@ -124,7 +125,7 @@ def test_clients_add_generates_a_secret_printed_once(env: dict[str, str]) -> Non
     result = run(env, "clients", "add", "agent", "--generate-secret", "--audience", AUDIENCE, "--approve")
     assert result.exit_code == 0, result.output
     secret = result.stdout.strip()
-    assert len(secret) == 43
+    assert parse(secret) == "client_secret"  # tbs_..., the format secret scanners match
     record = registry(env).client("agent")
     assert record is not None
     assert record.status is ClientStatus.APPROVED

@@ -19,6 +19,7 @@ from tokenbroker.registry_file import (
     hash_secret,
     secret_matches,
 )
+from tokenbroker.secret_format import parse
 
 JWK = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
 
@@ -87,9 +88,10 @@ def test_only_the_secret_hash_is_stored(path: Path) -> None:
     assert hash_secret(secret) in text
 
 
-def test_generated_secrets_are_32_random_bytes() -> None:
+def test_generated_secrets_are_scanner_matchable_and_random() -> None:
     secret = generate_secret()
-    assert len(secret) == 43
+    assert parse(secret) == "client_secret"
+    assert parse(generate_secret("server_api_key")) == "server_api_key"
     assert secret != generate_secret()
 
 

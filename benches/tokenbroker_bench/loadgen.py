@@ -57,6 +57,10 @@ Item = tuple[str, bytes]  # (request_id, serialized ValidateTokenRequest)
 CredentialTuple = tuple[str, bytes | None]  # (token, DPoP key secret or None for bearer)
 
 
+# Where every bench client calls from: one network, as a steady client does.
+BENCH_CLIENT_IP = "198.51.100.7"
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
@@ -75,14 +79,22 @@ def build_requests(
     credentials: Sequence[CredentialTuple], audience: str, method: str, uri: str, start: int, count: int
 ) -> list[Item]:
     """`count` serialized requests numbered from `start`, round-robin over `credentials`;
-    each DPoP-bound one with a fresh proof (new jti, iat now). Runs in worker processes."""
+    each DPoP-bound one with a fresh proof (new jti, iat now). Each names the client's
+    address and a resource (one of eight tools), as an MCP server's middleware relays
+    them, so the broker's detection has its usual work. Runs in worker processes."""
     signers = [ProofSigner(secret) if secret is not None else None for _, secret in credentials]
     items: list[Item] = []
     for n in range(start, start + count):
         index = n % len(credentials)
         token, signer = credentials[index][0], signers[index]
         request_id = str(n)
-        message = pb.ValidateTokenRequest(token=token, audience=audience, request_id=request_id)
+        message = pb.ValidateTokenRequest(
+            token=token,
+            audience=audience,
+            request_id=request_id,
+            client_ip=BENCH_CLIENT_IP,
+            resource=f"tools/call tool-{n % 8}",
+        )
         if signer is not None:
             message.dpop_proof = signer.sign(method, uri, token)
             message.http_method = method

@@ -24,6 +24,10 @@ BEARER = "bearer"
 DPOP = "dpop"
 BATCH_MEMORY = "batch-memory"
 BATCH_REDIS = "batch-redis"
+# The same loads with detection off: what watching every validation costs (issue 12's
+# targets: <= 5 % on gRPC unary).
+BEARER_UNWATCHED = "bearer-no-detection"
+DPOP_UNWATCHED = "dpop-no-detection"
 
 # The issue's targets (section 7).
 BEARER_CPU_RATIO_MAX = 1.15
@@ -45,6 +49,7 @@ class RowSpec:
     dpop: bool  # DPoP-bound tokens, a fresh proof per request; else bearer tokens
     cpu_ratio_max: float | None = None
     rate_min: float | None = None
+    detection: bool = True  # the broker watches every validation (its default)
 
 
 ROWS: dict[str, RowSpec] = {
@@ -69,6 +74,24 @@ ROWS: dict[str, RowSpec] = {
             dpop=True,
             cpu_ratio_max=DPOP_CPU_RATIO_MAX,
         ),
+        RowSpec(
+            BEARER_UNWATCHED,
+            "tokenbroker, bearer token (warm), detection off",
+            "broker",
+            "memory",
+            "unary",
+            dpop=False,
+            detection=False,
+        ),
+        RowSpec(
+            DPOP_UNWATCHED,
+            "tokenbroker, DPoP token (cached), fresh proof per request, detection off",
+            "broker",
+            "memory",
+            "unary",
+            dpop=True,
+            detection=False,
+        ),
         RowSpec(BATCH_MEMORY, "tokenbroker, ValidateTokenBatch, DPoP, memory store", "broker", "memory", "batch", True),
         RowSpec(
             BATCH_REDIS,
@@ -83,7 +106,7 @@ ROWS: dict[str, RowSpec] = {
 }
 # The order rows run in within a repetition. The do-nothing server runs second: it is sent
 # the bearer row's requests (the same bytes on the wire), so the bearer broker issues them.
-RUN_ORDER = (BEARER, NOOP, DPOP, BATCH_MEMORY, BATCH_REDIS)
+RUN_ORDER = (BEARER, NOOP, BEARER_UNWATCHED, DPOP, DPOP_UNWATCHED, BATCH_MEMORY, BATCH_REDIS)
 
 
 def parse_rows(text: str) -> tuple[str, ...]:

@@ -327,9 +327,10 @@ class Deployment:
                 raise RuntimeError(f"{process.name} did not become SERVING within {START_TIMEOUT:.0f} s")
             time.sleep(0.1)
 
-    def start_broker(self, redis_url: str | None) -> tuple[ManagedProcess, str]:
-        """`tokenbroker serve` with the memory store (no `redis_url`) or Redis; returns the
-        process and its target once health says SERVING."""
+    def start_broker(self, redis_url: str | None, *, detection: bool = True) -> tuple[ManagedProcess, str]:
+        """`tokenbroker serve` with the memory store (no `redis_url`) or Redis (and detection
+        on, its default, or off); returns the process and its target once health says
+        SERVING."""
         port = free_port()
         target = f"{HOST}:{port}"
         env = _clean_env(
@@ -343,6 +344,7 @@ class Deployment:
                 "TOKENBROKER_LOG_LEVEL": "warning",
                 "TOKENBROKER_GRACE_SECONDS": "1",
                 **({"TOKENBROKER_REDIS_URL": redis_url} if redis_url else {}),
+                **({} if detection else {"TOKENBROKER_DETECTION": "false"}),
             }
         )
         command = [sys.executable, "-c", "from tokenbroker.cli import main; main()", "serve"]

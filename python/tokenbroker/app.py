@@ -4,7 +4,7 @@ audit log and metrics. `tokenbroker serve` hands these to the gRPC service."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -15,6 +15,8 @@ from tokenbroker.cimd import CimdFetcher
 from tokenbroker.cimd_clients import CimdClients
 from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.config import Settings
+from tokenbroker.detection.detector import Detection, parse_actions
+from tokenbroker.detection.signals import Action, Signal
 from tokenbroker.errors import InvalidKeyError
 from tokenbroker.events import Events
 from tokenbroker.keyring import Keyring
@@ -114,6 +116,38 @@ def _governance_event(events: Events, found: dict[str, Any]) -> None:
     events.emit(name, client_id=client_id, action="deny", evidence=details)
 
 
+def build_registry(settings: Settings, store: Store) -> FileRegistry:
+    """The client and server registry: the file, with the dynamic state (pending clients,
+    approvals, pins) shared by every replica when the store is Redis."""
+    if settings.redis_url:
+        from tokenbroker.registry_shared import SharedRegistry
+
+        return SharedRegistry.for_store(settings.registry_file, store)
+    return FileRegistry(settings.registry_file)
+
+
+def build_detection(
+    settings: Settings, registry: FileRegistry, events: Events, metrics: Metrics
+) -> Detection | Literal[False]:
+    """What watches validations (`detection` setting), with the broker-wide actions and each
+    client record's own."""
+    if not settings.detection:
+        return False
+
+    def client_actions(client_id: str) -> dict[Signal, Action] | None:
+        record = registry.client(client_id)
+        return record.detection_policy() if record is not None else None
+
+    return Detection(
+        thresholds=settings.thresholds(),
+        actions=parse_actions(settings.detection_actions, "detection_actions"),
+        client_actions=client_actions,
+        events=events,
+        on_finding=metrics.detection,
+        learn_usage_window=settings.detection_learn_usage_window,
+    )
+
+
 def build_components(settings: Settings, *, keyring: Keyring | None = None) -> Components:
     """Everything `serve` needs, built from `settings`; `keyring`, when given, instead of
     `load_keyring(settings)` (a worker of `serve --workers` signs with its parent's keys).
@@ -121,6 +155,9 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
     with clear messages."""
     keyring = keyring if keyring is not None else load_keyring(settings)
     store, store_kind = build_store(settings)
+    registry = build_registry(settings, store)
+    events = Events()
+    metrics = Metrics()
     broker = Broker(
         keyring,
         issuer=settings.issuer_url,
@@ -129,15 +166,8 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         session_ttl_seconds=settings.session_ttl_seconds,
         session_limit=SessionLimit(settings.max_sessions),
         session_idle_seconds=settings.session_idle_seconds,
+        detection=build_detection(settings, registry, events, metrics),
     )
-    registry: FileRegistry
-    if settings.redis_url:  # pending clients, approvals and pins shared by every replica
-        from tokenbroker.registry_shared import SharedRegistry
-
-        registry = SharedRegistry.for_store(settings.registry_file, store)
-    else:
-        registry = FileRegistry(settings.registry_file)
-    events = Events()
     cimd = CimdClients(
         registry,
         cimd_fetcher(settings),
@@ -161,7 +191,6 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
         on_event=lambda found: _governance_event(events, found),
         cimd=cimd,
     )
-    metrics = Metrics()
     if hasattr(store, "observed_clock_skew"):  # the Redis store: its clock against ours
         metrics.watch_redis_clock(store)
     audit = AuditLog(
@@ -174,4 +203,4 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
     return Components(broker, registry, authenticator, audit, metrics, settings, events, attesters, store_kind)
 
 
-__all__ = ["Components", "build_components", "build_store", "load_keyring"]
+__all__ = ["Components", "build_components", "build_detection", "build_registry", "build_store", "load_keyring"]

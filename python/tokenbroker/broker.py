@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Unpack
+from typing import Any, Literal, Unpack
 
 from tokenbroker._core import LIMITS, Claims, Engine, IssueRequest, ValidateRequest, Verdict
+from tokenbroker.detection.detector import Detection, learned_window
+from tokenbroker.detection.observe import Observe
 from tokenbroker.errors import InvalidArgumentError, SessionNotFoundError
 from tokenbroker.keyring import Keyring
 from tokenbroker.models import IssuedToken, Session, SessionLimit, Validation
@@ -35,6 +37,7 @@ _STATE_DETAILS = {
     Reason.CLIENT_REVOKED: "every session of this client was revoked",
     Reason.TOKEN_REVOKED: "token was revoked",
     Reason.REPLAYED: "DPoP proof or single-use token was already used: sign a fresh proof for each request",
+    Reason.ANOMALY: "refused by detection: this use does not look like the client's (see the broker's events)",
     Reason.REPLAY_CACHE_FULL: (
         "too many DPoP proofs or single-use tokens of this client are still inside their window: "
         "refused rather than forgetting one; retry once older ones expire"
@@ -68,9 +71,15 @@ def _answer(verdict: Verdict, claims: Claims, state: Reason, request_id: str) ->
     )
 
 
-def _token_check(claims: Claims, verdict: Verdict, request: ValidateRequest, now: int) -> TokenCheck:
+def _token_check(
+    claims: Claims, verdict: Verdict, request: ValidateRequest, now: int, detection: Detection | None
+) -> TokenCheck:
     """The store's check of one request the engine passed. Built positionally: this is the
-    hot path, where keywords or a dict cost about a microsecond per validation."""
+    hot path, where keywords or a dict cost about a microsecond per validation. Watched by
+    detection unless a scope is missing (the request is refused whatever is seen)."""
+    observe = None
+    if detection is not None and verdict.missing_scopes is None:
+        observe = detection.observe(claims.client_id, request.client_ip, request.resource, claims.usage_window, now)
     return TokenCheck(
         claims.client_id,
         claims.session_id,
@@ -80,7 +89,15 @@ def _token_check(claims: Claims, verdict: Verdict, request: ValidateRequest, now
         request.client_ip or "",
         verdict.replay,
         now,
+        observe,
     )
+
+
+def _report(detection: Detection | None, check: TokenCheck, claims: Claims) -> None:
+    """Hands what the store found to detection (nothing to do on the common path)."""
+    observe: Observe | None = check.observe
+    if detection is not None and observe is not None and observe.found:
+        detection.report(check.client_id, check.session_id, check.client_ip, observe, claims.usage_window, check.now)
 
 
 class Broker:
@@ -101,6 +118,7 @@ class Broker:
         token_cache_capacity: int = 100_000,
         replay_capacity: int = 1_000_000,
         replay_fp_rate: float = 0.001,
+        detection: Detection | Literal[False] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(keyring, Keyring):
@@ -131,6 +149,12 @@ class Broker:
         self.session_idle_seconds = session_idle_seconds
         self._leeway = leeway_seconds
         self._clock = clock
+        # Watches every validation (tokenbroker.detection); None: the defaults (every signal
+        # alerts), False: nothing watched.
+        self.detection: Detection | None = (
+            None if detection is False else detection if detection is not None else Detection()
+        )
+        self._windows: dict[str, tuple[int, int | None]] = {}  # client -> (until, learned window)
 
     @property
     def engine(self) -> Engine:
@@ -203,6 +227,7 @@ class Broker:
         issued, even one that is never used (the simpler and safer rule than tracking
         each live token's exp)."""
         now = self._now()
+        request = self._windowed(request, now, None)
         opening = self._session_open(request, session_limit, now, continuation, idle_seconds)
         return self._sign(request, self.store.open_session(opening), now)
 
@@ -216,8 +241,54 @@ class Broker:
     ) -> IssuedToken:
         """The asyncio twin of `issue_request`."""
         now = self._now()
+        request = self._windowed(request, now, await self._ahours(request, now))
         opening = self._session_open(request, session_limit, now, continuation, idle_seconds)
         return self._sign(request, await self.store.aopen_session(opening), now)
+
+    # -- usage windows (detection's outside_usage_window) ---------------------------
+
+    _WINDOW_CACHE_SECONDS = 300
+    _WINDOW_CACHE_MAX = 65_536
+
+    async def _ahours(self, request: IssueRequest, now: int) -> list[int] | None:
+        """The client's usage hours for a learned window, when one is needed and not cached."""
+        if request.usage_window is not None or self.detection is None or not self.detection.learn_usage_window:
+            return None
+        cached = self._windows.get(request.client_id)
+        if cached is not None and cached[0] > now:
+            return None
+        return await self.store.ausage_hours(request.client_id)
+
+    def _windowed(self, request: IssueRequest, now: int, hours: list[int] | None) -> IssueRequest:
+        """`request` carrying the client's usage window: its own (the client record's, set by
+        the door), else the one learned from the client's usage hours (cached for five
+        minutes), else none."""
+        if request.usage_window is not None or self.detection is None or not self.detection.learn_usage_window:
+            return request
+        cached = self._windows.get(request.client_id)
+        if cached is None or cached[0] <= now:
+            if hours is None:
+                hours = self.store.usage_hours(request.client_id)
+            if len(self._windows) >= self._WINDOW_CACHE_MAX:
+                self._windows.clear()  # bounded; a miss costs one store read
+            cached = (now + self._WINDOW_CACHE_SECONDS, learned_window(hours))
+            self._windows[request.client_id] = cached
+        window = cached[1]
+        if window is None:
+            return request
+        return IssueRequest(
+            client_id=request.client_id,
+            audience=request.audience,
+            scopes=request.scopes,
+            ttl_seconds=request.ttl_seconds,
+            session_id=request.session_id,
+            dpop_jkt=request.dpop_jkt,
+            cert_thumbprint=request.cert_thumbprint,
+            once=request.once,
+            client_ip=request.client_ip,
+            attested_subject=request.attested_subject,
+            usage_window=window,
+        )
 
     def _session_open(
         self,
@@ -277,7 +348,9 @@ class Broker:
         claims = verdict.claims
         if claims is None:
             return _refusal(verdict, request.request_id)
-        state = self.store.check_token(_token_check(claims, verdict, request, now))
+        check = _token_check(claims, verdict, request, now, self.detection)
+        state = self.store.check_token(check)
+        _report(self.detection, check, claims)
         return _answer(verdict, claims, state, request.request_id)
 
     async def avalidate_request(self, request: ValidateRequest) -> Validation:
@@ -287,7 +360,9 @@ class Broker:
         claims = verdict.claims
         if claims is None:
             return _refusal(verdict, request.request_id)
-        state = await self.store.acheck_token(_token_check(claims, verdict, request, now))
+        check = _token_check(claims, verdict, request, now, self.detection)
+        state = await self.store.acheck_token(check)
+        _report(self.detection, check, claims)
         return _answer(verdict, claims, state, request.request_id)
 
     def validate_batch(self, requests: Iterable[BatchRequest]) -> list[Validation]:
@@ -298,13 +373,13 @@ class Broker:
         answered, kept in its place); answers keep the order."""
         batch = _Batch(self, requests)
         states = self.store.check_tokens(batch.checks) if batch.checks else []
-        return batch.answers(states)
+        return batch.answers(states, self.detection)
 
     async def avalidate_batch(self, requests: Iterable[BatchRequest]) -> list[Validation]:
         """The asyncio twin of `validate_batch`."""
         batch = _Batch(self, requests)
         states = await self.store.acheck_tokens(batch.checks) if batch.checks else []
-        return batch.answers(states)
+        return batch.answers(states, self.detection)
 
     # -- revocation and sessions ----------------------------------------------------
 
@@ -389,9 +464,10 @@ class _Batch:
             verdict = next(verdicts)
             self.order.append((verdict, item))
             if verdict.claims is not None:
-                self.checks.append(_token_check(verdict.claims, verdict, item, now))
+                self.checks.append(_token_check(verdict.claims, verdict, item, now, broker.detection))
 
-    def answers(self, states: list[Reason]) -> list[Validation]:
+    def answers(self, states: list[Reason], detection: Detection | None) -> list[Validation]:
+        checks = iter(self.checks)
         state_of = iter(states)
         out: list[Validation] = []
         for entry in self.order:
@@ -403,6 +479,7 @@ class _Batch:
             if claims is None:
                 out.append(_refusal(verdict, request.request_id))
             else:
+                _report(detection, next(checks), claims)
                 out.append(_answer(verdict, claims, next(state_of), request.request_id))
         return out
 
@@ -425,6 +502,7 @@ def _keywords(r: Mapping[str, Any]) -> dict[str, Any]:
         "client_ip",
         "required_scopes",
         "request_id",
+        "resource",
     )
     out: dict[str, Any] = {"token": r.get("token"), "audience": r.get("audience")}
     for name in names:

@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from tokenbroker._core import LIMITS
+from tokenbroker.detection.signals import Thresholds
 from tokenbroker.errors import InvalidArgumentError
 
 ENV_PREFIX = "TOKENBROKER_"
@@ -105,6 +106,38 @@ class Settings(BaseSettings):
     )
     dpop_nonce_window_seconds: int = Field(
         300, ge=10, le=86_400, description="how long a DPoP nonce is current (it is accepted for twice that)"
+    )
+    # Detection (tokenbroker.detection.signals says what each signal watches).
+    detection: bool = Field(True, description="watch every validation for signs of impersonation (OWASP T40)")
+    detection_actions: dict[str, str] = Field(
+        default_factory=dict,
+        description="signal -> alert, deny or revoke_session for every client (a client record overrides it); "
+        "unset signals alert",
+    )
+    detection_learning_hours: int = Field(
+        24, ge=0, le=24 * 90, description="a new client's first hours, when new_network stays quiet (0: none)"
+    )
+    detection_network_history_days: int = Field(
+        30, ge=1, le=365, description="how long a client's networks are remembered (new_network)"
+    )
+    detection_network_history_max: int = Field(64, ge=1, le=4096, description="networks remembered per client")
+    detection_concurrent_window_seconds: int = Field(
+        300, ge=1, le=86_400, description="two non-adjacent networks in one session this close: concurrent_origins"
+    )
+    detection_breadth_min_sessions: int = Field(
+        10, ge=1, le=100_000, description="sessions a client needs before resource_breadth judges its breadth"
+    )
+    detection_breadth_min_resources: int = Field(
+        8, ge=1, le=64, description="resource_breadth never fires at or below this many distinct resources"
+    )
+    detection_burst_window_seconds: int = Field(
+        10, ge=1, le=3600, description="how long after a session opens burst_after_auth counts its requests"
+    )
+    detection_burst_requests: int = Field(
+        60, ge=1, le=1_000_000, description="more requests than this in the burst window: burst_after_auth"
+    )
+    detection_learn_usage_window: bool = Field(
+        True, description="tokens of clients without a usage window carry one learned from their hours"
     )
     redis_url: str | None = Field(None, description="redis:// or rediss:// URL; none: embedded in-memory store")
     redis_cluster: bool = Field(False, description="connect to a Redis Cluster")
@@ -214,6 +247,27 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment or "#" in value or "?" in value:
             raise ValueError("must have no query or fragment (RFC 8414 section 2: it is the issuer identifier)")
         return value
+
+    @field_validator("detection_actions")
+    @classmethod
+    def _detection_actions(cls, value: dict[str, str]) -> dict[str, str]:
+        from tokenbroker.detection.detector import parse_actions
+
+        parse_actions(value, "detection_actions")  # ValueError names the bad entry
+        return value
+
+    def thresholds(self) -> Thresholds:
+        """The detection thresholds these settings give."""
+        return Thresholds(
+            network_history_days=self.detection_network_history_days,
+            network_history_max=self.detection_network_history_max,
+            learning_seconds=self.detection_learning_hours * 3600,
+            concurrent_window_seconds=self.detection_concurrent_window_seconds,
+            breadth_min_sessions=self.detection_breadth_min_sessions,
+            breadth_min_resources=self.detection_breadth_min_resources,
+            burst_window_seconds=self.detection_burst_window_seconds,
+            burst_requests=self.detection_burst_requests,
+        )
 
     @field_validator("cimd_trusted_domains")
     @classmethod

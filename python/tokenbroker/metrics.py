@@ -47,6 +47,12 @@ class Metrics:
             ("call_class", "reason"),
             registry=self.registry,
         )
+        self.detections = Counter(
+            "tokenbroker_detections",
+            "Detection findings (tokenbroker.detection), by signal and the action taken",
+            ("signal", "action"),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "tokenbroker_rpc_duration_seconds",
             "gRPC handling time, by method",
@@ -78,6 +84,9 @@ class Metrics:
     def issuance(self, decision: str, rule: str) -> None:
         """One issuance decision ("grant"/"refuse") and the rule that made it."""
         self.issuances.labels(decision, rule).inc()
+
+    def detection(self, signal: str, action: str) -> None:
+        self._child(self.detections, signal, action).inc()
 
     def audit_suppressed(self, count: int = 1) -> None:
         """`count` audit lines of unauthenticated refusals were dropped by the audit rate limit."""

@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from tokenbroker.detection.detector import parse_actions, parse_window
+from tokenbroker.detection.signals import Action, Signal
 from tokenbroker.models import LimitPolicy, SessionLimit
 
 
@@ -73,6 +75,13 @@ class ClientRecord:
     pinned_thumbprints: tuple[str, ...] = ()
     document_fingerprint: str | None = None
     document_domain: str | None = None
+    # Detection (tokenbroker.detection). `usage_window`: the UTC hours it works in ("08-18",
+    # "00-06,22-24"), carried by its tokens as the `usage_window` claim, so a validation
+    # outside them is `outside_usage_window` (without one, the broker may learn a window
+    # from its history). `detection_actions`: its own action per signal ("new_network=deny"),
+    # over the broker-wide `detection_actions` setting; absent signals keep that setting's.
+    usage_window: str | None = None
+    detection_actions: tuple[str, ...] = ()
 
     @property
     def session_limit(self) -> SessionLimit:
@@ -102,6 +111,16 @@ class ClientRecord:
         (approved, but `approved_until` has passed: refused like a pending client)."""
         return "expired" if self.approval_expired(now) else ClientStatus(self.status).value
 
+    def usage_window_mask(self) -> int | None:
+        """The hour mask its tokens carry (bit h: UTC hour h), None without a usage window.
+        Raises `ValueError` for a window the registry would not store."""
+        return parse_window(self.usage_window) if self.usage_window is not None else None
+
+    def detection_policy(self) -> dict[Signal, Action]:
+        """Its own action per signal (only the signals it sets). Raises `ValueError` naming
+        a malformed entry, an unknown signal or action, or a signal given twice."""
+        return parse_actions(signal_actions(self.detection_actions), f"client {self.client_id!r} detection_actions")
+
     def key_deadline(self, max_age_seconds: int | None = None) -> int | None:
         """When the client's credential stops being accepted: `key_not_after`, or
         `key_created_at` + `max_age_seconds` when that is earlier. None: never (no
@@ -110,6 +129,27 @@ class ClientRecord:
         if max_age_seconds is not None and self.key_created_at is not None:
             deadlines.append(self.key_created_at + max_age_seconds)
         return min(deadlines) if deadlines else None
+
+
+def signal_actions(entries: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Texts like "new_network=deny" as signal -> action, not yet checked against the known
+    names (`parse_actions` does that); `ValueError` for an entry without "=" or a repeated
+    signal, which would leave the client's action ambiguous."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ValueError('detection_actions must be a list of texts like "new_network=deny"')
+        name, sep, action = entry.partition("=")
+        name, action = name.strip(), action.strip()
+        if not sep or not name or not action:
+            raise ValueError(
+                f"detection action {entry[:80]!r} is not SIGNAL=ACTION: write it like new_network=deny "
+                f"(signals: {', '.join(s.value for s in Signal)}; actions: {', '.join(a.value for a in Action)})"
+            )
+        if name in out:
+            raise ValueError(f"detection action for {name[:40]!r} is given twice: give each signal once")
+        out[name] = action
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,16 @@ require_attestation = true    # needs spiffe_id
 pinned_thumbprints = ["..."]  # CIMD clients: RFC 7638 thumbprints pinned at approval
 document_fingerprint = "..."  # CIMD clients: the approved document version
 document_domain = "agents.example.com"
+# Detection, each optional:
+usage_window = "08-18"        # UTC hours it works in (end exclusive; "22-06" spans midnight,
+                              # ranges joined by commas); its tokens carry it, a use outside
+                              # is outside_usage_window. Absent: learned from its history;
+                              # "00-24": every hour, nothing learned.
+detection_actions = ["new_network=deny", "concurrent_origins=revoke_session"]
+                              # its own action per signal (alert, deny, revoke_session) over
+                              # the detection_actions setting; signals: new_network,
+                              # concurrent_origins, resource_breadth, outside_usage_window,
+                              # burst_after_auth
 
 [servers.mcp-1]
 audiences = ["https://mcp.example.com/mcp"]
@@ -46,7 +56,6 @@ import hmac
 import ipaddress
 import os
 import re
-import secrets
 import threading
 import time
 import tomllib
@@ -58,10 +67,13 @@ from typing import Any
 import structlog
 import tomli_w
 
+from tokenbroker import secret_format
+from tokenbroker.detection.detector import parse_actions, parse_window, window_text
+from tokenbroker.detection.signals import Signal
 from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.jwk import thumbprint
 from tokenbroker.models import LimitPolicy
-from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
+from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord, signal_actions
 
 log = structlog.get_logger("tokenbroker.registry")
 
@@ -97,6 +109,10 @@ _THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url SHA-256 (RFC 7638)
 _MAX_PINNED_THUMBPRINTS = 64
 _FINGERPRINT = re.compile(r"[A-Za-z0-9._:+/=-]{1,200}")
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# Detection fields: 24 one-hour ranges fit in 144 characters; "outside_usage_window=
+# revoke_session", the longest entry, in 35.
+_MAX_USAGE_WINDOW_CHARS = 200
+_MAX_DETECTION_ACTION_CHARS = 64
 # The members RFC 7638 hashes for each key type (section 3.2), in lexicographic order.
 
 
@@ -104,16 +120,18 @@ class RegistryFileError(InvalidArgumentError):
     """The registry file cannot be read or holds an unusable record."""
 
 
-def generate_secret() -> str:
-    """A new client secret or server API key: 32 random bytes, base64url."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+def generate_secret(kind: secret_format.Kind = "client_secret") -> str:
+    """A new client secret (`tbs_...`) or, with kind "server_api_key", server API key
+    (`tbk_...`), in the format secret scanners match (`tokenbroker.secret_format`).
+    Secrets minted before it (43 characters of base64url) still work: only hashes are stored."""
+    return secret_format.mint(kind)
 
 
 def hash_secret(value: str) -> str:
     """The stored form of a client secret or API key: base64url SHA-256.
 
     A fast hash is right here (no bcrypt/argon2): every secret and key is generated from
-    32 random bytes, so there is nothing to brute-force and the hot path stays cheap."""
+    at least 238 random bits, so there is nothing to brute-force and the hot path stays cheap."""
     digest = hashlib.sha256(value.encode("utf-8")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
@@ -308,6 +326,38 @@ def check_binding(value: Any) -> Binding:
         raise InvalidArgumentError(f"binding {str(value)[:40]!r} is not one of {choices}") from None
 
 
+def check_usage_window(value: Any, what: str = "usage_window") -> str:
+    """`value` in its one spelling (`window_text` of its hour mask: "08-18", "22-06" as
+    "00-06,22-24"), so the file and `clients show` say the same for the same hours; or
+    raises saying how to write one."""
+    how = 'UTC hour ranges like "08-18", "22-06" (over midnight) or "08-12,13-18"'
+    if not isinstance(value, str) or not value.isascii() or len(value) > _MAX_USAGE_WINDOW_CHARS:
+        raise InvalidArgumentError(f"{what} must be {how}, at most {_MAX_USAGE_WINDOW_CHARS} characters")
+    try:
+        return window_text(parse_window(value))
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{what} {value!r} is not {how}: a range starts at 00-23 and ends at another hour, 01-24"
+        ) from None
+
+
+def check_detection_actions(value: Any, what: str = "detection_actions") -> tuple[str, ...]:
+    """`value` ("signal=action" texts) as one entry per signal, in the signals' order, or
+    raises naming the bad entry and the accepted signals and actions."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgumentError(f'{what} must be a list of texts like "new_network=deny"')
+    if len(value) > len(Signal) or any(len(v) > _MAX_DETECTION_ACTION_CHARS for v in value):
+        raise InvalidArgumentError(
+            f"{what} holds at most one entry per signal ({len(Signal)}), each at most "
+            f"{_MAX_DETECTION_ACTION_CHARS} characters"
+        )
+    try:
+        policy = parse_actions(signal_actions(tuple(value)), what)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None
+    return tuple(f"{signal.value}={policy[signal].value}" for signal in Signal if signal in policy)
+
+
 def check_cidr(value: str) -> str:
     """Returns the network in canonical form ("10.0.0.0/8"), or raises."""
     try:
@@ -356,6 +406,8 @@ def _client_from_toml(client_id: str, data: Mapping[str, Any], source: str) -> C
                 require_dpop_nonce=require_dpop_nonce,
                 # Checked by _checked_client, which also checks records made in code.
                 **{name: data[name] for name in _GOVERNANCE_FIELDS if name in data},
+                usage_window=data.get("usage_window"),
+                detection_actions=data.get("detection_actions", ()),
             )
         )
     except RegistryFileError:
@@ -411,6 +463,10 @@ def _client_to_toml(record: ClientRecord) -> dict[str, Any]:
         value = getattr(record, name)
         if value not in (None, False, ()):
             data[name] = list(value) if isinstance(value, tuple) else value
+    if record.usage_window is not None:
+        data["usage_window"] = record.usage_window
+    if record.detection_actions:
+        data["detection_actions"] = list(record.detection_actions)
     if record.public_jwk is not None:
         data["public_jwk"] = dict(record.public_jwk)
     return data
@@ -812,6 +868,8 @@ def _checked_client(record: ClientRecord) -> ClientRecord:
         allowed_audiences=tuple(record.allowed_audiences),
         allowed_scopes=tuple(record.allowed_scopes),
         **_checked_governance(record),
+        usage_window=check_usage_window(record.usage_window) if record.usage_window is not None else None,
+        detection_actions=check_detection_actions(record.detection_actions),
     )
 
 
@@ -825,12 +883,14 @@ __all__ = [
     "check_approval_rule",
     "check_binding",
     "check_cidr",
+    "check_detection_actions",
     "check_host",
     "check_id",
     "check_public_jwk",
     "check_spiffe_id",
     "check_text",
     "check_time",
+    "check_usage_window",
     "checked_client",
     "client_from_dict",
     "client_to_dict",

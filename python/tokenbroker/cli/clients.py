@@ -230,6 +230,47 @@ def _nonce_option(default: bool | None) -> Callable[[_Command], _Command]:
     )
 
 
+def _usage_window_option(clears: bool) -> Callable[[_Command], _Command]:
+    return click.option(
+        "--usage-window",
+        metavar="HOURS",
+        help='The UTC hours it works in, e.g. "08-18", "22-06" or "08-12,13-18" (end exclusive); its tokens carry '
+        "them and a use outside is the outside_usage_window signal. Without one the broker may learn it."
+        + (' "" removes it.' if clears else ""),
+    )
+
+
+_on_signal_option = click.option(
+    "--on-signal",
+    "on_signal",
+    multiple=True,
+    metavar="SIGNAL=ACTION",
+    help="Its own action for a detection signal, over the detection_actions setting (repeatable). Signals: "
+    "new_network, concurrent_origins, resource_breadth, outside_usage_window, burst_after_auth; actions: "
+    "alert, deny, revoke_session.",
+)
+
+
+def _usage_window(value: str) -> str | None:
+    """--usage-window in the registry's spelling; "" (update: remove it) is None."""
+    from tokenbroker.registry_file import check_usage_window
+
+    return check_usage_window(value, "--usage-window") if value.strip() else None
+
+
+def _signal_actions(current: tuple[str, ...], given: tuple[str, ...]) -> tuple[str, ...]:
+    """`current` with each --on-signal SIGNAL=ACTION set (replacing that signal's entry),
+    checked; fails naming the bad entry and the accepted signals and actions."""
+    from tokenbroker.registry import signal_actions
+    from tokenbroker.registry_file import check_detection_actions
+
+    try:
+        merged = {**signal_actions(current), **signal_actions(given)}
+    except ValueError as exc:
+        fail(f"--on-signal: {exc}")
+    return check_detection_actions([f"{signal}={action}" for signal, action in merged.items()], "--on-signal")
+
+
 @clients.command("add")
 @click.argument("client_id")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PEM or JWK file.")
@@ -271,6 +312,8 @@ def _nonce_option(default: bool | None) -> Callable[[_Command], _Command]:
     default=False,
     help="It gets tokens only with a fresh attestation of its --spiffe-id. Default: off.",
 )
+@_usage_window_option(clears=False)
+@_on_signal_option
 @click.option("--key-not-after", metavar="DATE", help="Refuse its credential after this date (ISO 8601, UTC).")
 @click.option("--approve", is_flag=True, help="Approve at once (new clients are pending otherwise).")
 @click.option("--by", metavar="NAME", help="With --approve: who approves (default: your user name).")
@@ -295,6 +338,8 @@ def clients_add(
     owner: str | None,
     spiffe_id: str | None,
     require_attestation: bool,
+    usage_window: str | None,
+    on_signal: tuple[str, ...],
     key_not_after: str | None,
     approve: bool,
     by: str | None,
@@ -323,6 +368,10 @@ def clients_add(
         _approval(state, by, until, for_days, now) if approve else {"status": ClientStatus.PENDING}
     )
     not_after = _future_time("--key-not-after", key_not_after, now, "") if key_not_after else None
+    if usage_window is not None and not usage_window.strip():
+        raise click.UsageError('--usage-window "" removes a window (clients update); give hours such as 08-18')
+    window = _usage_window(usage_window) if usage_window is not None else None
+    detection_actions = _signal_actions((), on_signal)
     registry = _registry(state)
     if registry.client(client_id) is not None:
         fail(
@@ -333,7 +382,7 @@ def clients_add(
     jwk = _load_public_key(public_key) if public_key else None
     if generate_key:
         pem, jwk = _generate_client_key(key_type)
-    secret = new_secret() if generate_secret else None
+    secret = new_secret("client_secret") if generate_secret else None
     record = ClientRecord(
         client_id,
         public_jwk=jwk,
@@ -350,6 +399,8 @@ def clients_add(
         key_not_after=not_after,
         spiffe_id=spiffe_id,
         require_attestation=require_attestation,
+        usage_window=window,
+        detection_actions=detection_actions,
         **approval,
     )
     # The files are written before the registry entry, and removed again when it fails:
@@ -407,6 +458,13 @@ def clients_add(
     default=None,
     help="It gets tokens only with a fresh attestation of its --spiffe-id.",
 )
+@_usage_window_option(clears=True)
+@_on_signal_option
+@click.option(
+    "--clear-signal-actions",
+    is_flag=True,
+    help="Drop its own actions: every signal follows the detection_actions setting again (then --on-signal applies).",
+)
 @click.option(
     "--key-not-after",
     metavar="DATE",
@@ -428,6 +486,9 @@ def clients_update(
     owner: str | None,
     spiffe_id: str | None,
     require_attestation: bool | None,
+    usage_window: str | None,
+    on_signal: tuple[str, ...],
+    clear_signal_actions: bool,
     key_not_after: str | None,
 ) -> None:
     """Change a client's key or policy; each list given replaces the old one. A new
@@ -470,14 +531,28 @@ def clients_update(
         changes["binding"] = Binding(binding)
     if require_dpop_nonce is not None:
         changes["require_dpop_nonce"] = require_dpop_nonce
+    if usage_window is not None:
+        changes["usage_window"] = _usage_window(usage_window)
+    if on_signal or clear_signal_actions:
+        current = () if clear_signal_actions else _current_signal_actions(state, client_id)
+        changes["detection_actions"] = _signal_actions(current, on_signal)
     if not changes:
         raise click.UsageError(
             "nothing to change: give --audience, --scope, --public-key, --max-sessions, --binding, "
-            "--require-dpop-nonce, --owner, --spiffe-id, --require-attestation, --key-not-after, ..."
+            "--require-dpop-nonce, --owner, --spiffe-id, --require-attestation, --usage-window, --on-signal, "
+            "--key-not-after, ..."
         )
     record = _registry(state).update_client(client_id, **changes)
     info(f"updated client {client_id!r}")
     print_json(_client_json(record, now, _key_max_age_seconds(state)))
+
+
+def _current_signal_actions(state: State, client_id: str) -> tuple[str, ...]:
+    """The client's own actions now, which --on-signal changes one signal at a time."""
+    record = _registry(state).client(client_id)
+    if record is None:
+        fail(f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones")
+    return tuple(record.detection_actions)
 
 
 def _set_status(state: State, client_id: str, status: ClientStatus) -> ClientRecord:
@@ -660,8 +735,8 @@ def clients_list(state: State, as_json: bool) -> None:
 def clients_show(state: State, client_id: str) -> None:
     """Print one client as JSON: its effective status (pending, approved, disabled, or
     expired when approved_until has passed), owner, approver, approval times and rule, key
-    thumbprint and dates, pinned thumbprints, attestation, binding (a secret shows as
-    "set", never its hash)."""
+    thumbprint and dates, pinned thumbprints, attestation, binding, usage window and its
+    own detection actions (a secret shows as "set", never its hash)."""
     record = _registry(state).client(client_id)
     if record is None:
         fail(f"client {client_id!r} is not registered: `tokenbroker clients list` shows the registered ones")
@@ -743,7 +818,7 @@ def clients_rotate_key(
     if out:
         current_type = _KEY_TYPE_OF_KTY.get(str((current.public_jwk or {}).get("kty")), "ed25519")
         pem, changes["public_jwk"] = _generate_client_key(key_type or current_type)
-    secret = new_secret() if generate_secret else None
+    secret = new_secret("client_secret") if generate_secret else None
     if secret:
         changes["secret_hash"] = hash_secret(secret)
     written: list[Path] = []  # as in add: no registered credential without its file

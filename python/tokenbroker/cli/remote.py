@@ -136,7 +136,7 @@ def issue(
         )
     if secret_file and api_key_file and str(secret_file) == str(api_key_file) == "-":
         raise click.UsageError("only one of --client-secret-file and --api-key-file can be read from stdin")
-    credential: dict[str, str] = {}
+    credential: dict[str, Any] = {}  # client_assertion or client_secret
     if key_file:
         assertion_audience = issuer or state.settings().issuer_url
         credential["client_assertion"] = make_client_assertion(key_file.read_bytes(), client_id, assertion_audience)

@@ -301,7 +301,7 @@ def _register_demo(registry: FileRegistry, settings: Settings, demo_dir: Path, a
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     key_file, api_key_file = demo_dir / "client-key.pem", demo_dir / "api-key"
-    api_key = generate_secret()
+    api_key = generate_secret("server_api_key")
     write_private(key_file, pem, force=True)
     write_private(api_key_file, api_key.encode() + b"\n", force=True)
     registry.put_server(ServerRecord(DEMO_SERVER, audiences=(audience,), api_key_hash=hash_secret(api_key), admin=True))
@@ -315,7 +315,7 @@ def _register_demo(registry: FileRegistry, settings: Settings, demo_dir: Path, a
             max_sessions=settings.max_sessions,
         )
     )
-    sdk_secret = generate_secret()
+    sdk_secret = generate_secret("client_secret")
     sdk_secret_file = demo_dir / "sdk-client-secret"
     write_private(sdk_secret_file, sdk_secret.encode() + b"\n", force=True)
     registry.put_client(

@@ -75,7 +75,7 @@ def servers_add(
     registry = state.registry()
     if registry.server(server_id) is not None:
         fail(f"server {server_id!r} already exists: remove it first with `tokenbroker servers remove {server_id}`")
-    api_key = generate_secret() if generate_api_key else None
+    api_key = generate_secret("server_api_key") if generate_api_key else None
     record = ServerRecord(
         server_id,
         audiences=tuple(dict.fromkeys(audiences)),

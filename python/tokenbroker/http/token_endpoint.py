@@ -379,6 +379,7 @@ class TokenEndpoint:
             dpop_jkt=jkt,
             client_ip=client_ip,
             attested_subject=attested_subject,
+            usage_window=record.usage_window_mask(),  # None: the broker may learn one
         )
         kind, value = ("jkt", jkt) if jkt is not None else ("ip", client_ip)
         issued = await self._c.broker.aissue_request(

@@ -1,6 +1,7 @@
 """`BrokerAuthMiddleware`: validates every HTTP request to an MCP server with the broker
-(token, DPoP proof, method, URI, client address, client certificate) before the SDK sees
-it, and hands the validated principal to the SDK.
+(token, DPoP proof, method, URI, client address, client certificate, and what the request
+touches for the broker's detection) before the SDK sees it, and hands the validated
+principal to the SDK.
 
 The SDK's `TokenVerifier` sees only a token string, so it cannot check a DPoP proof; this
 ASGI middleware can. Wrap the SDK's Starlette app with it:
@@ -49,6 +50,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenbroker.dpop_nonce import NONCE_HEADER, USE_DPOP_NONCE, DpopNonces, proof_nonce
 from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
+from tokenbroker.mcp.jsonrpc_resource import MAX_BODY, resource_of
+from tokenbroker.mcp.request_body import ReplayableBody
 from tokenbroker.mcp.resource_metadata import ProtectedResourceMetadata
 from tokenbroker.mcp.resource_metadata import resource_metadata_url as resource_metadata_url_of
 from tokenbroker.mcp.verifier import BrokerAccessToken, Validator, validated_principal
@@ -211,8 +214,13 @@ class BrokerAuthMiddleware:
     other than the path the proof covers gets 400 before any validation, exempt paths too.
 
     The client address is the ASGI `client` (run uvicorn with `--proxy-headers` and
-    `--forwarded-allow-ips` to have it taken from a trusted proxy). The client certificate
-    thumbprint comes from the ASGI TLS extension (`scope["extensions"]["tls"]`) when the
+    `--forwarded-allow-ips` to have it taken from a trusted proxy). What the request touches
+    (the broker's `resource`, for detection) is read from the JSON-RPC body of a POST with a
+    JSON content type, "tools/call <name>", "resources/read <uri>", "prompts/get <name>" or
+    the method (see `tokenbroker.mcp.jsonrpc_resource`); only a body of at most 64 KiB is
+    parsed, and the app receives every body, larger ones too, exactly as it came. Other
+    requests (the GET of an SSE stream, a DELETE) touch nothing: no `resource`. The client
+    certificate thumbprint comes from the ASGI TLS extension (`scope["extensions"]["tls"]`) when the
     server provides it."""
 
     def __init__(
@@ -267,12 +275,13 @@ class BrokerAuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        body = ReplayableBody(receive, MAX_BODY)  # read only just before the broker call
         try:
             path = routed_path(scope)  # before anything else: exempt paths are routed too
             if self.resource_metadata is not None and path in self.resource_metadata.paths:
                 await self.resource_metadata(scope, receive, send)
                 return
-            authenticated = None if self._exempt(scope["path"]) else await self._authenticate(scope, path)
+            authenticated = None if self._exempt(scope["path"]) else await self._authenticate(scope, path, body)
         except _Refusal as refusal:
             client = scope.get("client")
             log.info(
@@ -294,10 +303,33 @@ class BrokerAuthMiddleware:
         validated = validated_principal.set(token)
         context = auth_context_var.set(inner["user"])
         try:
-            await self.app(inner, receive, send if self.dpop_nonces is None else _with_nonce(send, self.dpop_nonces))
+            sending = send if self.dpop_nonces is None else _with_nonce(send, self.dpop_nonces)
+            await self.app(inner, body.receive, sending)  # the body as it came, chunk for chunk
         finally:
             auth_context_var.reset(context)
             validated_principal.reset(validated)
+
+    @staticmethod
+    def _json_body(scope: Scope) -> bool:
+        """Whether the request is a POST with one JSON `Content-Type` (`application/json`
+        or a `+json` type): the only requests whose body names what they touch."""
+        if scope["method"] != "POST":
+            return False
+        types = [value for name, value in scope["headers"] if name == b"content-type"]
+        if len(types) != 1:
+            return False
+        media: bytes = types[0].partition(b";")[0].strip().lower()
+        return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+    async def _resource(self, scope: Scope, body: ReplayableBody) -> str | None:
+        """What the request touches, for the broker's detection: the JSON-RPC target of a
+        POST with a JSON body of at most `MAX_BODY` bytes (`resource_of`). None for every
+        other request: a GET (the SSE stream a client opens to listen touches no tool), a
+        DELETE (the session's end), a larger body (passed on whole, never parsed)."""
+        if not self._json_body(scope):
+            return None
+        raw = await body.read()
+        return None if raw is None else resource_of(raw)
 
     def _exempt(self, path: str) -> bool:
         """Served without a token: under an exempt prefix, with no dot segment to climb out."""
@@ -305,7 +337,7 @@ class BrokerAuthMiddleware:
 
     # -- the request ------------------------------------------------------------------
 
-    async def _authenticate(self, scope: Scope, path: str) -> tuple[BrokerAccessToken, Scope]:
+    async def _authenticate(self, scope: Scope, path: str, body: ReplayableBody) -> tuple[BrokerAccessToken, Scope]:
         authorization, proofs = [], []
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -334,7 +366,9 @@ class BrokerAuthMiddleware:
             if self.dpop_nonces is not None and not self.dpop_nonces.accepts(proof_nonce(proof)):
                 description = f"this server requires a nonce in DPoP proofs: sign again with the {NONCE_HEADER} one"
                 raise _Refusal(401, USE_DPOP_NONCE, description, scheme="dpop")
-        validation = await self._validate(scope, path, token, proof)
+        # The body is read here, after every check that needs no broker: a request refused
+        # on its headers alone costs no body read.
+        validation = await self._validate(scope, path, token, proof, await self._resource(scope, body))
         if not validation.valid:
             raise self._refusal(validation, scheme, proof is not None)
         # A valid proof is one the broker checked only if the token is DPoP-bound: it ignores
@@ -394,7 +428,9 @@ class BrokerAuthMiddleware:
         except (ValueError, binascii.Error, TypeError):
             raise _Refusal(400, "invalid_request", "client certificate is unreadable") from None
 
-    async def _validate(self, scope: Scope, path: str, token: str, proof: str | None) -> Validation:
+    async def _validate(
+        self, scope: Scope, path: str, token: str, proof: str | None, resource: str | None
+    ) -> Validation:
         client = scope.get("client")
         try:
             return await self.broker.avalidate(
@@ -406,6 +442,7 @@ class BrokerAuthMiddleware:
                 cert_thumbprint=self._client_cert_thumbprint(scope),
                 client_ip=client[0] if client else None,
                 required_scopes=self.required_scopes,
+                resource=resource,
             )
         except StoreUnavailableError as exc:
             log.error("broker unavailable, request refused (fail closed): %s", exc)

@@ -12,7 +12,7 @@ Every request field is bounded here, before anything is looked up or logged: an 
 field is INVALID_ARGUMENT naming the field and its limit (never its value). Limits: ids
 (`client_id`, `session_id`, `jti`, `request_id`) 256 bytes; URIs (`audience`,
 `http_uri`) 2048; `client_assertion`, `token`, `dpop_proof` 8 KiB; `client_secret` 1 KiB;
-`client_ip` 128; `dpop_jkt`, `cert_thumbprint` 128; `http_method` 16; at most 64 scopes
+`client_ip` 128; `resource` 2048; `dpop_jkt`, `cert_thumbprint` 128; `http_method` 16; at most 64 scopes
 (`scopes`, `required_scopes`) of 256 bytes each."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.errors import InvalidArgumentError, TokenBrokerError
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.registry import ClientRecord, Registry, ServerRecord
-from tokenbroker.requests import issue_request, validate_request
+from tokenbroker.requests import IssueFields, issue_request, validate_request
 from tokenbroker.service.auth import CallerAuthenticator, peer_ip
 from tokenbroker.service.decisions import ISSUE, Decision, decide
 from tokenbroker.v1 import broker_pb2 as pb
@@ -49,6 +49,7 @@ GRANT_RULE = "client.approved"
 
 MAX_ID_BYTES = 256
 MAX_URI_BYTES = 2048
+MAX_RESOURCE_BYTES = 2048
 MAX_CREDENTIAL_BYTES = 8 * 1024
 MAX_SECRET_BYTES = 1024
 MAX_ADDRESS_BYTES = 128
@@ -133,6 +134,7 @@ def check_validate_bounds(request: pb.ValidateTokenRequest) -> None:
     _check_size("client_ip", request.client_ip, MAX_ADDRESS_BYTES)
     _check_scopes("required_scopes", request.required_scopes)
     _check_size("request_id", request.request_id, MAX_ID_BYTES)
+    _check_size("resource", request.resource, MAX_RESOURCE_BYTES)
 
 
 # -- domain objects <-> protobuf ------------------------------------------------------------
@@ -190,6 +192,7 @@ def engine_request(request: pb.ValidateTokenRequest) -> ValidateRequest | Valida
         client_ip=request.client_ip,
         required_scopes=request.required_scopes,
         request_id=request.request_id,
+        resource=request.resource,
     )
 
 
@@ -299,17 +302,18 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         try:
             # The stateless rules (ids, lifetime, scopes, binding) before the client is
             # looked up; the constructor maps the wire's empty fields to None.
-            wanted = issue_request(
-                client_id=request.client_id,
-                audience=request.audience,
-                scopes=scopes,
-                ttl_seconds=request.ttl_seconds,
-                session_id=request.session_id,
-                dpop_jkt=request.dpop_jkt,
-                cert_thumbprint=request.cert_thumbprint,
-                once=request.once,
-                client_ip=client_ip,
-            )
+            fields: IssueFields = {
+                "client_id": request.client_id,
+                "audience": request.audience,
+                "scopes": scopes,
+                "ttl_seconds": request.ttl_seconds,
+                "session_id": request.session_id,
+                "dpop_jkt": request.dpop_jkt,
+                "cert_thumbprint": request.cert_thumbprint,
+                "once": request.once,
+                "client_ip": client_ip,
+            }
+            wanted = issue_request(**fields)
             record = self._authenticator.authenticate(
                 client_id=wanted.client_id,
                 client_assertion=request.client_assertion or None,
@@ -322,6 +326,10 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
             )
             # Whatever authenticator is plugged in, the client's binding decides.
             ClientAuthenticator.check_binding(record, wanted.dpop_jkt, wanted.cert_thumbprint)
+            window = record.usage_window_mask()
+            if window is not None:  # the record's own window, known only now (else the broker may learn one)
+                fields["usage_window"] = window
+                wanted = issue_request(**fields)
             issued = self._broker.issue_request(wanted, session_limit=record.session_limit)
         except TokenBrokerError as exc:
             rule = str(getattr(exc, "rule", type(exc).__name__))

@@ -7,6 +7,7 @@ import enum
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from tokenbroker.detection.observe import Observe
 from tokenbroker.errors import InvalidArgumentError
 from tokenbroker.models import Session, SessionLimit
 from tokenbroker.reason import Reason
@@ -95,6 +96,10 @@ class TokenCheck(NamedTuple):
     client_ip: str
     replay: tuple[ReplayRecord, ...]
     now: int
+    # What detection watches in this validation (None: nothing, e.g. an introspection).
+    # Observed only when every check passed; the store may then answer ANOMALY
+    # (`tokenbroker.detection.signals` says what each signal watches and does).
+    observe: Observe | None = None
 
 
 def token_checks(checks: Sequence[object]) -> list[TokenCheck]:
@@ -151,6 +156,12 @@ class Store(Protocol):
         used up. Only `NEW` means the value may be accepted."""
         ...
 
+    def usage_hours(self, client_id: str) -> list[int]:
+        """The client's 24 usage-hour counters (index h: UTC hour h), from observed
+        validations: one per session per hour it was observed in (the learned usage window
+        is drawn from them). Zeros for a client never observed."""
+        ...
+
     def revoke_session(self, session_id: str, *, now: int) -> int: ...
 
     def revoke_client(self, client_id: str, *, now: int) -> int: ...
@@ -166,6 +177,8 @@ class Store(Protocol):
     async def acheck_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]: ...
 
     async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered: ...
+
+    async def ausage_hours(self, client_id: str) -> list[int]: ...
 
     async def arevoke_session(self, session_id: str, *, now: int) -> int: ...
 

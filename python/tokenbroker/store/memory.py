@@ -7,7 +7,8 @@ a live session only: it is dropped when its session ends, expires or is forgotte
 store is the one exact replay record of the embedded broker (the engine's bloom filter
 only marks keys). Sessions that end when idle slide their expiry (`store.base.idle_expiry`);
 each slide pushes a heap entry and leaves the old one stale, so validations slide only by
-`idle_step` or more."""
+`idle_step` or more. Detection state (`tokenbroker.detection.memory_watch`) lives on the
+session records and in a bounded table of clients."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from tokenbroker._core import random_id
+from tokenbroker.detection.memory_watch import HOUR, ClientWatches, SessionWatch, observe
+from tokenbroker.detection.observe import Observe
+from tokenbroker.detection.signals import Action
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
 from tokenbroker.models import LimitPolicy, Session
 from tokenbroker.reason import Reason
@@ -49,6 +53,7 @@ class _SessionRecord:
     ends_at: int  # the hard end, created_at + ttl: the expiry never slides past it
     idle_seconds: int | None
     continuation: str | None  # the continuation that named this session when it opened
+    watch: SessionWatch | None = None  # detection state, from the first observed validation
 
     def public(self) -> Session:
         return Session(
@@ -81,6 +86,7 @@ class MemoryStoreSizes(NamedTuple):
     replay_heap: int
     revoked_tokens: int
     continuations: int = 0
+    watched_clients: int = 0
 
 
 class MemoryStore:
@@ -106,15 +112,20 @@ class MemoryStore:
         *,
         max_replay_records: int = 2_000_000,
         max_replay_records_per_client: int = 500_000,
+        max_watched_clients: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`max_replay_records` bounds the replay and single-use records held at once,
         `max_replay_records_per_client` those of one client. When a bound is reached and
         none of the records under it has expired, what must record one more is refused
         (`REPLAY_CACHE_FULL`, `Remembered.FULL`): evicting a live record would reopen a
-        replay. The per-client bound keeps one noisy client from refusing its neighbours."""
+        replay. The per-client bound keeps one noisy client from refusing its neighbours.
+        `max_watched_clients` bounds the clients whose detection state is kept (least
+        recently used dropped: `tokenbroker.detection.memory_watch.ClientWatches`)."""
         if max_replay_records < 1 or max_replay_records_per_client < 1:
             raise InvalidArgumentError("max_replay_records and max_replay_records_per_client must be positive")
+        if max_watched_clients < 1:
+            raise InvalidArgumentError("max_watched_clients must be positive")
         self.epoch = int(clock())
         self._max_replay = max_replay_records
         self._max_replay_per_client = max_replay_records_per_client
@@ -131,6 +142,7 @@ class MemoryStore:
         self._replay_per_client: dict[str, int] = {}
         self._revoked_tokens: dict[str, int] = {}  # jti -> forget after
         self._revoked_heap: list[tuple[int, str]] = []
+        self._watches = ClientWatches(max_watched_clients)
 
     def sizes(self) -> MemoryStoreSizes:
         """The size of every table, for metrics and for tests of the bounds."""
@@ -143,6 +155,7 @@ class MemoryStore:
                 len(self._replay_heap),
                 len(self._revoked_tokens),
                 len(self._continuations),
+                len(self._watches),
             )
 
     # -- sessions -------------------------------------------------------------------
@@ -265,7 +278,7 @@ class MemoryStore:
     # -- validation -----------------------------------------------------------------
 
     def check_token(self, check: TokenCheck) -> Reason:
-        client_id, session_id, audience, jti, issued_at, client_ip, replay, now = check
+        client_id, session_id, audience, jti, issued_at, client_ip, replay, now, observe = check
         with self._lock:
             if issued_at < self.epoch:
                 return Reason.SESSION_UNKNOWN
@@ -288,9 +301,11 @@ class MemoryStore:
                 self._forget_replay(now, _PURGE_PER_CHECK)
                 if not self._room_for(client_id, len(replay), now):
                     return Reason.REPLAY_CACHE_FULL
-                # Every check passed: only now is anything written.
-                for key, until in replay:
-                    self._record_replay(key, until, client_id)
+            if observe is not None and self._refused(record, observe, now):
+                return Reason.ANOMALY
+            # Every check passed: only now is anything written.
+            for key, until in replay:
+                self._record_replay(key, until, client_id)
             self._expire_sessions(now, _PURGE_PER_CHECK)
             record.last_seen_at = now
             if client_ip:
@@ -300,8 +315,27 @@ class MemoryStore:
                 self._slide(record, 0, now)
             return Reason.OK
 
+    def _refused(self, record: _SessionRecord, request: Observe, now: int) -> bool:
+        """Observes a validation that passed every check (`memory_watch.observe`): True
+        when a finding's action refuses it, deny or revoke_session (then the session is
+        revoked here, as `revoke_session` does). The clients' table is touched only when the
+        session's hour changes, so the common request costs no lookup in it."""
+        watch = record.watch
+        if watch is None or watch.hour != now // HOUR:
+            watch = record.watch = self._watches.attach(record.client_id, watch)
+        action = observe(watch.client, watch, request, now, record.created_at)
+        if action is None or action is Action.ALERT:
+            return False
+        if action is Action.REVOKE_SESSION:
+            self._end(record, Reason.SESSION_REVOKED)
+        return True
+
     def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
         return [self.check_token(c) for c in token_checks(checks)]
+
+    def usage_hours(self, client_id: str) -> list[int]:
+        with self._lock:
+            return self._watches.usage_hours(client_id)
 
     def remember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         with self._lock:
@@ -401,6 +435,9 @@ class MemoryStore:
 
     async def acheck_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
         return self.check_tokens(checks)
+
+    async def ausage_hours(self, client_id: str) -> list[int]:
+        return self.usage_hours(client_id)
 
     async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         return self.remember(key, client_id=client_id, issued_at=issued_at, until=until, now=now)

@@ -23,6 +23,11 @@ the calling broker's clock. A replica whose clock is up to `max_clock_skew_secon
 accepts a proof at most until `until` on its own clock, while the record is still live.
 `observed_clock_skew` is Redis time minus broker time from the last script reply.
 
+Detection: a check with an `Observe` is watched inside `check_token.lua`, in the same
+round trip (the script says what it keeps: per client a networks set and a watch hash,
+per session a resource set and a few fields of its hash, all under the client's hash tag,
+bounded and with TTLs); its findings come back with the reason.
+
 Per-client bounds: a client's records count against `max_records_per_client`; over it,
 `check_token` answers REPLAY_CACHE_FULL and `remember` FULL for that client only.
 
@@ -42,9 +47,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import orjson
 import redis.cluster
 
 from tokenbroker._core import random_id
+from tokenbroker.detection.signals import BREADTH_BUCKETS, BREADTH_HISTORY_MAX, Signal, Thresholds
 from tokenbroker.errors import (
     InvalidArgumentError,
     SessionLimitExceededError,
@@ -83,6 +90,28 @@ _SESSION_FIELDS = ("client_id", "audience", "created_at", "expires_at", "last_se
 # and continue_session (revoked or evicted meanwhile): the next attempt opens a new one.
 _CONTINUE_ATTEMPTS = 3
 _STATE_REASONS = frozenset({Reason.SESSION_UNKNOWN, Reason.SESSION_REVOKED, Reason.CLIENT_REVOKED})
+_FINDING_REASONS = frozenset({Reason.OK, Reason.ANOMALY})
+_USAGE_FIELDS = tuple(f"h{h}" for h in range(24))
+
+
+def threshold_args(thresholds: Thresholds) -> tuple[str, str, str]:
+    """The thresholds as `check_token.lua`'s `watch` takes them (after the request's own
+    six ARGV): the two every observation reads, then the others in one ARGV (the script
+    parses it only when it needs one), with the histogram's constants so that Python
+    stays their source."""
+    t = thresholds
+    others = (
+        t.network_history_max,
+        t.learning_seconds,
+        t.concurrent_window_seconds,
+        t.breadth_min_sessions,
+        t.breadth_min_resources,
+        t.session_resources_max,
+        t.burst_requests,
+        BREADTH_BUCKETS,
+        BREADTH_HISTORY_MAX,
+    )
+    return str(t.network_history_days * 86400), str(t.burst_window_seconds), " ".join(map(str, others))
 
 
 class RedisStore:
@@ -134,6 +163,9 @@ class RedisStore:
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._trips = RoundTrips(client, async_client, min_replicas=min_replicas, replica_timeout_ms=replica_timeout_ms)
         self._coalescer: CheckCoalescer | None = None
+        # The last thresholds seen and their ARGV: the broker hands the same object with
+        # every Observe, so an identity test spares rebuilding it per validation.
+        self._thresholds: tuple[Thresholds | None, tuple[str, ...]] = (None, ())
         self._thread_coalescer = ThreadCheckCoalescer(
             lambda checks: self._run("check_token", self._checks_op(checks)),
             max_batch=max_batch,
@@ -224,6 +256,18 @@ class RedisStore:
     def records_key(self, client_id: str) -> str:
         """The client's single-use records (replay records and `remember()` values)."""
         return self.client_key(client_id, "records")
+
+    def networks_key(self, client_id: str) -> str:
+        """The client's networks (detection): sorted set, network -> last seen."""
+        return self.client_key(client_id, "nets")
+
+    def watch_key(self, client_id: str) -> str:
+        """The client's detection watch: first observation, breadth histogram, usage hours."""
+        return self.client_key(client_id, "watch")
+
+    def resources_key(self, client_id: str, session_id: str) -> str:
+        """The distinct resource digests one session touched (detection)."""
+        return self.client_key(client_id, "res", session_id)
 
     def epoch_key(self, key: str) -> str:
         """The state epoch that `key`'s slot depends on: one per store on one Redis, one
@@ -338,8 +382,8 @@ class RedisStore:
         return [Command(("DEL", *hashes)), *indexes, Command(("ZREM", ended, *sids))]
 
     def _check_calls(self, check: TokenCheck) -> list[Call]:
-        client_id, session_id, audience, jti, issued_at, client_ip, replay, now = check
-        live, _, _, marker = self._session_keys(client_id)
+        client_id, session_id, audience, jti, issued_at, client_ip, replay, now, observe = check
+        live, order, _, marker = self._session_keys(client_id)
         session = self.session_key(client_id, session_id)
         keys = [session, live, marker, self.records_key(client_id), self.epoch_key(session)]
         jti_key = self.revoked_token_key(jti)
@@ -349,18 +393,43 @@ class RedisStore:
         args += (self._epoch_id, self.max_clock_skew_seconds, self.max_records_per_client)
         for key, until in replay:
             args.extend((f"p:{key}", until))
+        if observe is not None:  # the last 4 KEYS and the last 9 ARGV (check_token.lua's watch)
+            keys += (self.networks_key(client_id), self.watch_key(client_id))
+            keys += (self.resources_key(client_id, session_id), order)
+            args += (observe.network, observe.wide, observe.resource, observe.inline, observe.revoke)
+            args.append(1 if observe.outside_window else 0)
+            args += self._threshold_args(observe.thresholds)
         calls: list[Call] = [Eval("check_token", tuple(keys), tuple(args))]
         if self._cluster:
             calls.append(Eval("check_jti", (jti_key, self.epoch_key(jti_key)), (issued_at, self._epoch_id)))
         return calls
 
+    def _threshold_args(self, thresholds: Thresholds) -> tuple[str, ...]:
+        last, args = self._thresholds
+        if last is not thresholds:
+            args = threshold_args(thresholds)
+            self._thresholds = (thresholds, args)
+        return args
+
     def _observe(self, redis_now: str, broker_now: int) -> None:
         self.observed_clock_skew = int(redis_now) - broker_now
 
     def _check_reason(self, check: TokenCheck, state: object, jti: object) -> Reason:
-        name, redis_now = reply_texts(reply_value(state))
+        reply = reply_texts(reply_value(state))
+        name, redis_now = reply[0], reply[1]
         self._observe(redis_now, check.now)
-        reason = Reason.SESSION_UNKNOWN if name == "STALE" else Reason[name]
+        reason = self._jti_reason(Reason.SESSION_UNKNOWN if name == "STALE" else Reason[name], jti)
+        observe = check.observe
+        # Findings only for what passed every check: on a cluster a revoked jti (checked
+        # beside the script) refuses after the script observed; its findings are dropped.
+        if len(reply) > 2 and observe is not None and reason in _FINDING_REASONS:
+            for i in range(2, len(reply) - 1, 2):
+                observe.found.append((Signal(reply[i]), orjson.loads(reply[i + 1])))
+        return reason
+
+    @staticmethod
+    def _jti_reason(reason: Reason, jti: object) -> Reason:
+        """The check's reason once the cluster's revoked-jti check (None: not separate) is in."""
         if jti is None or reason in _STATE_REASONS:
             return reason
         jti_name = reply_texts(reply_value(jti))[0]
@@ -391,6 +460,10 @@ class RedisStore:
         name, redis_now = reply_texts(reply_value(replies[0]))
         self._observe(redis_now, now)
         return Remembered(name.lower())
+
+    def _usage_hours_op(self, client_id: str) -> Op[list[int]]:
+        replies = yield [Command(("HMGET", self.watch_key(client_id), *_USAGE_FIELDS))]
+        return [int(reply_text(x)) if x is not None else 0 for x in reply_value(replies[0])]
 
     def _revoke_session_op(self, session_id: str, now: int) -> Op[int]:
         replies = yield [Command(("GET", self.session_index_key(session_id)))]
@@ -500,8 +573,9 @@ class RedisStore:
 
     def check_token(self, check: TokenCheck) -> Reason:
         """Validation step 7 in one round trip. Returns OK, SESSION_UNKNOWN (also: issued
-        before the epoch), SESSION_REVOKED, CLIENT_REVOKED, TOKEN_REVOKED, REPLAYED or
-        REPLAY_CACHE_FULL; raises `StoreUnavailableError`, never answers OK without Redis."""
+        before the epoch), SESSION_REVOKED, CLIENT_REVOKED, TOKEN_REVOKED, REPLAYED,
+        REPLAY_CACHE_FULL or ANOMALY (`check.observe`: a detection signal decided inline,
+        in the same script); raises `StoreUnavailableError`, never answers OK without Redis."""
         return self._thread_coalescer.check(check)
 
     def check_tokens(self, checks: Sequence[TokenCheck]) -> list[Reason]:
@@ -514,6 +588,11 @@ class RedisStore:
         """Records `key` among the client's records until `until` (+ the skew allowance,
         on Redis's clock): NEW, SEEN, STALE (issued before the epoch) or FULL (quota)."""
         return self._run("remember", self._remember_op(key, client_id, issued_at, until, now))
+
+    def usage_hours(self, client_id: str) -> list[int]:
+        """The client's 24 usage-hour counters (index h: UTC hour h), zeros when never
+        observed (or not observed for the network history: the watch then expired)."""
+        return self._run("usage_hours", self._usage_hours_op(client_id))
 
     def revoke_session(self, session_id: str, *, now: int) -> int:
         """Revokes one live session (looked up through the session index); 1 or 0."""
@@ -552,6 +631,9 @@ class RedisStore:
 
     async def aremember(self, key: str, *, client_id: str, issued_at: int, until: int, now: int) -> Remembered:
         return await self._arun("remember", self._remember_op(key, client_id, issued_at, until, now))
+
+    async def ausage_hours(self, client_id: str) -> list[int]:
+        return await self._arun("usage_hours", self._usage_hours_op(client_id))
 
     async def arevoke_session(self, session_id: str, *, now: int) -> int:
         return await self._arun("revoke_session", self._revoke_session_op(session_id, now))

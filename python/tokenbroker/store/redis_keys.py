@@ -21,6 +21,17 @@ Key layout (`tb` is the prefix):
   CLIENT_REVOKED (so `revoke_client` and `open_session` never read session hashes)
 - `tb:{<client>}:records`        sorted set of the client's single-use records (replay
   records `p:<key>` and `remember()` values `a:<key>`), scored by expiry on Redis's clock
+- `tb:{<client>}:nets`           detection: sorted set of the client's networks (/24, IPv6
+  /48), scored by last seen (refreshed at most once an hour), at most
+  network_history_max, those older than network_history_days dropped when one is added;
+  TTL network_history_days, renewed when written
+- `tb:{<client>}:watch`          detection hash: first (first observation with a network),
+  n and b1..b64 (the breadth histogram), h0..h23 (usage hours); TTL as for nets
+- `tb:{<client>}:res:<sid>`      detection: set of the resource digests the session
+  touched, at most session_resources_max; TTL = until the session's hard end (so a
+  revoked, evicted or purged session's set goes with its last possible use). The
+  session's hash also holds detection fields: o, ow (origin network, its /16), oa (origin
+  seen at), bc (requests in the burst window), lh (hour of its last observation)
 - `tb:sid:{<sid>}`               session id -> client id, for `revoke_session` only
 - `tb:jti:{<jti>}`               revoked token id; TTL = until the token cannot be valid
 - `tb:epoch` (one Redis) or `tb:epoch:{<t>}` (cluster: one per slot, `<t>` a short tag of
@@ -41,7 +52,9 @@ cluster it lives in its own slot (spread over the cluster instead of loading one
 concurrently: one round-trip time); it also refuses tokens older than the jti slot's epoch
 (a revocation there may have been lost). The cluster's price: a revoked token's proof is
 still recorded as used and its session's last_seen_at still moves (within the client's
-quota) and an idle-ending session's expiry slides, which refuses nothing that should pass."""
+quota) and an idle-ending session's expiry slides, and an observed validation's detection
+state is updated (and a revoke_session finding revokes the session; its findings are not
+reported), which refuses nothing that should pass."""
 
 from __future__ import annotations
 

@@ -50,3 +50,12 @@ local function session_refusal(h, client_id, audience, marker, in_live_set, now)
   end
   return nil
 end
+
+-- Revokes a live session (its hash `key`, id `sid`): marked SESSION_REVOKED and taken out
+-- of the client's live set and opening-order set. revoke_session does this, and
+-- check_token when a detection signal's action is revoke_session.
+local function revoke_live_session(key, live_key, order_key, sid)
+  redis.call('HSET', key, 'revoked', 'SESSION_REVOKED')
+  redis.call('ZREM', live_key, sid)
+  redis.call('ZREM', order_key, sid)
+end

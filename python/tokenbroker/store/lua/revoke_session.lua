@@ -9,7 +9,5 @@ local live = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if session_refusal(h, ARGV[2], h[2], redis.call('GET', KEYS[4]), live, now) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'revoked', 'SESSION_REVOKED')
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+revoke_live_session(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 return 1
