@@ -416,8 +416,9 @@ def test_check_tokens_of_many_requests_is_one_round_trip(backend: Backend) -> No
     requests, expected = mixed_requests(store, 32)
     before = backend.reads()
     assert store.check_tokens(requests) == expected
-    # Per server: one read event for the pipeline (a few if TCP splits it) and one for INFO.
-    assert backend.reads() - before <= 4 * len(backend.servers)
+    # Per server: one read event for the pipeline (a few if TCP splits it, more on a loaded
+    # machine: 5 was seen once) and one for INFO; 32 separate checks cost >= 32 (the control).
+    assert backend.reads() - before <= 8 * len(backend.servers)
 
 
 def test_separate_checks_cost_one_round_trip_each(single: Backend) -> None:
