@@ -1,5 +1,5 @@
 """Assembles a broker from `Settings`: keys, state store, registry, client authentication,
-audit log and metrics. `tokenbroker serve` hands these to the gRPC service."""
+audit log, events and metrics. `tokenbroker serve` hands these to the gRPC service."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from tokenbroker.config import Settings
 from tokenbroker.detection.detector import Detection, parse_actions
 from tokenbroker.detection.signals import Action, Signal
 from tokenbroker.errors import InvalidKeyError
-from tokenbroker.events import Events
+from tokenbroker.events import Events, Sink, Source
+from tokenbroker.events_sinks import AuditSink
 from tokenbroker.keyring import Keyring
 from tokenbroker.metrics import Metrics
 from tokenbroker.models import SessionLimit
@@ -116,6 +117,39 @@ def _governance_event(events: Events, found: dict[str, Any]) -> None:
     events.emit(name, client_id=client_id, action="deny", evidence=details)
 
 
+def build_events(settings: Settings, audit: AuditLog, metrics: Metrics) -> Events:
+    """Where events go (`tokenbroker.events`): the log line and the audit line always;
+    with `redis_url`, the Redis stream every replica writes and WatchEvents reads (so a
+    broker shows its siblings' events too); with `events_webhook_url`, the webhook."""
+    sinks: list[Sink] = [AuditSink(audit)]
+    source: Source | None = None
+    if settings.redis_url:
+        from tokenbroker.events_redis import RedisEventStream
+
+        stream = RedisEventStream.from_url(
+            settings.redis_url, cluster=settings.redis_cluster, max_len=settings.events_stream_max
+        )
+        sinks.append(stream)
+        source = stream
+    if settings.events_webhook_url:
+        from tokenbroker.events_webhook import WebhookSink
+
+        sinks.append(
+            WebhookSink(
+                settings.events_webhook_url,
+                retries=settings.events_webhook_retries,
+                on_dropped=metrics.event_dropped,
+            )
+        )
+    return Events(
+        keep=settings.events_keep,
+        sinks=sinks,
+        source=source,
+        on_dropped=metrics.event_dropped,
+        count=metrics.detection,
+    )
+
+
 def build_registry(settings: Settings, store: Store) -> FileRegistry:
     """The client and server registry: the file, with the dynamic state (pending clients,
     approvals, pins) shared by every replica when the store is Redis."""
@@ -156,8 +190,14 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
     keyring = keyring if keyring is not None else load_keyring(settings)
     store, store_kind = build_store(settings)
     registry = build_registry(settings, store)
-    events = Events()
     metrics = Metrics()
+    audit = AuditLog(
+        settings.audit_file,
+        refusal_burst=settings.audit_refusal_burst,
+        refusal_rate=settings.audit_refusals_per_second,
+        on_suppressed=metrics.audit_suppressed,
+    )
+    events = build_events(settings, audit, metrics)
     broker = Broker(
         keyring,
         issuer=settings.issuer_url,
@@ -193,14 +233,16 @@ def build_components(settings: Settings, *, keyring: Keyring | None = None) -> C
     )
     if hasattr(store, "observed_clock_skew"):  # the Redis store: its clock against ours
         metrics.watch_redis_clock(store)
-    audit = AuditLog(
-        settings.audit_file,
-        refusal_burst=settings.audit_refusal_burst,
-        refusal_rate=settings.audit_refusals_per_second,
-        on_suppressed=metrics.audit_suppressed,
-    )
     attesters = build_attesters(settings)
     return Components(broker, registry, authenticator, audit, metrics, settings, events, attesters, store_kind)
 
 
-__all__ = ["Components", "build_components", "build_detection", "build_registry", "build_store", "load_keyring"]
+__all__ = [
+    "Components",
+    "build_components",
+    "build_detection",
+    "build_events",
+    "build_registry",
+    "build_store",
+    "load_keyring",
+]

@@ -37,7 +37,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -179,6 +179,16 @@ class AuditLog:
                 **fields,
             )
         )
+
+    def record_event(self, entry: Mapping[str, Any]) -> None:
+        """Writes one line that records no decision: a detection or governance event
+        (`tokenbroker.events_sinks`), `time` and `event` first, then its other fields,
+        redacted like every line and chained like every line. Never rate-limited: events
+        are bounded where they are made. Suppressed lines are summarised before it."""
+        fields = scrub(dict(entry))
+        line = {"time": str(fields.pop("time", "") or _utc_now(self._clock)), "event": str(fields.pop("event", ""))}
+        self._flush_suppressed()
+        self._write({**line, **{k: v for k, v in fields.items() if k not in ("seq", "prev")}})
 
     @property
     def suppressed(self) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -281,6 +281,31 @@ class BrokerClient:
     def jwks(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self._call("GetJwks", pb.GetJwksRequest()).jwks_json)
         return doc
+
+    def watch_events(self, client_id: str = "", follow: bool = False) -> Iterator[dict[str, Any]]:
+        """The broker's events (an admin server's key), oldest first, each as a dict of the
+        DESIGN fields (`evidence` an object): those kept (of `client_id` only, when given);
+        with `follow`, then each new one, without a deadline, until the iterator is closed."""
+        message = pb.WatchEventsRequest(client_id=client_id, follow=follow)
+        call = self._stub.WatchEvents(message, timeout=None if follow else self.timeout, metadata=self._metadata)
+        try:
+            for event in call:
+                evidence = json.loads(event.evidence_json) if event.evidence_json else {}
+                yield {
+                    "event": event.event,
+                    "signal": event.signal,
+                    "severity": event.severity,
+                    "client_id": event.client_id,
+                    "session_id": event.session_id,
+                    "source_ip": event.source_ip,
+                    "action": event.action,
+                    "evidence": evidence,
+                    "time": event.time,
+                }
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         self._channel.close()

@@ -225,6 +225,19 @@ class Settings(BaseSettings):
     audit_refusals_per_second: float = Field(
         20.0, ge=0, le=1_000_000, description="steady rate of audit lines for unauthenticated refusals"
     )
+    # Where events go (tokenbroker.events): the log and audit lines always, these besides.
+    events_keep: int = Field(
+        10_000, ge=1, le=1_000_000, description="events kept in memory for WatchEvents (without redis_url)"
+    )
+    events_stream_max: int = Field(
+        10_000, ge=1, le=10_000_000, description="events kept in the Redis stream every replica reads (about)"
+    )
+    events_webhook_url: str | None = Field(
+        None, description="http(s) URL each event is POSTed to as JSON; none: no webhook"
+    )
+    events_webhook_retries: int = Field(
+        3, ge=0, le=10, description="retries of a failed webhook POST (after 0.2 s, 0.4 s, ...); then dropped"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -312,6 +325,15 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("events_webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        from tokenbroker.events_webhook import check_webhook_url
+
+        return check_webhook_url(value)  # ValueError never repeats the URL: it may hold a secret
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
@@ -359,6 +381,10 @@ class Settings(BaseSettings):
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
+            if name == "events_webhook_url" and value:
+                from tokenbroker.events_webhook import origin_of
+
+                value = f"{origin_of(value)}/..."  # its path, query or user part may be the secret
             yield name, (_mask_password(value) if name == "redis_url" and value else value)
 
     def public_summary(self) -> dict[str, Any]:

@@ -53,6 +53,13 @@ class Metrics:
             ("signal", "action"),
             registry=self.registry,
         )
+        self.events_dropped = Counter(
+            "tokenbroker_events_dropped",
+            "Events a sink did not get (queue: the delivery queue was full; log, audit, redis, webhook: that "
+            "sink failed or gave up; follower: a slow reader of WatchEvents lost it)",
+            ("sink",),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "tokenbroker_rpc_duration_seconds",
             "gRPC handling time, by method",
@@ -87,6 +94,10 @@ class Metrics:
 
     def detection(self, signal: str, action: str) -> None:
         self._child(self.detections, signal, action).inc()
+
+    def event_dropped(self, sink: str) -> None:
+        """An event that did not reach `sink` (see `tokenbroker_events_dropped`'s help)."""
+        self._child(self.events_dropped, sink).inc()
 
     def audit_suppressed(self, count: int = 1) -> None:
         """`count` audit lines of unauthenticated refusals were dropped by the audit rate limit."""

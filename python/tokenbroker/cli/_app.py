@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "audit": "tokenbroker.cli.audit:audit",
     "bench": "tokenbroker.cli.bench:bench",
     "clients": "tokenbroker.cli.clients:clients",
+    "events": "tokenbroker.cli.events:events",
     "healthcheck": "tokenbroker.cli.remote:healthcheck",
     "issue": "tokenbroker.cli.remote:issue",
     "keys": "tokenbroker.cli.keys:keys",

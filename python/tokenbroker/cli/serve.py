@@ -242,6 +242,7 @@ def _serve_here(
             admission=settings,
             reflection=settings.reflection,
             reuse_port=slot is not None,
+            events=components.events,
         )
         await run_server(server, grace=settings.grace_seconds)
 
@@ -255,6 +256,7 @@ def _serve_here(
         pass
     finally:
         components.metrics.stop_http()
+        components.events.close()  # delivers what is queued, to the audit log too: before it closes
         components.audit.close()
 
 

@@ -86,6 +86,7 @@ CALLER_METHODS = frozenset(
         "RevokeClient",
         "RevokeToken",
         "ListSessions",
+        "WatchEvents",
     )
 )
 # The message deadline of an anonymous call while its class is more than half full.

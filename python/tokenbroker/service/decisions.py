@@ -31,7 +31,9 @@ from tokenbroker.audit import ISSUE_EVENT
 ISSUE = ISSUE_EVENT
 """The event of an IssueToken decision (an admin call's event is its action: "revoke_session")."""
 
-DECIDING_METHODS = frozenset({"IssueToken", "RevokeSession", "RevokeClient", "RevokeToken", "ListSessions"})
+DECIDING_METHODS = frozenset(
+    {"IssueToken", "RevokeSession", "RevokeClient", "RevokeToken", "ListSessions", "WatchEvents"}
+)
 """The TokenBroker methods whose handlers `decide`: only these get a `DecidingContext`."""
 
 

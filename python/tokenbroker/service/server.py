@@ -48,7 +48,7 @@ from tokenbroker.service.admission import DEFAULT_MAX_WORKERS, AdmissionIntercep
 from tokenbroker.service.audit_interceptor import AuditInterceptor, AuditLogLike
 from tokenbroker.service.health import HealthStatus
 from tokenbroker.service.metrics_interceptor import MetricsInterceptor, MetricsLike
-from tokenbroker.service.servicer import SERVICE_NAME, ClientAuthenticatorLike, TokenBrokerServicer
+from tokenbroker.service.servicer import SERVICE_NAME, ClientAuthenticatorLike, EventsLike, TokenBrokerServicer
 from tokenbroker.v1 import broker_pb2_grpc
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -154,6 +154,7 @@ def build_server(
     admission: AdmissionLimits | Any = None,
     reflection: bool = False,
     reuse_port: bool = False,
+    events: EventsLike | None = None,
 ) -> BrokerServer:
     """A server for `broker` bound to `listen` ("host:port"; port 0 picks a free one),
     not yet started. `admission`: the call classes' bounds and the message deadline, as
@@ -163,6 +164,7 @@ def build_server(
     anyone the whole API). `reuse_port`: share the port with other processes that ask
     for it too (SO_REUSEPORT, `serve --workers`); grpc would by default on Linux, so a
     second broker on a taken port would quietly split its traffic: off unless asked.
+    `events`: what WatchEvents streams (`tokenbroker.events.Events`; none: UNIMPLEMENTED).
     Raises `RuntimeError` when the address cannot be bound."""
     if admission is None:
         limits = AdmissionLimits()
@@ -187,6 +189,7 @@ def build_server(
         registry=registry,
         authenticator=authenticator,
         stream_workers=stream_workers,
+        events=events,
     )
     # Admission first: a call it sheds is counted as its refusal, never as an RPC. The
     # metrics interceptor times the rest, audit writes included, as the servicer did.

@@ -17,12 +17,13 @@ field is INVALID_ARGUMENT naming the field and its limit (never its value). Limi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -33,6 +34,7 @@ from tokenbroker._core import ValidateRequest
 from tokenbroker.broker import Broker
 from tokenbroker.client_auth import ClientAuthenticator
 from tokenbroker.errors import InvalidArgumentError, TokenBrokerError
+from tokenbroker.events import Event
 from tokenbroker.models import IssuedToken, Session, Validation
 from tokenbroker.registry import ClientRecord, Registry, ServerRecord
 from tokenbroker.requests import IssueFields, issue_request, validate_request
@@ -89,6 +91,14 @@ class ClientAuthenticatorLike(Protocol):
         dpop_jkt: str | None,
         cert_thumbprint: str | None,
     ) -> ClientRecord: ...
+
+
+class EventsLike(Protocol):
+    """`tokenbroker.events.Events`, as WatchEvents reads it."""
+
+    def watch(
+        self, client_id: str | None, *, follow: bool, active: Callable[[], bool]
+    ) -> Generator[Event, None, None]: ...
 
 
 # -- bounds ----------------------------------------------------------------------------------
@@ -178,6 +188,20 @@ def session_message(session: Session) -> pb.Session:
     )
 
 
+def event_message(event: Event) -> pb.Event:
+    return pb.Event(
+        event=event.event,
+        signal=event.signal,
+        severity=event.severity,
+        client_id=event.client_id,
+        session_id=event.session_id,
+        source_ip=event.source_ip,
+        action=event.action,
+        evidence_json=json.dumps(event.evidence, separators=(",", ":"), default=str),
+        time=event.time,
+    )
+
+
 def engine_request(request: pb.ValidateTokenRequest) -> ValidateRequest | Validation:
     """The `ValidateRequest` a `ValidateTokenRequest` carries (its constructor maps the
     wire's empty fields to None), or the answer for a token that cannot be one. Raises
@@ -234,8 +258,10 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         authenticator: ClientAuthenticatorLike,
         stream_workers: int = 8,
         stream_window: int = 64,
+        events: EventsLike | None = None,
     ) -> None:
         self._broker = broker
+        self._events = events
         self._callers = CallerAuthenticator(registry)
         self._authenticator = authenticator
         self._stream_window = stream_window
@@ -461,6 +487,29 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServicer):  # type: ignore[
         found = self._broker.sessions(request.client_id)
         return pb.ListSessionsResponse(sessions=[session_message(s) for s in found])
 
+    # -- events -----------------------------------------------------------------------
+
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> Iterator[pb.Event]:
+        """The broker's events, for admin callers (audited as `watch_events`, like the
+        other admin calls): those kept, oldest first (of `client_id` only, when given),
+        then with `follow` each new one until the caller goes away. With a Redis store,
+        every replica's (the stream); else this broker's. A cancelled stream is closed:
+        GeneratorExit passes through."""
+        if self._events is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this broker's service was built without its events")
+            return
+        try:
+            self._admin(context, "watch_events", client_id=request.client_id)
+            watched = self._events.watch(request.client_id or None, follow=request.follow, active=context.is_active)
+            with contextlib.closing(watched):  # a cancelled stream lets its follower go at once
+                for event in watched:
+                    yield event_message(event)
+        except TokenBrokerError as exc:
+            context.abort(status_for(exc), _one_line(exc))
+        except Exception:
+            log.exception("WatchEvents failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error: see the broker's log")
+
     # -- public -----------------------------------------------------------------------
 
     @_translated
@@ -477,9 +526,11 @@ __all__ = [
     "SERVICE_NAME",
     "STATUS_BY_ERROR",
     "ClientAuthenticatorLike",
+    "EventsLike",
     "TokenBrokerServicer",
     "check_issue_bounds",
     "check_validate_bounds",
+    "event_message",
     "issued_response",
     "session_message",
     "status_for",
