@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "healthcheck": "tokenbroker.cli.remote:healthcheck",
     "issue": "tokenbroker.cli.remote:issue",
     "keys": "tokenbroker.cli.keys:keys",
+    "leaked": "tokenbroker.cli.leaked:leaked",
     "revoke": "tokenbroker.cli.remote:revoke",
     "serve": "tokenbroker.cli.serve:serve",
     "servers": "tokenbroker.cli.servers:servers",
