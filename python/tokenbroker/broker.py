@@ -350,7 +350,8 @@ class Broker:
             return _refusal(verdict, request.request_id)
         check = _token_check(claims, verdict, request, now, self.detection)
         state = self.store.check_token(check)
-        _report(self.detection, check, claims)
+        if check.observe is not None and check.observe.found:  # the common path calls nothing
+            _report(self.detection, check, claims)
         return _answer(verdict, claims, state, request.request_id)
 
     async def avalidate_request(self, request: ValidateRequest) -> Validation:

@@ -22,6 +22,8 @@ from tokenbroker.events import Events
 ClientActions = Callable[[str], Mapping[Signal, Action] | None]
 
 _POLICY_CACHE_MAX = 65_536
+_NO_NETWORK = ("", "")
+_new_observe = tuple.__new__
 
 
 def action_bits(actions: Mapping[Signal, Action]) -> tuple[int, int]:
@@ -120,11 +122,14 @@ class Detection:
     def observe(
         self, client_id: str, client_ip: str | None, resource: str | None, window: int | None, now: int
     ) -> Observe:
-        """The `Observe` for one validation (the hot path: cached prefixes and policy)."""
-        network, wide = networks_of(client_ip) if client_ip else ("", "")
-        inline, revoke = self._bits(client_id)
+        """The `Observe` for one validation (the hot path: cached prefixes, digests and
+        policy; built with `tuple.__new__`, which skips the named tuple's Python-level
+        constructor: about a fifth of what detection costs a bearer validation)."""
+        network, wide = networks_of(client_ip) if client_ip else _NO_NETWORK
+        inline, revoke = self._default_bits if self._client_actions is None else self._bits(client_id)
         outside = window is not None and not in_window(window, now)
-        return Observe(network, wide, resource_digest(resource), inline, revoke, outside, self.thresholds, [])
+        digest = resource_digest(resource) if resource else ""
+        return _new_observe(Observe, (network, wide, digest, inline, revoke, outside, self.thresholds, []))
 
     def report(
         self, client_id: str, session_id: str, client_ip: str, observe: Observe, window: int | None, now: int

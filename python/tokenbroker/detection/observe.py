@@ -55,12 +55,28 @@ def networks_of(client_ip: str) -> tuple[str, str]:
     )
 
 
+# Resources up to this many characters have their digest cached (a session keeps coming
+# back to the same few tools and URIs); a longer one is hashed each time, so the cache's
+# memory stays bounded (at most _DIGESTS_CACHED entries of this size) whatever is sent.
+_DIGEST_CACHED_CHARS = 256
+_DIGESTS_CACHED = 8192
+
+
 def resource_digest(resource: str | None) -> str:
     """A short stable digest of a resource name (16 hex characters): what the stores keep
     per session, so a long URI costs no more than a short one. "" for none."""
     if not resource:
         return ""
+    if len(resource) <= _DIGEST_CACHED_CHARS:
+        return _cached_digest(resource)
+    return _digest(resource)
+
+
+def _digest(resource: str) -> str:
     return hashlib.blake2b(resource.encode("utf-8", "replace"), digest_size=8).hexdigest()
+
+
+_cached_digest = functools.lru_cache(maxsize=_DIGESTS_CACHED)(_digest)
 
 
 def hour_of(now: int) -> int:

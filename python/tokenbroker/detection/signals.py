@@ -14,7 +14,11 @@ answer leaves. Signals, with what each watches (the thresholds are `Thresholds` 
   allowed requests only (a denied one is not remembered, so it stays denied).
 - `concurrent_origins`: the same session is used from two non-adjacent networks (their
   /16, IPv6 /32, differ) less than `concurrent_window_seconds` apart. Never quiet while
-  learning. The session's origin is the network of its last allowed request.
+  learning. The session's origin is the network of its last allowed request. Under
+  `deny` the newcomer is refused and the origin keeps the session: a thief who uses the
+  token while the client has been idle for the window becomes the origin, and the client
+  is the one refused (new_network, denied too, stops a thief from an unknown network).
+  `revoke_session` ends the session for both sides, whoever came first.
 - `resource_breadth`: the session has touched more distinct resources than the client's
   historical 95th percentile of distinct resources per session (once the client has at
   least `breadth_min_sessions` sessions in its distribution, and never below

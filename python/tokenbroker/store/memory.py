@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from tokenbroker._core import random_id
-from tokenbroker.detection.memory_watch import HOUR, ClientWatches, SessionWatch, observe
-from tokenbroker.detection.observe import Observe
+from tokenbroker.detection.memory_watch import HOUR, ClientWatches, SessionWatch
+from tokenbroker.detection.memory_watch import observe as observe_validation
 from tokenbroker.detection.signals import Action
 from tokenbroker.errors import InvalidArgumentError, SessionLimitExceededError, SessionNotFoundError
 from tokenbroker.models import LimitPolicy, Session
@@ -301,8 +301,13 @@ class MemoryStore:
                 self._forget_replay(now, _PURGE_PER_CHECK)
                 if not self._room_for(client_id, len(replay), now):
                     return Reason.REPLAY_CACHE_FULL
-            if observe is not None and self._refused(record, observe, now):
-                return Reason.ANOMALY
+            if observe is not None:
+                watch = record.watch
+                if watch is None or watch.hour != now // HOUR:  # the clients' table only hourly
+                    watch = self._attach(record)
+                action = observe_validation(watch.client, watch, observe, now, record.created_at)
+                if action is not None and self._refused(record, action):
+                    return Reason.ANOMALY
             # Every check passed: only now is anything written.
             for key, until in replay:
                 self._record_replay(key, until, client_id)
@@ -315,16 +320,18 @@ class MemoryStore:
                 self._slide(record, 0, now)
             return Reason.OK
 
-    def _refused(self, record: _SessionRecord, request: Observe, now: int) -> bool:
-        """Observes a validation that passed every check (`memory_watch.observe`): True
-        when a finding's action refuses it, deny or revoke_session (then the session is
-        revoked here, as `revoke_session` does). The clients' table is touched only when the
-        session's hour changes, so the common request costs no lookup in it."""
-        watch = record.watch
-        if watch is None or watch.hour != now // HOUR:
-            watch = record.watch = self._watches.attach(record.client_id, watch)
-        action = observe(watch.client, watch, request, now, record.created_at)
-        if action is None or action is Action.ALERT:
+    def _attach(self, record: _SessionRecord) -> SessionWatch:
+        """The session's watch bound to its client's (`ClientWatches.attach`): on the
+        session's first observation and when its hour changes, so the common request
+        costs no lookup in the clients' table."""
+        watch = record.watch = self._watches.attach(record.client_id, record.watch)
+        return watch
+
+    def _refused(self, record: _SessionRecord, action: Action) -> bool:
+        """Whether a finding's action (`memory_watch.observe`) refuses the validation:
+        deny or revoke_session (then the session is revoked here, as `revoke_session`
+        does); alert lets it through."""
+        if action is Action.ALERT:
             return False
         if action is Action.REVOKE_SESSION:
             self._end(record, Reason.SESSION_REVOKED)

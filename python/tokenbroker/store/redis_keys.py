@@ -31,7 +31,8 @@ Key layout (`tb` is the prefix):
   touched, at most session_resources_max; TTL = until the session's hard end (so a
   revoked, evicted or purged session's set goes with its last possible use). The
   session's hash also holds detection fields: o, ow (origin network, its /16), oa (origin
-  seen at), bc (requests in the burst window), lh (hour of its last observation)
+  seen at), bc (requests in the burst window), lh (hour of its last observation), lr
+  (resource of its last allowed request)
 - `tb:sid:{<sid>}`               session id -> client id, for `revoke_session` only
 - `tb:jti:{<jti>}`               revoked token id; TTL = until the token cannot be valid
 - `tb:epoch` (one Redis) or `tb:epoch:{<t>}` (cluster: one per slot, `<t>` a short tag of
