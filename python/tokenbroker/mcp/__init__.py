@@ -12,11 +12,12 @@ auth stack use `auth_settings` and `ScopeChallengeMiddleware` (`sdk_auth`). Clie
 refreshes and DPoP-signs the client's tokens and answers DPoP nonce challenges."""
 
 from tokenbroker.mcp.auth import BrokerAuth, TokenIssuer
-from tokenbroker.mcp.middleware import DPOP_ALGS, BrokerAuthMiddleware, cert_thumbprint
+from tokenbroker.mcp.middleware import BrokerAuthMiddleware
 from tokenbroker.mcp.resource_metadata import ProtectedResourceMetadata, resource_metadata_url
 from tokenbroker.mcp.sdk_auth import ScopeChallengeMiddleware, auth_settings
 from tokenbroker.mcp.token_endpoint import TokenEndpoint, TokenEndpointError
 from tokenbroker.mcp.verifier import BrokerAccessToken, BrokerTokenVerifier, Validator
+from tokenbroker.resource_guard import DPOP_ALGS, cert_thumbprint
 
 __all__ = [
     "DPOP_ALGS",

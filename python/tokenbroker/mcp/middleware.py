@@ -32,16 +32,12 @@ cannot answer (fail closed); 500 when the broker refuses this server (misconfigu
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
-import json
 import logging
 import re
-import ssl
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote
 
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -50,58 +46,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenbroker.dpop_nonce import NONCE_HEADER, USE_DPOP_NONCE, DpopNonces, proof_nonce
 from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
-from tokenbroker.mcp.jsonrpc_resource import MAX_BODY, resource_of
+from tokenbroker.jsonrpc_resource import MAX_BODY, resource_of
 from tokenbroker.mcp.request_body import ReplayableBody
-from tokenbroker.mcp.resource_metadata import ProtectedResourceMetadata
-from tokenbroker.mcp.resource_metadata import resource_metadata_url as resource_metadata_url_of
 from tokenbroker.mcp.verifier import BrokerAccessToken, Validator, validated_principal
 from tokenbroker.models import Validation
-from tokenbroker.reason import Reason
+from tokenbroker.resource_guard import (
+    HOST,
+    Challenges,
+    Refusal,
+    cert_thumbprint,
+    checked_target,
+    description,
+    dpop_bound,
+    presented,
+    refusal_of,
+)
+from tokenbroker.resource_metadata import ProtectedResourceMetadata
+from tokenbroker.resource_metadata import resource_metadata_url as resource_metadata_url_of
 
 log = logging.getLogger("tokenbroker.mcp")
 
-DPOP_ALGS = "EdDSA ES256"
-# RFC 6750 section 2.1 b64token, and RFC 7515 compact serialisation (a DPoP proof).
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_COMPACT_JWS = re.compile(r"[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+\.[A-Za-z0-9\-_]+")
-# RFC 3986 section 3.3 path-absolute: "/" then pchar (unreserved, pct-encoded, sub-delims, ":", "@").
-_RFC3986_PATH = re.compile(r"(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)+")
-# A percent-encoded dot, slash or backslash: WHATWG URL parsing (the htu's) resolves `%2e`
-# dot segments and routers do not, and `%2f`/`%5c` become separators for some and not others.
-_ENCODED_SEPARATOR = re.compile(r"%(?:2[EeFf]|5[Cc])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PCHAR_SAFE = "/-._~!$&'()*+,;=:@"
-# Characters allowed in an error_description (RFC 6750 section 3): printable ASCII but " and \.
-_NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
-
 _NONCE_HEADER_NAME = NONCE_HEADER.lower().encode("ascii")
 
-_PROOF_REASONS = frozenset({Reason.PROOF_INVALID})
-_DPOP_REASONS = frozenset({Reason.PROOF_MISSING, Reason.PROOF_INVALID, Reason.BINDING_MISMATCH})
-
-
-class _Refusal(Exception):
-    """A request answered here, never passed on."""
-
-    def __init__(
-        self, status: int, error: str, description: str, *, scheme: str = "", scope: str = "", reason: str = ""
-    ) -> None:
-        super().__init__(description)
-        self.status = status
-        self.error = error
-        self.description = description
-        self.scheme = scheme  # "dpop", "bearer" or "" (which challenge carries the error)
-        self.scope = scope
-        self.reason = reason  # the broker's Reason name, when it decided
-
-
-def _description(text: str) -> str:
-    return _NOT_DESCRIPTION.sub("", text)[:200]
-
-
-def _bad_target(what: str) -> _Refusal:
-    return _Refusal(400, "invalid_request", f"request path {what}")
+_Refusal = Refusal
+_description = description
 
 
 def routed_path(scope: Scope) -> str:
@@ -120,41 +89,15 @@ def routed_path(scope: Scope) -> str:
     raw_bytes = scope.get("raw_path")
     # Servers that give no raw_path: the canonical spelling of path (some put the query in raw_path).
     raw = quote(path, safe=_PCHAR_SAFE) if raw_bytes is None else raw_bytes.decode("latin-1").partition("?")[0]
-    if not _RFC3986_PATH.fullmatch(raw):
-        raise _bad_target("is not an RFC 3986 path (a backslash, a space, a raw non-ASCII byte?): percent-encode it")
-    if "//" in raw:
-        raise _bad_target("has an empty segment (//): send the path without it")
-    encoded = "%" in raw  # the common case has no escape at all: skip decoding it
-    try:
-        decoded = unquote_to_bytes(raw).decode("utf-8") if encoded else raw
-    except UnicodeDecodeError:
-        raise _bad_target("is not UTF-8 once percent-decoded") from None
-    if "/." in decoded and any(segment in (".", "..") for segment in decoded.split("/")):
-        raise _bad_target("has a dot segment (. or .., plain or percent-encoded): send the path with them resolved")
-    if encoded:
-        if _ENCODED_SEPARATOR.search(raw):
-            raise _bad_target("percent-encodes a dot, slash or backslash (%2e, %2f, %5c): send the plain path")
-        if _ENCODED_SEPARATOR.search(decoded):
-            raise _bad_target("encodes a dot, slash or backslash twice (%252e, %252f, %255c): send the plain path")
-        if _CONTROL.search(decoded):
-            raise _bad_target("decodes to a control character")
-    if decoded != path:
+    if checked_target(raw) != path:
         # A server or proxy that rewrote path, or a raw_path without the root_path: either
         # way the proof would cover one path while the app routes another.
-        raise _bad_target("does not decode to the path the app routes (raw_path and path disagree)")
+        raise Refusal(
+            400,
+            "invalid_request",
+            "request path does not decode to the path the app routes (raw_path and path disagree)",
+        )
     return raw
-
-
-def _dpop_bound(token: str) -> bool:
-    """Whether a token the broker has just validated carries `cnf.jkt` (its signature is
-    verified, so its claims can be read as they are)."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, binascii.Error):
-        return False
-    cnf = claims.get("cnf") if isinstance(claims, dict) else None
-    return isinstance(cnf, dict) and isinstance(cnf.get("jkt"), str)
 
 
 def _with_nonce(send: Send, nonces: DpopNonces) -> Send:
@@ -168,12 +111,6 @@ def _with_nonce(send: Send, nonces: DpopNonces) -> Send:
         await send(message)
 
     return sending
-
-
-def cert_thumbprint(pem_or_der: str | bytes) -> str:
-    """RFC 8705 `x5t#S256`: base64url(SHA-256(DER certificate)), no padding."""
-    der = ssl.PEM_cert_to_DER_cert(pem_or_der) if isinstance(pem_or_der, str) else pem_or_der
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
 class BrokerAuthMiddleware:
@@ -265,8 +202,9 @@ class BrokerAuthMiddleware:
         )
         if resource_metadata_url is None and authorization_server is not None:
             resource_metadata_url = resource_metadata_url_of(audience)
-        self._realm = f'realm="{_description(realm)}"' if realm else ""
-        self._metadata = f'resource_metadata="{_description(resource_metadata_url)}"' if resource_metadata_url else ""
+        self._challenges = Challenges(
+            require_dpop=require_dpop, realm=realm, resource_metadata_url=resource_metadata_url
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -341,31 +279,15 @@ class BrokerAuthMiddleware:
         authorization, proofs = [], []
         for name, value in scope["headers"]:
             if name == b"authorization":
-                authorization.append(value)
+                authorization.append(value.decode("latin-1"))
             elif name == b"dpop":
-                proofs.append(value)
-        if not authorization:
-            raise _Refusal(401, "", "")
-        if len(authorization) > 1:
-            raise _Refusal(400, "invalid_request", "more than one Authorization header")
-        scheme, token = self._credentials(authorization[0])
-        if scheme == "bearer" and self.require_dpop:
-            description = "this server accepts only DPoP: send Authorization: DPoP <token> with a DPoP proof header"
-            raise _Refusal(401, "invalid_token", description, scheme="dpop")
-        proof = None
-        if scheme == "dpop":
-            if len(proofs) > 1:
-                raise _Refusal(400, "invalid_request", "more than one DPoP header", scheme="dpop")
-            if not proofs:
-                raise _Refusal(401, "invalid_dpop_proof", "DPoP proof header is missing", scheme="dpop")
-            proof = proofs[0].decode("latin-1").strip()
-            if not _COMPACT_JWS.fullmatch(proof):
-                raise _Refusal(401, "invalid_dpop_proof", "DPoP proof is not a compact JWS", scheme="dpop")
-            # Before the broker sees the proof: a refused nonce must not spend its jti. The
-            # nonce is read unverified; the broker then verifies the signature covering it.
-            if self.dpop_nonces is not None and not self.dpop_nonces.accepts(proof_nonce(proof)):
-                description = f"this server requires a nonce in DPoP proofs: sign again with the {NONCE_HEADER} one"
-                raise _Refusal(401, USE_DPOP_NONCE, description, scheme="dpop")
+                proofs.append(value.decode("latin-1"))
+        scheme, token, proof = presented(authorization, proofs, require_dpop=self.require_dpop)
+        # Before the broker sees the proof: a refused nonce must not spend its jti. The
+        # nonce is read unverified; the broker then verifies the signature covering it.
+        if proof is not None and self.dpop_nonces is not None and not self.dpop_nonces.accepts(proof_nonce(proof)):
+            text = f"this server requires a nonce in DPoP proofs: sign again with the {NONCE_HEADER} one"
+            raise Refusal(401, USE_DPOP_NONCE, text, scheme="dpop")
         # The body is read here, after every check that needs no broker: a request refused
         # on its headers alone costs no body read.
         validation = await self._validate(scope, path, token, proof, await self._resource(scope, body))
@@ -373,7 +295,7 @@ class BrokerAuthMiddleware:
             raise self._refusal(validation, scheme, proof is not None)
         # A valid proof is one the broker checked only if the token is DPoP-bound: it ignores
         # a proof sent with a certificate-bound token.
-        dpop_proven = proof is not None and _dpop_bound(token)
+        dpop_proven = proof is not None and dpop_bound(token)
         if self.require_dpop and not dpop_proven:
             description = "this server accepts only DPoP-bound tokens: ask the broker for one with your DPoP key"
             raise _Refusal(401, "invalid_token", description, scheme="dpop")
@@ -388,24 +310,13 @@ class BrokerAuthMiddleware:
             ]
         return principal, inner
 
-    @staticmethod
-    def _credentials(header: bytes) -> tuple[str, str]:
-        text = header.decode("latin-1")
-        scheme, _, token = text.strip().partition(" ")
-        scheme, token = scheme.lower(), token.strip()
-        if scheme not in ("dpop", "bearer"):
-            raise _Refusal(401, "", "")  # an unsupported scheme: challenge as if no credentials
-        if not token or not _TOKEN68.fullmatch(token):
-            raise _Refusal(400, "invalid_request", "Authorization header is malformed", scheme=scheme)
-        return scheme, token
-
     def _uri(self, scope: Scope, path: str) -> str:
         """The request URI as the client addressed it (no query): the DPoP `htu`. `path` is
         the `routed_path`."""
         if self.public_base_url is not None:
             return self.public_base_url + path
         host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
-        if host and not _HOST.fullmatch(host):
+        if host and not HOST.fullmatch(host):
             # The Host header becomes the proof's htu: only a bare host[:port], never a path.
             raise _Refusal(400, "invalid_request", "Host header is not a host[:port]")
         if not host:
@@ -451,56 +362,25 @@ class BrokerAuthMiddleware:
             log.error("broker refused this server's validation call (%s): %s", type(exc).__name__, exc)
             raise _Refusal(500, "server_error", "token validation is misconfigured") from None
 
-    def _refusal(self, validation: Validation, scheme: str, with_proof: bool) -> _Refusal:
-        reason = validation.reason
-        detail = _description(validation.detail or reason.name.lower())
-        if reason is Reason.INSUFFICIENT_SCOPE:
-            scope = " ".join(self.required_scopes)
-            return _Refusal(403, "insufficient_scope", detail, scheme=scheme, scope=scope, reason=reason.name)
-        if reason is Reason.REPLAY_CACHE_FULL:
-            return _Refusal(503, "temporarily_unavailable", "replay cache is full", reason=reason.name)
-        if reason in _PROOF_REASONS or (reason is Reason.REPLAYED and with_proof):
-            return _Refusal(401, "invalid_dpop_proof", detail, scheme="dpop", reason=reason.name)
-        scheme = "dpop" if reason in _DPOP_REASONS else scheme
-        return _Refusal(401, "invalid_token", detail, scheme=scheme, reason=reason.name)
+    def _refusal(self, validation: Validation, scheme: str, with_proof: bool) -> Refusal:
+        return refusal_of(validation, scheme, with_proof, self.required_scopes)
 
     # -- answers ------------------------------------------------------------------------
 
     def challenges(self, error: str = "", description: str = "", *, scheme: str = "", scope: str = "") -> list[str]:
         """The `WWW-Authenticate` values: a DPoP challenge and, unless `require_dpop`, a Bearer
         one; `error` on `scheme`'s."""
-        values = []
-        schemes = (("dpop", "DPoP"),) if self.require_dpop else (("dpop", "DPoP"), ("bearer", "Bearer"))
-        for name, label in schemes:
-            params = [self._realm] if self._realm else []
-            if error and name == scheme:
-                params.append(f'error="{error}"')
-                if description:
-                    params.append(f'error_description="{_description(description)}"')
-                if scope:
-                    params.append(f'scope="{_description(scope)}"')
-            if self._metadata:
-                params.append(self._metadata)
-            if name == "dpop":
-                params.append(f'algs="{DPOP_ALGS}"')
-            values.append(f"{label} {', '.join(params)}" if params else label)
-        return values
+        return self._challenges.values(error, description, scheme=scheme, scope=scope)
 
     async def _refuse(self, send: Send, refusal: _Refusal) -> None:
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
         if self.dpop_nonces is not None:
             headers.append((_NONCE_HEADER_NAME, self.dpop_nonces.current().encode("ascii")))
-        if refusal.status in (401, 403):
-            scheme = refusal.scheme or ("dpop" if self.require_dpop else "bearer")
-            for value in self.challenges(refusal.error, refusal.description, scheme=scheme, scope=refusal.scope):
-                headers.append((b"www-authenticate", value.encode("ascii")))
+        for value in self._challenges.for_refusal(refusal):
+            headers.append((b"www-authenticate", value.encode("ascii")))
         if refusal.status == 503:
             headers.append((b"retry-after", b"1"))
-        body = (
-            json.dumps({"error": refusal.error, "error_description": refusal.description}).encode()
-            if refusal.error
-            else json.dumps({"error": "unauthorized", "error_description": "authentication required"}).encode()
-        )
+        body = refusal.body()
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
