@@ -36,13 +36,16 @@ ALL_BUILT := $(BUILT_RELEASE) $(BUILT_DEV) $(BUILT_NATIVE) $(VENV)/.built
 # Empty when redis-server and redis-cli are on PATH: `make redis` then runs no apt-get at all.
 REDIS_MISSING := $(shell command -v redis-server >/dev/null && command -v redis-cli >/dev/null || echo yes)
 
+# Empty when nginx and caddy are on PATH (or in /usr/sbin): `make gateways` then runs no apt-get.
+GATEWAYS_MISSING := $(shell (command -v nginx >/dev/null || test -x /usr/sbin/nginx) && command -v caddy >/dev/null || echo yes)
+
 # criterion's options for `make bench-cpu`; a bench name among them filters, e.g.
 #   make bench-cpu CRITERION_ARGS='--warm-up-time 0.2 --measurement-time 0.5 validate_warm'
 CRITERION_ARGS ?= --warm-up-time 1 --measurement-time 3
 CORE_BENCH := cargo bench -p tokenbroker-core --bench core --
 
 
-.PHONY: help venv build build-dev build-native build-any run demo bench bench-cpu test test-rust test-python \
+.PHONY: help venv build build-dev build-native build-any run demo bench bench-cpu test test-rust test-python gateways \
 	test-mcp1 fuzz-http lint fmt redis clean proto
 
 help: ## Show this help
@@ -109,10 +112,26 @@ ifneq ($(REDIS_MISSING),)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 endif
 
+# nginx runs the shipped contrib/gateways/nginx.conf in front of an MCP server in the tests,
+# and `nginx -t` and `caddy validate` check the shipped configurations. Installed with no
+# service started: a policy-rc.d of our own, when the machine has none, refuses the start.
+gateways: ## Install Debian's nginx and caddy when missing (needs root)
+ifneq ($(GATEWAYS_MISSING),)
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "nginx or caddy is missing: the gateway tests run them. Install Debian's nginx and caddy" \
+			"packages (sudo apt-get install nginx caddy) or run 'make gateways' as root." >&2; \
+		exit 1; \
+	fi
+	@ours=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+		chmod 755 /usr/sbin/policy-rc.d; ours=yes; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx caddy >/dev/null; status=$$?; \
+	if [ -n "$$ours" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$status
+endif
+
 test-rust: ## Rust tests
 	cargo test --workspace --exclude tokenbroker-py
 
-test-python: build redis ## Python tests (starts its own redis-server processes)
+test-python: build redis gateways ## Python tests (starts its own redis-server and nginx processes)
 	$(PY) -m pytest
 	$(PY) -m pytest benches -q --benchmark-disable  # each benchmark body once: the bench code cannot rot
 
@@ -140,7 +159,7 @@ fuzz-http: build ## The HTTP door against its OpenAPI description at length (sch
 		$(PY) -m pytest tests/test_http_schemathesis.py -q --timeout=3600
 
 # redis first: a machine that cannot get redis-server fails at once, not after the Rust tests.
-test: redis test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
+test: redis gateways test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
 
 # The core's benches built portable and native, each in its own target directory (so neither
 # rebuilds the other), then one table. $(1): a Markdown file to write the table to, or nothing.

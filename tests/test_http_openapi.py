@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,7 @@ from tokenbroker.config import Settings
 from tokenbroker.http.app import build_http_app
 from tokenbroker.http.errors import BASIC_CHALLENGE
 from tokenbroker.http.metadata import METADATA_PATH
+from tokenbroker.resource_metadata import WELL_KNOWN_PATH
 
 from support.http_door import AUDIENCE, KEY_CLIENT, SECRET_CLIENT, Door, start_door
 from support.redis_servers import RedisServer
@@ -147,7 +149,8 @@ def routed_operations(app: Any) -> set[tuple[str, str]]:
         methods = set(route.methods or ())
         if "GET" in methods:
             methods.discard("HEAD")
-        pairs |= {(route.path, method) for method in methods}
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # Starlette's {rest:path} is OpenAPI's {rest}
+        pairs |= {(path, method) for method in methods}
     return pairs
 
 
@@ -157,12 +160,12 @@ def test_every_route_is_described_and_every_description_is_routed(components: An
 
 def test_under_an_issuer_with_a_path_the_oauth_endpoints_move_and_the_others_stay(components: Any) -> None:
     """What the description's `info.description` says about issuers with a path."""
-    at_root = {"/healthz", "/openapi.json"}
+    at_root = {"/healthz", "/openapi.json", "/authz"}
 
     def moved(path: str) -> str:
         if path == METADATA_PATH:
             return f"{METADATA_PATH}/auth"
-        return path if path in at_root else f"/auth{path}"
+        return path if path in at_root or path.startswith(WELL_KNOWN_PATH) else f"/auth{path}"
 
     expected = {(moved(path), method) for path, method in described_operations(DESCRIPTION)}
     assert routed_operations(build_http_app(components, public_url="https://broker.test/auth")) == expected

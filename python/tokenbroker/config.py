@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     session_idle_seconds: int = Field(
         1800, ge=60, le=30 * 24 * 3600, description="a session with no token request or validation this long ends"
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or CIDRs of the gateways whose X-Forwarded-For / X-Real-IP (and Envoy's source "
+        "address) name the client; anyone else is judged by the address it connects from",
+    )
     cimd_trusted_domains: list[str] = Field(
         default_factory=list,
         description="hosts (exact or '*.suffix') whose Client ID Metadata Document clients are approved at once",
@@ -281,6 +286,13 @@ class Settings(BaseSettings):
             burst_window_seconds=self.detection_burst_window_seconds,
             burst_requests=self.detection_burst_requests,
         )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        from tokenbroker.gateway.proxies import check_proxies
+
+        return check_proxies(value)
 
     @field_validator("cimd_trusted_domains")
     @classmethod

@@ -158,7 +158,9 @@ class ServerRecord:
     key in metadata (only `api_key_hash` is stored) or with its mTLS client certificate
     (`cert_thumbprint`, base64url SHA-256 of the DER). `admin` callers may also revoke and
     list sessions. `relay_client_ip`: the server may relay its clients' addresses at
-    IssueToken (a gateway in front of them), believed only for its own `audiences`."""
+    IssueToken (a gateway in front of them), believed only for its own `audiences`.
+    `required_scopes`: scopes every request a gateway door (`/authz`, Envoy's `Check`)
+    lets through for this server must carry."""
 
     server_id: str
     audiences: tuple[str, ...] = ()
@@ -167,6 +169,7 @@ class ServerRecord:
     admin: bool = False
     relay_client_ip: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    required_scopes: tuple[str, ...] = ()
 
 
 @runtime_checkable

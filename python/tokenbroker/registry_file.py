@@ -40,6 +40,7 @@ audiences = ["https://mcp.example.com/mcp"]
 api_key_hash = "..."
 admin = false
 relay_client_ip = false   # true: believed when it relays a client's address for its audiences
+required_scopes = ["tools:call"]  # what the gateway doors require of every request for it
 ```
 
 Only hashes of client secrets and server API keys are stored, never the values. The file
@@ -440,6 +441,7 @@ def _server_from_toml(server_id: str, data: Mapping[str, Any], source: str) -> S
             admin=data.get("admin", False),
             relay_client_ip=data.get("relay_client_ip", False),
             labels=dict(labels),
+            required_scopes=_strings(data.get("required_scopes"), "required_scopes", where),
         )
     except RegistryFileError:
         raise
@@ -494,6 +496,8 @@ def _server_to_toml(record: ServerRecord) -> dict[str, Any]:
     data: dict[str, Any] = {"audiences": list(record.audiences), "admin": record.admin}
     if record.relay_client_ip:
         data["relay_client_ip"] = True
+    if record.required_scopes:
+        data["required_scopes"] = list(record.required_scopes)
     if record.api_key_hash:
         data["api_key_hash"] = record.api_key_hash
     if record.cert_thumbprint:

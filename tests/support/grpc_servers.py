@@ -185,6 +185,7 @@ def running_broker(
     registry: InMemoryRegistry | None = None,
     tls: TlsFiles | None = None,
     grace: float = 1.0,
+    trusted_proxies: Iterable[str] = (),
 ) -> Iterator[RunningBroker]:
     """A started broker server on 127.0.0.1:<free port>, stopped on exit."""
     broker = Broker(Keyring.generate(), issuer=ISSUER, store=store if store is not None else MemoryStore())
@@ -201,6 +202,7 @@ def running_broker(
         max_workers=8,
         stream_workers=4,
         reflection=True,
+        trusted_proxies=tuple(trusted_proxies),
     )
     server.start()
     try:

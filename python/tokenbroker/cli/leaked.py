@@ -165,6 +165,7 @@ def _server_command(record: ServerRecord) -> str:
     parts += [f"--audience {shlex.quote(audience)}" for audience in record.audiences]
     parts += ["--admin"] if record.admin else []
     parts += ["--relay-client-ip"] if record.relay_client_ip else []
+    parts += [f"--required-scope {shlex.quote(scope)}" for scope in record.required_scopes]
     parts += [f"--cert-thumbprint {shlex.quote(record.cert_thumbprint)}"] if record.cert_thumbprint else []
     parts += [f"--label {shlex.quote(f'{name}={value}')}" for name, value in sorted(record.labels.items())]
     parts += ["--generate-api-key --api-key-file NEW_API_KEY_FILE"]

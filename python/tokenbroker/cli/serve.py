@@ -243,6 +243,7 @@ def _serve_here(
             reflection=settings.reflection,
             reuse_port=slot is not None,
             events=components.events,
+            trusted_proxies=settings.trusted_proxies,
         )
         await run_server(server, grace=settings.grace_seconds)
 

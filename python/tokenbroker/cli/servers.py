@@ -3,6 +3,7 @@ audiences (and, as admins, revoke them and list sessions)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,9 @@ from tokenbroker.cli._errors import OneLineErrors, fail
 from tokenbroker.cli._output import info, jsonable, print_json, print_table
 from tokenbroker.cli._secrets import write_private
 from tokenbroker.cli._state import State, pass_state
+
+# RFC 6749 section 3.3 scope-token.
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
 
 if TYPE_CHECKING:
     from tokenbroker.registry import ServerRecord
@@ -37,6 +41,12 @@ def _server_json(record: ServerRecord) -> dict[str, Any]:
     is_flag=True,
     help="Believed when it relays a client's address at IssueToken (a gateway), for its own audiences only.",
 )
+@click.option(
+    "--required-scope",
+    "required_scopes",
+    multiple=True,
+    help="A scope every request the gateway doors (/authz, Envoy) let through for it must carry (repeatable).",
+)
 @click.option("--cert-thumbprint", help="base64url SHA-256 of its mTLS client certificate (DER).")
 @click.option("--generate-api-key", is_flag=True, help="Generate an API key (printed once).")
 @click.option(
@@ -52,6 +62,7 @@ def servers_add(
     audiences: tuple[str, ...],
     admin: bool,
     relay_client_ip: bool,
+    required_scopes: tuple[str, ...],
     cert_thumbprint: str | None,
     generate_api_key: bool,
     api_key_file: Path | None,
@@ -72,6 +83,9 @@ def servers_add(
             raise click.UsageError(f"label {label!r} must be key=value")
         label_map[name] = value
     check_id("server", server_id)
+    bad = [scope for scope in required_scopes if not _SCOPE.fullmatch(scope)]
+    if bad:
+        raise click.UsageError(f"--required-scope {bad[0]!r} is not a scope (printable ASCII, no space, quote or \\)")
     registry = state.registry()
     if registry.server(server_id) is not None:
         fail(f"server {server_id!r} already exists: remove it first with `tokenbroker servers remove {server_id}`")
@@ -84,6 +98,7 @@ def servers_add(
         admin=admin,
         relay_client_ip=relay_client_ip,
         labels=label_map,
+        required_scopes=tuple(dict.fromkeys(required_scopes)),
     )
     if api_key_file and api_key:
         write_private(api_key_file, api_key.encode() + b"\n")

@@ -19,13 +19,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenbroker.app import Components
 from tokenbroker.dpop_nonce import DpopNonces
 from tokenbroker.errors import StoreUnavailableError
+from tokenbroker.gateway.forward_auth import ForwardAuth
 from tokenbroker.http.errors import NO_STORE, OAuthError, error_response
 from tokenbroker.http.introspection import Introspection
 from tokenbroker.http.metadata import Endpoints, authorization_server_metadata
 from tokenbroker.http.token_endpoint import CLIENT_CREDENTIALS, JWT_BEARER_GRANT, TokenEndpoint
+from tokenbroker.resource_metadata import WELL_KNOWN_PATH
 
 log = structlog.get_logger("tokenbroker.http")
 OPENAPI_RESOURCE = "openapi.json"
+# /authz answers the method the gateway forwards (nginx's auth_request keeps the client's).
+AUTHZ_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NONCE_PURPOSE = "token endpoint"
 
 
@@ -75,6 +79,7 @@ def build_http_app(components: Components, *, public_url: str | None = None) -> 
     )
     grants = (CLIENT_CREDENTIALS, JWT_BEARER_GRANT) if components.attesters is not None else (CLIENT_CREDENTIALS,)
     introspection = Introspection(components)
+    forward_auth = ForwardAuth(components, endpoints.issuer)
 
     async def metadata(request: Request) -> Response:
         try:
@@ -123,6 +128,9 @@ def build_http_app(components: Components, *, public_url: str | None = None) -> 
         Route(endpoints.path("introspect"), introspection.introspect, methods=["POST"]),
         Route(endpoints.path("revoke"), introspection.revoke, methods=["POST"]),
         Route(endpoints.path("authorize"), authorize, methods=["GET"]),
+        Route("/authz", forward_auth.authz, methods=AUTHZ_METHODS),
+        Route(WELL_KNOWN_PATH, forward_auth.resource_metadata, methods=["GET"]),
+        Route(WELL_KNOWN_PATH + "/{rest:path}", forward_auth.resource_metadata, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]

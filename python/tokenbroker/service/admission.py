@@ -88,7 +88,7 @@ CALLER_METHODS = frozenset(
         "ListSessions",
         "WatchEvents",
     )
-)
+) | {"/envoy.service.auth.v3.Authorization/Check"}  # Envoy's ext_authz (tokenbroker.gateway.envoy)
 # The message deadline of an anonymous call while its class is more than half full.
 PRESSED_MESSAGE_TIMEOUT_SECONDS = 0.5
 # What an anonymous call gets for its message when its source already has its share

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,11 @@ from grpc_reflection.v1alpha import reflection as server_reflection  # type: ign
 
 from tokenbroker.broker import Broker
 from tokenbroker.errors import InvalidArgumentError
+from tokenbroker.gateway.proxies import TrustedProxies
 from tokenbroker.registry import Registry
 from tokenbroker.service.admission import DEFAULT_MAX_WORKERS, AdmissionInterceptor, AdmissionLimits
 from tokenbroker.service.audit_interceptor import AuditInterceptor, AuditLogLike
+from tokenbroker.service.auth import CallerAuthenticator
 from tokenbroker.service.health import HealthStatus
 from tokenbroker.service.metrics_interceptor import MetricsInterceptor, MetricsLike
 from tokenbroker.service.servicer import SERVICE_NAME, ClientAuthenticatorLike, EventsLike, TokenBrokerServicer
@@ -155,6 +158,7 @@ def build_server(
     reflection: bool = False,
     reuse_port: bool = False,
     events: EventsLike | None = None,
+    trusted_proxies: Sequence[str] = (),
 ) -> BrokerServer:
     """A server for `broker` bound to `listen` ("host:port"; port 0 picks a free one),
     not yet started. `admission`: the call classes' bounds and the message deadline, as
@@ -165,6 +169,8 @@ def build_server(
     for it too (SO_REUSEPORT, `serve --workers`); grpc would by default on Linux, so a
     second broker on a taken port would quietly split its traffic: off unless asked.
     `events`: what WatchEvents streams (`tokenbroker.events.Events`; none: UNIMPLEMENTED).
+    Envoy's ext_authz `Check` is served too (`tokenbroker.gateway.envoy`); `trusted_proxies`
+    says whose `source.address` names the client.
     Raises `RuntimeError` when the address cannot be bound."""
     if admission is None:
         limits = AdmissionLimits()
@@ -204,6 +210,9 @@ def build_server(
     )
     broker_pb2_grpc.add_TokenBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    from tokenbroker.gateway.envoy import add_envoy_authorization  # it imports tokenbroker.service: here, not above
+
+    add_envoy_authorization(server, broker, CallerAuthenticator(registry), TrustedProxies(trusted_proxies))
     if reflection:
         server_reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, server_reflection.SERVICE_NAME),
