@@ -37,6 +37,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory, key: PrivateKey) -> Iterato
     d = OAuthDeployment(tmp_path_factory.mktemp("authz"))
     both = (GATEWAY_AUDIENCE, OTHER_AUDIENCE)
     d.add_key_client("agent", key, allowed_audiences=both, allowed_scopes=SCOPES, max_sessions=1000)
+    d.add_key_client(
+        "watched",
+        key,
+        allowed_audiences=both,
+        allowed_scopes=SCOPES,
+        detection_actions=("concurrent_origins=deny",),
+    )
     d.add_secret_client("bearer-agent", SECRET, allowed_audiences=both, allowed_scopes=SCOPES, binding=Binding.BEARER)
     d.add_server("gateway", (GATEWAY_AUDIENCE,), GATEWAY_KEY, required_scopes=("tools:call",))
     d.add_server("other", (OTHER_AUDIENCE,), OTHER_KEY)
@@ -167,6 +174,27 @@ def test_the_routes_scopes_are_added_to_the_records(http: httpx.Client, broker: 
     assert 'scope="tools:call admin:write"' in challenge(answer)
     route["X-Tokenbroker-Required-Scopes"] = 'bad"scope'
     assert authz(http, broker, {**route, **agent.headers()}).status_code == 400  # the gateway's configuration
+
+
+def test_the_forwarded_client_address_reaches_detection(
+    http: httpx.Client, broker: BrokerProcess, key: PrivateKey
+) -> None:
+    """From a trusted proxy (127.0.0.1 here), X-Forwarded-For is the client's address: the
+    same session from another /16 a second later is concurrent_origins, denied for this client."""
+    signer = ProofSigner()
+    answer = key_token(http, broker, key, "watched", signer=signer, resource=GATEWAY_AUDIENCE, scope="tools:call")
+    token = answer.json()["access_token"]
+
+    def from_address(address: str) -> httpx.Response:
+        proof = {"Authorization": f"DPoP {token}", "DPoP": signer.sign("GET", GATEWAY_AUDIENCE, token)}
+        return authz(http, broker, {**forwarded(), **proof, "X-Forwarded-For": f"6.6.6.6, {address}"})
+
+    assert from_address("198.51.100.7").status_code == 200
+    assert from_address("198.51.100.8").status_code == 200  # the same network
+    refused = from_address("203.0.113.9")  # another /16, within the window: the thief
+    assert refused.status_code == 401
+    assert 'error="invalid_token"' in challenge(refused)
+    assert "detection" in refused.json()["error_description"]
 
 
 def test_a_bearer_client_is_let_through(http: httpx.Client, broker: BrokerProcess) -> None:
