@@ -251,7 +251,7 @@ def test_a_route_that_is_not_the_gateways_gets_403_without_a_challenge(
 
 @pytest.mark.parametrize(
     "target",
-    ["/mcp/../mcp", "/x/%2e%2e/mcp", "/mcp%2f", "//mcp", "/mcp\\", "mcp", "/mc%zzp"],
+    ["/mcp/../mcp", "/x/%2e%2e/mcp", "/mcp%2f", "//mcp", "/mcp\\", "mcp", "/mc%zzp", "/mcp#/../x"],
 )
 def test_targets_that_could_route_elsewhere_get_400(
     http: httpx.Client, broker: BrokerProcess, key: PrivateKey, target: str
@@ -259,6 +259,14 @@ def test_targets_that_could_route_elsewhere_get_400(
     agent = Agent(http, broker, key, scope="tools:call", audience=GATEWAY_AUDIENCE)
     answer = authz(http, broker, {**forwarded(path=target), **agent.headers()})
     assert answer.status_code == 400, answer.text
+
+
+def test_two_spellings_that_disagree_get_400(http: httpx.Client, broker: BrokerProcess, key: PrivateKey) -> None:
+    """A gateway that sets one spelling passes a client's copy of the other: never believed."""
+    agent = Agent(http, broker, key, scope="tools:call", audience=GATEWAY_AUDIENCE)
+    for extra in ({"X-Original-URI": "/other"}, {"X-Original-Method": "DELETE"}):
+        answer = authz(http, broker, {**forwarded(), **agent.headers(), **extra})
+        assert answer.status_code == 400, extra
 
 
 def test_two_authorization_headers_get_400(http: httpx.Client, broker: BrokerProcess) -> None:

@@ -176,6 +176,34 @@ def test_a_forged_identity_header_is_overwritten(stack: Stack) -> None:
     assert "root" not in me["scopes"]
 
 
+def test_a_client_cannot_describe_its_own_request(stack: Stack) -> None:
+    """The headers that describe the request to /authz are the gateway's: a client's own
+    X-Forwarded-Method / -Uri / -Host (or X-Original-*) never choose the htm, htu or audience."""
+    client = RawClient(stack)
+    with httpx.Client(timeout=10) as http:
+        # A proof signed for GET, sent with a POST that claims to be a GET.
+        headers = {
+            **client.headers(),
+            "DPoP": client.signer.sign("GET", stack.url, client.token),
+            "X-Forwarded-Method": "GET",
+            "X-Original-Method": "GET",
+        }
+        answer = http.post(stack.url, json=client.initialize(), headers=headers)
+        assert answer.status_code == 401, answer.text
+        assert 'error="invalid_dpop_proof"' in answer.headers["www-authenticate"]
+        # A proof for another path and host, with headers claiming the request went there.
+        elsewhere = "http://elsewhere.test/other"
+        forged = {
+            **client.headers(),
+            "DPoP": client.signer.sign("POST", elsewhere, client.token),
+            "X-Forwarded-Uri": "/other",
+            "X-Original-URI": "/other",
+            "X-Forwarded-Host": "elsewhere.test",
+        }
+        refused = http.post(stack.url, json=client.initialize(), headers=forged)
+    assert refused.status_code in (400, 401, 500), refused.text  # never let through
+
+
 def test_no_token_gets_401_with_the_challenge_and_its_metadata(stack: Stack) -> None:
     with httpx.Client(timeout=10) as http:
         answer = http.post(stack.url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={"Accept": ACCEPT})

@@ -127,6 +127,7 @@ def test_a_valid_request_is_ok_with_identity_headers_and_credentials_removed(
     assert all(
         o.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for o in answer.ok_response.headers
     )
+    assert all(o.keep_empty_value for o in answer.ok_response.headers)  # an empty value still overwrites
     assert sorted(answer.ok_response.headers_to_remove) == ["authorization", "dpop"]
 
 

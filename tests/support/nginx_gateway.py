@@ -19,11 +19,12 @@ from tokenbroker_bench.servers import free_port
 ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED = ROOT / "contrib" / "gateways" / "nginx.conf"
 # The example addresses the shipped file documents; each must be there to be replaced.
-UPSTREAM, BROKER, LISTEN, KEY_INCLUDE = (
+UPSTREAM, BROKER, LISTEN, KEY_INCLUDE, PUBLIC_HOST = (
     "127.0.0.1:8000",
     "127.0.0.1:8080",
     "listen 127.0.0.1:8443;",
     "/etc/nginx/tokenbroker-api-key.conf",
+    'set $tokenbroker_public_host "mcp.example.com";',
 )
 
 
@@ -39,7 +40,7 @@ def render(
 ) -> str:
     """A configuration (the shipped one: each example address must be there) with the
     test's addresses."""
-    for example in (UPSTREAM, BROKER, LISTEN, KEY_INCLUDE) if shipped else ():
+    for example in (UPSTREAM, BROKER, LISTEN, KEY_INCLUDE, PUBLIC_HOST) if shipped else ():
         if example not in text:
             raise AssertionError(f"{SHIPPED.name} no longer holds {example!r}: update tests/support/nginx_gateway.py")
     return (
@@ -47,6 +48,7 @@ def render(
         .replace(BROKER, f"127.0.0.1:{broker_port}")
         .replace(LISTEN, f"listen 127.0.0.1:{listen_port};")
         .replace(KEY_INCLUDE, str(key_include))
+        .replace(PUBLIC_HOST, f'set $tokenbroker_public_host "127.0.0.1:{listen_port}";')
     )
 
 

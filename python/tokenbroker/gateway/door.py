@@ -125,7 +125,9 @@ class GatewayDoor:
             raise _bad("the original request's scheme is not http or https (X-Forwarded-Proto)")
         if not HOST.fullmatch(original.host):
             raise _bad("the original request's host is not a host[:port] (X-Forwarded-Host)")
-        raw = original.target.partition("?")[0].partition("#")[0]
+        if "#" in original.target:  # never sent by a client: refused, not cut (an upstream may route it)
+            raise _bad("the original request's target holds a fragment (#)")
+        raw = original.target.partition("?")[0]
         if not raw.startswith("/"):
             raise _bad("the original request's path is not absolute (X-Forwarded-Uri, X-Original-URI)")
         checked_target(raw)
@@ -136,12 +138,8 @@ class GatewayDoor:
         `gateway`; raises `Refusal`."""
         if audience not in gateway.audiences:
             # No token changes this: the route is not one the gateway protects here.
-            raise Refusal(
-                403,
-                "access_denied",
-                f"{audience} is not an audience of gateway {gateway.server_id} (servers add --audience)",
-                challenge=False,
-            )
+            # The body names neither the route nor the gateway (Caddy, Traefik and Envoy pass it on).
+            raise Refusal(403, "access_denied", "this route is not one the gateway protects", challenge=False)
         required = tuple(dict.fromkeys((*gateway.required_scopes, *route_scopes(original.route_scopes))))
         scheme, token, proof = presented(original.authorization, original.proofs, require_dpop=False)
         resource = original.resource

@@ -7,7 +7,7 @@ filter's `grpc_service.initial_metadata`, or its mTLS client certificate. A `Che
 maps to the validation `/authz` runs (`tokenbroker.gateway.door`):
 - `attributes.request.http`: `method`, `scheme`, `host`, `path` (query dropped) and the
   headers (`headers`, or `header_map` when Envoy sends that instead): `authorization`,
-  `dpop`, `x-tokenbroker-required-scopes`, `x-tokenbroker-resource`;
+  `dpop`, `x-tokenbroker-required-scopes` (which only adds scopes);
 - `attributes.context_extensions`: `required_scopes` (per route in Envoy's configuration,
   `check_settings.context_extensions`), added to the server record's;
 - `attributes.source.address`: the client's address, believed only when Envoy's own
@@ -37,7 +37,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from tokenbroker.broker import Broker
-from tokenbroker.errors import StoreUnavailableError, TokenBrokerError
+from tokenbroker.errors import InvalidArgumentError, StoreUnavailableError, TokenBrokerError
 from tokenbroker.gateway.door import CREDENTIAL_HEADERS, GatewayDoor, OriginalRequest
 from tokenbroker.gateway.proxies import TrustedProxies
 from tokenbroker.jsonrpc_resource import MAX_BODY, resource_of
@@ -69,8 +69,9 @@ def _headers(http: Any) -> dict[str, list[str]]:
 
 def _header(value: str, append_action: int = _OVERWRITE) -> Any:
     name, _, text = value.partition(":")
+    # keep_empty_value: an empty scopes header still overwrites a client's own.
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=text.strip()), append_action=append_action
+        header=base_pb2.HeaderValue(key=name, value=text.strip()), append_action=append_action, keep_empty_value=True
     )
 
 
@@ -106,7 +107,7 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
                 raise Refusal(400, "invalid_request", "the forwarded peer certificate is not PEM") from None
         route = attributes.context_extensions.get("required_scopes", "")
         scopes = " ".join([*headers.get("x-tokenbroker-required-scopes", ()), route])
-        resource = next(iter(headers.get("x-tokenbroker-resource", ())), None) or _body_resource(http, headers)
+        resource = _body_resource(http, headers)  # never a header: the client could name its own
         return OriginalRequest(
             method=http.method.upper(),
             scheme=http.scheme,
@@ -129,14 +130,17 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
         audience: str | None = None
         try:
             original = self._original(request, context)
-            audience = self._door.audience_of(original)
-            prepared = self._door.prepare(gateway, original, audience)
+            routed = self._door.audience_of(original)
+            audience = routed if routed in gateway.audiences else None  # challenges for its own only
+            prepared = self._door.prepare(gateway, original, routed)
             built = prepared.request
             try:
                 validation = built if isinstance(built, Validation) else self._broker.validate_request(built)
             except StoreUnavailableError as exc:
                 log.error("the store is unavailable: request refused (fail closed)", error=str(exc))
                 raise Refusal(503, "temporarily_unavailable", "token validation is unavailable") from None
+            except InvalidArgumentError as exc:
+                raise Refusal(400, "invalid_request", description(str(exc))) from None
             except TokenBrokerError as exc:
                 log.error("validation failed", error=str(exc), error_type=type(exc).__name__)
                 raise Refusal(500, "server_error", "token validation is misconfigured") from None

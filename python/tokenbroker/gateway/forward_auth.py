@@ -65,6 +65,16 @@ def _one(request: Request, *names: str) -> str | None:
     return None
 
 
+def _agreed(request: Request, *names: str) -> str | None:
+    """The value the headers `names` give (two spellings of one fact: Traefik's and Caddy's
+    X-Forwarded-*, nginx's X-Original-*); 400 when they disagree, for a gateway that set
+    one of them passes on a client's own copy of the other."""
+    values = {value for value in (_one(request, name) for name in names) if value is not None}
+    if len(values) > 1:
+        raise Refusal(400, "invalid_request", f"{' and '.join(names)} disagree: the gateway must set them")
+    return values.pop() if values else None
+
+
 def _client_cert(text: str | None) -> str | None:
     if not text:
         return None
@@ -102,10 +112,10 @@ class ForwardAuth:
         headers = request.headers
         return self._proxies.client_address(peer, headers.getlist("x-forwarded-for"), headers.getlist("x-real-ip"))
 
-    async def _body_resource(self, request: Request) -> str | None:
+    async def _body_resource(self, request: Request, method: str) -> str | None:
         """What a forwarded JSON-RPC body touches (Traefik's `forwardBody`); None for no
         body, another type, or one over `MAX_BODY` (never a reason to refuse)."""
-        if request.method != "POST":
+        if method != "POST":
             return None
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media != "application/json":
@@ -122,15 +132,15 @@ class ForwardAuth:
         return resource_of(bytes(body))
 
     async def _original(self, request: Request) -> OriginalRequest:
-        method = _one(request, "x-forwarded-method", "x-original-method") or request.method
+        method = _agreed(request, "x-forwarded-method", "x-original-method") or request.method
         scheme = _one(request, "x-forwarded-proto")
         host = _one(request, "x-forwarded-host")
-        target = _one(request, "x-forwarded-uri", "x-original-uri")
+        target = _agreed(request, "x-forwarded-uri", "x-original-uri")
         missing = [name for name, value in (("Proto", scheme), ("Host", host)) if not value]
         if missing or not target:
             names = [f"X-Forwarded-{name}" for name in missing] + ([] if target else ["X-Forwarded-Uri"])
             raise Refusal(400, "invalid_request", f"the gateway sent no {', '.join(names)}: see contrib/gateways")
-        resource = _one(request, "x-tokenbroker-resource") or await self._body_resource(request)
+        resource = _one(request, "x-tokenbroker-resource") or await self._body_resource(request, method.upper())
         return OriginalRequest(
             method=method.upper(),
             scheme=scheme or "",
@@ -146,12 +156,14 @@ class ForwardAuth:
 
     async def authz(self, request: Request) -> Response:
         audience: str | None = None
+        routed: str | None = None
         original: OriginalRequest | None = None
         try:
             gateway = self._gateway(request)
             original = await self._original(request)
-            audience = self._door.audience_of(original)
-            prepared = self._door.prepare(gateway, original, audience)
+            routed = self._door.audience_of(original)
+            audience = routed if routed in gateway.audiences else None  # challenges for its own only
+            prepared = self._door.prepare(gateway, original, routed)
             built = prepared.request
             try:
                 validation = built if isinstance(built, Validation) else await self._c.broker.avalidate_request(built)
@@ -165,11 +177,11 @@ class ForwardAuth:
                 raise Refusal(500, "server_error", "token validation is misconfigured") from None
             allowed = self._door.answer(prepared, validation)
         except Refusal as refusal:
-            return self._refused(request, refusal, audience, original)
+            return self._refused(refusal, audience, original, routed)
         return Response(status_code=200, headers={**dict(allowed.headers()), **NO_STORE})
 
     def _refused(
-        self, request: Request, refusal: Refusal, audience: str | None, original: OriginalRequest | None
+        self, refusal: Refusal, audience: str | None, original: OriginalRequest | None, routed: str | None
     ) -> Response:
         log.info(
             "authz refused",
@@ -177,7 +189,7 @@ class ForwardAuth:
             error=refusal.error or "no credentials",
             reason=refusal.reason or None,
             detail=refusal.description or None,
-            audience=audience,
+            audience=routed,
             method=original.method if original else None,
             client_ip=original.client_ip if original else None,
         )
