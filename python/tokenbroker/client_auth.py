@@ -57,6 +57,7 @@ from tokenbroker.cimd import CimdDocumentError, CimdFetchError
 from tokenbroker.cimd_clients import CimdClients, is_cimd_client_id
 from tokenbroker.client_assertion import PrivateKey, public_jwk
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError, RateLimitedError
+from tokenbroker.gateway.proxies import parse_ip
 from tokenbroker.ratelimit import KeyedBuckets, source_key
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, Registry
 from tokenbroker.registry_file import check_public_jwk, hash_secret, secret_matches
@@ -156,27 +157,6 @@ def _dummy_key(algorithm: str) -> jwt.PyJWK:
 
 # What an unknown client's secret is compared with (same hash and comparison as a real one).
 _DUMMY_SECRET_HASH = hash_secret(secrets.token_urlsafe(32))
-
-
-def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address in "1.2.3.4", "::1", gRPC's "ipv4:1.2.3.4:5678" / "ipv6:[::1]:5678" or
-    "host:port" forms; IPv4-mapped IPv6 becomes IPv4. None when it is none of them."""
-    text = value.strip()
-    for prefix in ("ipv4:", "ipv6:"):
-        if text.startswith(prefix):
-            text = text[len(prefix) :]
-    if text.startswith("["):
-        text = text[1 : text.find("]")] if "]" in text else text
-    elif text.count(":") == 1:
-        text = text.split(":", 1)[0]
-    text = text.split("%", 1)[0]  # zone index
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 @functools.lru_cache(maxsize=4096)
@@ -542,7 +522,7 @@ class ClientAuthenticator:
                 "scope.not_allowed",
             )
         if record.allowed_cidrs:
-            address = _parse_ip(client_ip) if client_ip else None
+            address = parse_ip(client_ip) if client_ip else None
             if address is None or not any(address in net for net in _networks(record.allowed_cidrs)):
                 raise ClientRefusedError(
                     f"client {cid!r} may not get tokens from {client_ip or 'an unknown address'!s} "
@@ -593,7 +573,7 @@ class ClientAuthenticator:
         """The verified client's record, its assertion's replay record, the source's
         rate-limit key and whether the client id is over its failure limit; then its status
         is checked (before anything is recorded for it)."""
-        source = source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else "")
+        source = source_key(str(parse_ip(client_ip) or client_ip) if client_ip else "")
         self._check_source_rate(source)
         # Looked at before verifying, charged after: a correct credential passes anyway.
         throttled = not self._client_failures.allowed(client_id)
@@ -714,7 +694,7 @@ class ClientAuthenticator:
         pending), the pinned ones of the current document once it is. The source's failure
         limit is checked first: nobody makes the broker fetch documents for free."""
         assert self.cimd is not None
-        source = source_key(str(_parse_ip(client_ip) or client_ip) if client_ip else "")
+        source = source_key(str(parse_ip(client_ip) or client_ip) if client_ip else "")
         self._check_source_rate(source)
         try:
             record, document = await self.cimd.record_for(client_id)

@@ -24,12 +24,17 @@ import functools
 import re
 from dataclasses import dataclass
 
+import structlog
+
 from tokenbroker._core import ValidateRequest
+from tokenbroker.errors import InvalidArgumentError, StoreUnavailableError, TokenBrokerError
 from tokenbroker.models import Validation
 from tokenbroker.registry import ServerRecord
 from tokenbroker.requests import validate_request
-from tokenbroker.resource_guard import HOST, Challenges, Refusal, checked_target, presented, refusal_of
+from tokenbroker.resource_guard import HOST, Challenges, Refusal, checked_target, description, presented, refusal_of
 from tokenbroker.resource_metadata import resource_metadata_url
+
+log = structlog.get_logger("tokenbroker.gateway")
 
 CLIENT_ID_HEADER = "X-Tokenbroker-Client-Id"
 SESSION_ID_HEADER = "X-Tokenbroker-Session-Id"
@@ -96,6 +101,18 @@ def _misconfigured(text: str) -> Refusal:
     """The gateway's own configuration is wrong: 400 (nginx answers its client 500 for
     any answer but 2xx, 401 and 403: the client's token is not the problem)."""
     return Refusal(400, "invalid_request", text)
+
+
+def refusal_for_error(exc: TokenBrokerError) -> Refusal:
+    """What a door answers when the broker raised instead of answering: 503 for a store it
+    cannot reach (fail closed), 400 for a field the broker refuses, 500 for the rest."""
+    if isinstance(exc, StoreUnavailableError):
+        log.error("the store is unavailable: request refused (fail closed)", error=str(exc))
+        return Refusal(503, "temporarily_unavailable", "token validation is unavailable")
+    if isinstance(exc, InvalidArgumentError):
+        return Refusal(400, "invalid_request", description(str(exc)))
+    log.error("validation failed", error=str(exc), error_type=type(exc).__name__)
+    return Refusal(500, "server_error", "token validation is misconfigured")
 
 
 def route_scopes(text: str) -> tuple[str, ...]:
@@ -186,5 +203,6 @@ __all__ = [
     "GatewayDoor",
     "OriginalRequest",
     "Prepared",
+    "refusal_for_error",
     "route_scopes",
 ]

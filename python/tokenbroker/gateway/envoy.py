@@ -37,8 +37,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from tokenbroker.broker import Broker
-from tokenbroker.errors import InvalidArgumentError, StoreUnavailableError, TokenBrokerError
-from tokenbroker.gateway.door import CREDENTIAL_HEADERS, GatewayDoor, OriginalRequest
+from tokenbroker.errors import TokenBrokerError
+from tokenbroker.gateway.door import CREDENTIAL_HEADERS, GatewayDoor, OriginalRequest, refusal_for_error
 from tokenbroker.gateway.proxies import TrustedProxies
 from tokenbroker.jsonrpc_resource import MAX_BODY, resource_of
 from tokenbroker.models import Validation
@@ -136,14 +136,8 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
             built = prepared.request
             try:
                 validation = built if isinstance(built, Validation) else self._broker.validate_request(built)
-            except StoreUnavailableError as exc:
-                log.error("the store is unavailable: request refused (fail closed)", error=str(exc))
-                raise Refusal(503, "temporarily_unavailable", "token validation is unavailable") from None
-            except InvalidArgumentError as exc:
-                raise Refusal(400, "invalid_request", description(str(exc))) from None
             except TokenBrokerError as exc:
-                log.error("validation failed", error=str(exc), error_type=type(exc).__name__)
-                raise Refusal(500, "server_error", "token validation is misconfigured") from None
+                raise refusal_for_error(exc) from None
             allowed = self._door.answer(prepared, validation)
         except Refusal as refusal:
             log.info(

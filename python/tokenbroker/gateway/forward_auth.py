@@ -37,8 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenbroker.app import Components
-from tokenbroker.errors import InvalidArgumentError, StoreUnavailableError, TokenBrokerError
-from tokenbroker.gateway.door import GatewayDoor, OriginalRequest
+from tokenbroker.errors import TokenBrokerError
+from tokenbroker.gateway.door import GatewayDoor, OriginalRequest, refusal_for_error
 from tokenbroker.gateway.proxies import TrustedProxies
 from tokenbroker.http.errors import NO_STORE
 from tokenbroker.jsonrpc_resource import MAX_BODY, resource_of
@@ -167,14 +167,8 @@ class ForwardAuth:
             built = prepared.request
             try:
                 validation = built if isinstance(built, Validation) else await self._c.broker.avalidate_request(built)
-            except StoreUnavailableError as exc:
-                log.error("the store is unavailable: request refused (fail closed)", error=str(exc))
-                raise Refusal(503, "temporarily_unavailable", "token validation is unavailable") from None
-            except InvalidArgumentError as exc:
-                raise Refusal(400, "invalid_request", description(str(exc))) from None
             except TokenBrokerError as exc:
-                log.error("validation failed", error=str(exc), error_type=type(exc).__name__)
-                raise Refusal(500, "server_error", "token validation is misconfigured") from None
+                raise refusal_for_error(exc) from None
             allowed = self._door.answer(prepared, validation)
         except Refusal as refusal:
             return self._refused(refusal, audience, original, routed)

@@ -18,14 +18,19 @@ MAX_HOPS = 32
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _address(text: str) -> _Address | None:
-    """An address as a forwarding header writes it: bare, or bracketed IPv6 ("[::1]"), or
-    IPv4 with a port; None when it is not an address (e.g. "unknown", an obfuscated id)."""
-    text = text.strip()
+def parse_ip(value: str) -> _Address | None:
+    """The address in "1.2.3.4", "::1", gRPC's "ipv4:1.2.3.4:5678" / "ipv6:[::1]:5678" or
+    "host:port" forms; IPv4-mapped IPv6 becomes IPv4. None when it is none of them. The one
+    parser of addresses: issuance (`client_auth`) reads its callers' with it too."""
+    text = value.strip()
+    for prefix in ("ipv4:", "ipv6:"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
     if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:  # IPv4:port
-        text = text.partition(":")[0]
+        text = text[1 : text.find("]")] if "]" in text else text
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    text = text.split("%", 1)[0]  # zone index
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -57,7 +62,7 @@ class TrustedProxies:
         return bool(self._networks)
 
     def trusts(self, address: str | None) -> bool:
-        parsed = _address(address) if address else None
+        parsed = parse_ip(address) if address else None
         return parsed is not None and self._trusted(parsed)
 
     def _trusted(self, address: _Address) -> bool:
@@ -73,7 +78,7 @@ class TrustedProxies:
         hops = [hop for line in forwarded_for for hop in line.split(",")][-MAX_HOPS:]
         believed = peer
         for hop in reversed(hops):
-            address = _address(hop)
+            address = parse_ip(hop)
             if address is None:
                 return believed
             believed = str(address)
@@ -82,10 +87,10 @@ class TrustedProxies:
         if hops:
             return believed  # every hop a trusted proxy: the leftmost is the nearest to the client
         if len(real_ip) == 1:
-            address = _address(real_ip[0])
+            address = parse_ip(real_ip[0])
             if address is not None:
                 return str(address)
         return peer
 
 
-__all__ = ["MAX_HOPS", "TrustedProxies", "check_proxies"]
+__all__ = ["MAX_HOPS", "TrustedProxies", "check_proxies", "parse_ip"]
