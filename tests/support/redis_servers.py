@@ -129,9 +129,13 @@ class RedisServer:
 
 @dataclass(eq=False)
 class RedisCluster:
-    """A Redis Cluster of `size` masters, no replicas, all on loopback."""
+    """A Redis Cluster of `size` masters, each with `replicas` replicas, all on loopback.
+    A replica is promoted `node_timeout_ms` after its master stops answering, however far
+    behind it is (`cluster-replica-validity-factor 0`: the chaos suite's lagging replica)."""
 
     size: int = 3
+    replicas: int = 0
+    node_timeout_ms: int = 2000
     nodes: list[RedisServer] = field(default_factory=list)
 
     @property
@@ -143,7 +147,7 @@ class RedisCluster:
         return self.nodes[0].port
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
-        for _ in range(self.size):
+        for _ in range(self.size * (1 + self.replicas)):
             node = RedisServer()
             node.extra_args = (
                 "--cluster-enabled",
@@ -151,15 +155,18 @@ class RedisCluster:
                 "--cluster-config-file",
                 str(node.directory / "nodes.conf"),
                 "--cluster-node-timeout",
-                "2000",
+                str(self.node_timeout_ms),
                 "--cluster-port",
                 str(free_port()),
+                "--cluster-replica-validity-factor",
+                "0",
             )
             self.nodes.append(node.start())
         try:
             addresses = [n.address for n in self.nodes]
+            replicas = ("--cluster-replicas", str(self.replicas))
             subprocess.run(
-                [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                [REDIS_CLI, "--cluster", "create", *addresses, *replicas, "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=timeout,
@@ -171,13 +178,33 @@ class RedisCluster:
         return self
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Waits until every node reports cluster_state:ok."""
+        """Waits until every running node reports cluster_state:ok (and, with replicas,
+        every replica is linked to its master)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(b"cluster_state:ok" in _command(n.port, "CLUSTER", "INFO") for n in self.nodes):
+            live = [n for n in self.nodes if n.process is not None]
+            if all(b"cluster_state:ok" in _command(n.port, "CLUSTER", "INFO") for n in live) and all(
+                n.info("replication").get("master_link_status", "up") == "up" for n in live
+            ):
                 return
             time.sleep(0.05)
         raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def role(self, node: RedisServer) -> str:
+        """ "master" or "slave", as the node says now."""
+        return node.info("replication").get("role", "")
+
+    def masters(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.process is not None and self.role(n) == "master"]
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """The (first) running replica of `master`."""
+        for node in self.nodes:
+            if node is not master and node.process is not None:
+                info = node.info("replication")
+                if info.get("role") == "slave" and info.get("master_port") == str(master.port):
+                    return node
+        raise LookupError(f"no replica of the master on port {master.port}")
 
     def stop(self) -> None:
         for node in self.nodes:
