@@ -117,7 +117,13 @@ def test_redis_killed_and_restarted_empty(redis_server: RedisServer, deployment_
         redis_server.start()
         healed = time.monotonic()
         settle(traffic, healed)
-    judge(traffic, "Redis SIGKILL, restarted empty (no persistence)", injected, healed, expect_unavailable=True)
+    judge(
+        traffic,
+        f"Redis SIGKILL, restarted empty {phase(2):g} s later (no persistence)",
+        injected,
+        healed,
+        expect_unavailable=True,
+    )
 
 
 def test_redis_killed_and_restarted_from_its_aof(aof_redis: RedisServer, deployment_factory: Factory) -> None:
@@ -136,7 +142,13 @@ def test_redis_killed_and_restarted_from_its_aof(aof_redis: RedisServer, deploym
         healed = time.monotonic()
         settle(traffic, healed)
     assert (aof_redis.directory / "appendonlydir").exists(), "the AOF was not written"
-    judge(traffic, "Redis SIGKILL, restarted from its AOF (everysec)", injected, healed, expect_unavailable=True)
+    judge(
+        traffic,
+        f"Redis SIGKILL, restarted {phase(2):g} s later from its AOF (everysec)",
+        injected,
+        healed,
+        expect_unavailable=True,
+    )
 
 
 def test_redis_stopped_for_five_seconds(redis_server: RedisServer, deployment_factory: Factory) -> None:
@@ -175,7 +187,9 @@ def test_latency_beyond_the_redis_timeout(proxied: tuple[TcpProxy, ChaosDeployme
         proxy.heal()
         healed = time.monotonic()
         settle(traffic, healed)
-    judge(traffic, "Network latency 0.4 s each way (proxy)", injected, healed, expect_unavailable=True)
+    judge(
+        traffic, f"Network latency 0.4 s each way for {phase(3):g} s (proxy)", injected, healed, expect_unavailable=True
+    )
 
 
 def test_connections_reset(proxied: tuple[TcpProxy, ChaosDeployment]) -> None:
@@ -190,7 +204,13 @@ def test_connections_reset(proxied: tuple[TcpProxy, ChaosDeployment]) -> None:
         proxy.heal()
         healed = time.monotonic()
         settle(traffic, healed)
-    judge(traffic, "Connections reset (RST), new ones too for 2 s (proxy)", injected, healed, expect_unavailable=True)
+    judge(
+        traffic,
+        f"Connections reset (RST), new ones too for {phase(2):g} s (proxy)",
+        injected,
+        healed,
+        expect_unavailable=True,
+    )
 
 
 def test_blackhole(proxied: tuple[TcpProxy, ChaosDeployment]) -> None:
@@ -205,7 +225,7 @@ def test_blackhole(proxied: tuple[TcpProxy, ChaosDeployment]) -> None:
         proxy.heal()
         healed = time.monotonic()
         settle(traffic, healed)
-    judge(traffic, "Blackhole for 3 s: bytes vanish (proxy)", injected, healed, expect_unavailable=True)
+    judge(traffic, f"Blackhole for {phase(3):g} s: bytes vanish (proxy)", injected, healed, expect_unavailable=True)
 
 
 def test_broker_killed_mid_traffic(redis_server: RedisServer, deployment_factory: Factory) -> None:
@@ -223,7 +243,7 @@ def test_broker_killed_mid_traffic(redis_server: RedisServer, deployment_factory
         settle(traffic, healed)
     served = [a for a in traffic.answers if a.broker == 1 and injected <= a.sent < healed and a.outcome == "ok"]
     assert served, "the other broker did not serve while the first was down"
-    judge(traffic, "One broker SIGKILLed, restarted", injected, healed, expect_unavailable=True)
+    judge(traffic, f"One broker SIGKILLed, restarted {phase(2):g} s later", injected, healed, expect_unavailable=True)
 
 
 def cluster_env(cluster: RedisCluster, **extra: str) -> dict[str, str]:
@@ -309,7 +329,7 @@ def test_cluster_failover_to_a_lagging_replica(
         settle(traffic, healed)
     lagging = [a for a in traffic.answers if lag_started <= a.sent and a.done < injected]
     acknowledged = [a for a in lagging if a.kind in ("issue", "revoke", "token") and a.outcome == "ok"]
-    name = f"Cluster failover to a replica 2 s behind, redis_min_replicas={min_replicas}"
+    name = f"Cluster failover to a replica {phase(2):g} s behind, redis_min_replicas={min_replicas}"
     measured = judge(traffic, name, lag_started, healed, expect_unavailable=True)
     if min_replicas:
         # Writes for the lagging master's clients cannot be acknowledged: only other
