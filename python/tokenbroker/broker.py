@@ -489,6 +489,8 @@ def _built(r: BatchRequest) -> ValidateRequest | Validation:
     """A batch entry as a request (or its answer, when it cannot be one)."""
     if isinstance(r, ValidateRequest | Validation):
         return r
+    if not isinstance(r, Mapping):  # r.get would raise AttributeError
+        raise TypeError(f"a batch request is a ValidateRequest or a mapping, not {type(r).__name__}")
     return validate_request(**_keywords(r))
 
 

@@ -170,7 +170,10 @@ def requested_resource(form: Form) -> str | None:
         parts = urlsplit(resource)
     except ValueError:  # e.g. an unclosed IPv6 bracket
         parts = None
-    if parts is None or not parts.scheme or not parts.netloc or parts.fragment or "#" in resource:
+    # urlsplit drops leading spaces and control characters and removes tabs and newlines: no
+    # URI holds one, and the audience would keep them.
+    unsafe = any(c <= " " or c == "\x7f" for c in resource)
+    if parts is None or unsafe or not parts.scheme or not parts.netloc or parts.fragment or "#" in resource:
         raise OAuthError("invalid_target", "resource must be an absolute URI without a fragment (RFC 8707)")
     return resource
 
