@@ -20,7 +20,7 @@ NATIVE_RUSTFLAGS := -C target-cpu=native
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml
 BUILD_INPUTS := $(VENV)/.installed $(RUST_SOURCES) pyproject.toml
 # The Python that ruff checks and formats (benches/ holds the tokenbroker_bench package too).
-PY_PATHS := python tests benches examples scripts
+PY_PATHS := python tests benches examples scripts fuzz/python
 
 # The venv holds one build of tokenbroker._core at a time, and each kind has a marker:
 #   .built-release  portable release build (fat LTO)   make build: test, run, demo, test-mcp1
@@ -46,7 +46,7 @@ CORE_BENCH := cargo bench -p tokenbroker-core --bench core --
 
 
 .PHONY: help venv build build-dev build-native build-any run demo bench bench-cpu test test-rust test-python gateways \
-	test-mcp1 fuzz-http lint fmt redis clean proto
+	test-mcp1 fuzz-http fuzz fuzz-tools chaos soak lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -158,8 +158,35 @@ fuzz-http: build ## The HTTP door against its OpenAPI description at length (sch
 	HTTP_FUZZ_EXAMPLES=$(HTTP_FUZZ_EXAMPLES) HTTP_FUZZ_SEED=$(HTTP_FUZZ_SEED) HTTP_FUZZ_TIMEOUT=3300 \
 		$(PY) -m pytest tests/test_http_schemathesis.py -q --timeout=3600
 
+# The fuzz targets (fuzz/: cargo fuzz on the token engine, atheris on the Python boundary),
+# FUZZ_SECONDS each; `make test` runs them for 60 s. The long run the README records:
+#   make fuzz FUZZ_SECONDS=3600 FUZZ_REPORT=benches/results/fuzz.md
+# cargo fuzz needs the nightly toolchain (rustup toolchain list); cargo-fuzz is installed
+# from crates.io when missing.
+FUZZ_SECONDS ?= 60
+FUZZ_REPORT ?=
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || { echo "cargo fuzz needs the nightly toolchain:" \
+		"rustup toolchain install nightly" >&2; exit 1; }
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+fuzz: build fuzz-tools ## Every fuzz target for FUZZ_SECONDS (60) each; fails on any finding
+	$(PY) scripts/fuzz.py --seconds $(FUZZ_SECONDS) $(if $(FUZZ_REPORT),--markdown $(FUZZ_REPORT))
+
+# The chaos suite (tests/test_chaos.py) runs in test-python with short phases; this runs
+# each fault with phases CHAOS_SCALE times as long and writes the README's table.
+CHAOS_SCALE ?= 4
+chaos: build redis ## Faults under load (Redis, network, brokers, cluster failover), longer, with the table
+	@mkdir -p benches/results && rm -f benches/results/chaos.md
+	TOKENBROKER_CHAOS_SCALE=$(CHAOS_SCALE) TOKENBROKER_CHAOS_REPORT=$(CURDIR)/benches/results/chaos.md \
+		$(PY) -m pytest tests/test_chaos.py -q
+	@cat benches/results/chaos.md
+
+soak: build redis ## 10 minutes of mixed load on two brokers and Redis: errors, RSS slope, p99 (not in CI)
+	$(PY) benches/soak.py --minutes 10 --json benches/results/soak.json --markdown benches/results/soak.md
+
 # redis first: a machine that cannot get redis-server fails at once, not after the Rust tests.
-test: redis gateways test-rust test-python test-mcp1 ## Build, then run the Rust and Python suites (and mcp 1.x)
+test: redis gateways test-rust test-python test-mcp1 fuzz ## Build, then run the Rust and Python suites (and mcp 1.x), and the fuzzers for 60 s each
 
 # The core's benches built portable and native, each in its own target directory (so neither
 # rebuilds the other), then one table. $(1): a Markdown file to write the table to, or nothing.
