@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class Result:
     target: str
     kind: str
     seconds: float
+    cpu_seconds: float  # the fuzzer's own CPU time: less than `seconds` on a shared machine
     executions: int
     coverage: int
     features: int
@@ -52,7 +54,7 @@ def nightly_available() -> bool:
     return listed.returncode == 0 and any(line.startswith("nightly") for line in listed.stdout.splitlines())
 
 
-def parse(target: str, kind: str, log: str, seconds: float, returncode: int) -> Result:
+def parse(target: str, kind: str, log: str, seconds: float, cpu: float, returncode: int) -> Result:
     """Reads libFuzzer's final statistics (the last `cov:` line and the `stat::` lines)."""
     executions = re.findall(r"stat::number_of_executed_units:\s*(\d+)", log)
     status = re.findall(r"cov: (\d+) ft: (\d+) corp: (\d+)", log)
@@ -63,6 +65,7 @@ def parse(target: str, kind: str, log: str, seconds: float, returncode: int) -> 
         target=target,
         kind=kind,
         seconds=round(seconds, 1),
+        cpu_seconds=round(cpu, 1),
         executions=int(executions[-1]) if executions else 0,
         coverage=cov,
         features=ft,
@@ -93,11 +96,15 @@ def run(target: str, kind: str, seconds: int) -> Result:
         command = [sys.executable, str(script), str(corpus), str(seeds), *options, f"-artifact_prefix={artifacts}/"]
         cwd = ROOT
     started = time.monotonic()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     log_path = logs / f"{target}.log"
     with log_path.open("w") as log:
         # The watchdog only catches a fuzzer that ignores -max_total_time (a hung build).
         done = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 900)
-    result = parse(target, kind, log_path.read_text(errors="replace"), time.monotonic() - started, done.returncode)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
+    log = log_path.read_text(errors="replace")
+    result = parse(target, kind, log, time.monotonic() - started, cpu, done.returncode)
     if result.findings:
         print(f"  FINDING in {target}: {result.reproducer} (log: {log_path})", file=sys.stderr)
     return result
@@ -105,13 +112,15 @@ def run(target: str, kind: str, seconds: int) -> Result:
 
 def markdown(results: list[Result]) -> str:
     lines = [
-        "| target | fuzzer | seconds | executions | exec/s | coverage (edges) | features | corpus | findings |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | fuzzer | seconds | CPU seconds | executions | exec/s | coverage (edges) | features | corpus "
+        "| findings |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rate = r.executions / r.seconds if r.seconds else 0
         lines.append(
-            f"| `{r.target}` | {r.kind} | {r.seconds:.0f} | {r.executions:,} | {rate:,.0f} | {r.coverage:,} "
+            f"| `{r.target}` | {r.kind} | {r.seconds:.0f} | {r.cpu_seconds:.0f} | {r.executions:,} | {rate:,.0f} "
+            f"| {r.coverage:,} "
             f"| {r.features:,} | {r.corpus:,} | {r.findings} |"
         )
     return "\n".join(lines) + "\n"
