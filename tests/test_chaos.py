@@ -79,6 +79,14 @@ def judge(traffic: Traffic, name: str, injected: float, healed: float, *, expect
     report(REPORT, measured)
     assert not measured.violations, "\n".join(measured.violations[:20])
     assert measured.answers >= 100, f"only {measured.answers} answers: the load did not run"
+    # Every rule this fault can test was tested, and held: a revoked session's token, a
+    # replayed proof and a replayed assertion were refused; after a state loss, a token
+    # from before it; during an outage, a call wholly inside it.
+    expected = {"revoked", "replay", "assertion_replay"}
+    expected |= {"state_loss"} if traffic.losses else set()
+    expected |= {"fail_closed"} if traffic.down else set()
+    untested = {rule for rule in expected if not measured.rules_held.get(rule)}
+    assert not untested, f"rules never put to the test: {sorted(untested)} (held: {measured.rules_held})"
     if expect_unavailable:
         assert measured.unavailable > 0, "the fault was never seen: nothing answered UNAVAILABLE"
     assert measured.recovery_seconds < float("inf"), "a kind of call never succeeded again after the fault"

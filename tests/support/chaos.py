@@ -33,6 +33,7 @@ import contextlib
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,9 @@ class Traffic:
         self._live: list[Live] = []
         self._accepted_proofs: set[str] = set()
         self._granted_assertions: set[str] = set()
+        # How often each rule was put to the test and held: an answer that had to be a
+        # refusal (or UNAVAILABLE) and was. A fault whose rule was never tested proves nothing.
+        self.rules_held: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -334,15 +338,21 @@ class Traffic:
                 del self._live[rng.randrange(100)]
         self._record(answer, self._check_bound(answer))
 
-    def _expected_invalid(self, live: Live, sent: float) -> str:
-        """Why a validation sent at `sent` must not be valid ("" when it may be)."""
+    def _expected_invalid(self, live: Live, sent: float) -> tuple[str, str]:
+        """The rule by which a validation sent at `sent` must not be valid, and why
+        (("", "") when it may be)."""
         with self._lock:
             if live.revoked is not None and live.revoked < sent:
-                return "its session's revocation was acknowledged before"
+                return "revoked", "its session's revocation was acknowledged before"
             for loss in self.losses:
                 if loss.at <= sent and loss.covers(live):
-                    return "it was issued before a state loss"
-        return ""
+                    return "state_loss", "it was issued before a state loss"
+        return "", ""
+
+    def _held(self, rule: str) -> None:
+        if rule:
+            with self._lock:
+                self.rules_held[rule] += 1
 
     def _down_during(self, sent: float, done: float) -> bool:
         """Whether the whole call lay inside an outage (one sent during an outage may be
@@ -366,13 +376,15 @@ class Traffic:
         except TokenBrokerError as exc:
             outcome, detail = self._failure(exc)
             answer = Answer(kind, broker, sent, time.monotonic(), outcome, detail, live.client_id)
+            if outcome == UNAVAILABLE and self._down_during(sent, answer.done):
+                self._held("fail_closed")
             self._record(answer, detail or self._check_bound(answer))
             return False
         outcome = OK if v.valid else REFUSED
         answer = Answer(kind, broker, sent, time.monotonic(), outcome, v.reason.name, live.client_id)
         violation = self._check_bound(answer)
+        rule, why = self._expected_invalid(live, sent)
         if v.valid:
-            why = self._expected_invalid(live, sent)
             with self._lock:
                 if proof in self._accepted_proofs:
                     why = "its proof was already accepted (a replay)"
@@ -382,8 +394,11 @@ class Traffic:
             if why:
                 violation = f"valid=true although {why}"
         elif kind == "replay":
+            self._held("replay")
             if v.reason is Reason.REPLAYED:
                 answer.outcome = OK  # the expected answer
+        elif rule:
+            self._held(rule)
         elif v.reason is Reason.REPLAYED:
             answer.outcome = FALSE_REPLAY
         elif v.reason not in HONEST_REFUSALS:
@@ -463,6 +478,7 @@ class Traffic:
             answer.outcome = UNAVAILABLE
         elif kind == "assertion_replay" and response.status_code in (400, 401):
             answer.outcome = OK  # refused, as it must be
+            self._held("assertion_replay")
         elif kind == "token" and response.status_code in (400, 401) and "already used" in response.text:
             answer.outcome = FALSE_REPLAY
         elif kind == "token":
@@ -518,6 +534,7 @@ class Measured:
     rss_before_mib: float
     rss_after_mib: float
     violations: list[str] = field(default_factory=list)
+    rules_held: dict[str, int] = field(default_factory=dict)
 
     def row(self) -> str:
         cells = [
@@ -580,6 +597,7 @@ def measure(traffic: Traffic, fault: str, injected: float, healed: float) -> Mea
         rss_before_mib=rss_before[-1] / 1024,
         rss_after_mib=rss_after[-1] / 1024,
         violations=violations,
+        rules_held=dict(traffic.rules_held),
     )
 
 
