@@ -98,13 +98,13 @@ def run(target: str, kind: str, seconds: int) -> Result:
     started = time.monotonic()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     log_path = logs / f"{target}.log"
-    with log_path.open("w") as log:
+    with log_path.open("w") as out:
         # The watchdog only catches a fuzzer that ignores -max_total_time (a hung build).
-        done = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 900)
+        done = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=seconds + 900)
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
-    log = log_path.read_text(errors="replace")
-    result = parse(target, kind, log, time.monotonic() - started, cpu, done.returncode)
+    text = log_path.read_text(errors="replace")
+    result = parse(target, kind, text, time.monotonic() - started, cpu, done.returncode)
     if result.findings:
         print(f"  FINDING in {target}: {result.reproducer} (log: {log_path})", file=sys.stderr)
     return result
