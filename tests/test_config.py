@@ -84,6 +84,7 @@ def test_invalid_toml_is_refused(tmp_path: Path) -> None:
         ("METRICS_PORT", "70000", "65535"),
         ("LOG_LEVEL", "loud", "log_level"),
         ("TLS_CERT_FILE", "/x/cert.pem", "go together"),
+        ("HTTP_MAX_INFLIGHT", "0", r"http_max_inflight \(TOKENBROKER_HTTP_MAX_INFLIGHT\).*1 to 100000"),
     ],
 )
 def test_bad_values_are_explained(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:

@@ -327,10 +327,12 @@ class Deployment:
                 raise RuntimeError(f"{process.name} did not become SERVING within {START_TIMEOUT:.0f} s")
             time.sleep(0.1)
 
-    def start_broker(self, redis_url: str | None, *, detection: bool = True) -> tuple[ManagedProcess, str]:
+    def start_broker(
+        self, redis_url: str | None, *, detection: bool = True, env: Mapping[str, str] | None = None
+    ) -> tuple[ManagedProcess, str]:
         """`tokenbroker serve` with the memory store (no `redis_url`) or Redis (and detection
-        on, its default, or off); returns the process and its target once health says
-        SERVING."""
+        on, its default, or off), `env` (TOKENBROKER_* settings) added; returns the process
+        and its target once health says SERVING."""
         port = free_port()
         target = f"{HOST}:{port}"
         env = _clean_env(
@@ -345,6 +347,7 @@ class Deployment:
                 "TOKENBROKER_GRACE_SECONDS": "1",
                 **({"TOKENBROKER_REDIS_URL": redis_url} if redis_url else {}),
                 **({} if detection else {"TOKENBROKER_DETECTION": "false"}),
+                **(env or {}),
             }
         )
         command = [sys.executable, "-c", "from tokenbroker.cli import main; main()", "serve"]

@@ -179,12 +179,13 @@ class TokenDeployment:
             time.sleep(0.1)
         return HttpServerProcess(process, url, name)
 
-    def start_serve(self, redis_url: str | None = None) -> HttpServerProcess:
-        """`tokenbroker serve` (gRPC and HTTP, as shipped) on the memory store or Redis."""
+    def start_serve(self, redis_url: str | None = None, env: dict[str, str] | None = None) -> HttpServerProcess:
+        """`tokenbroker serve` (gRPC and HTTP, as shipped) on the memory store or Redis,
+        `env` (TOKENBROKER_* settings) added."""
         port = free_port()
         command = [sys.executable, "-c", "from tokenbroker.cli import main; main()", "serve"]
         name = "serve " + ("redis" if redis_url else "memory")
-        return self._start(name, command, self._env(port, redis_url), f"http://{HOST}:{port}")
+        return self._start(name, command, self._env(port, redis_url, **(env or {})), f"http://{HOST}:{port}")
 
     def start_stack(self, stack: str, redis_url: str | None = None) -> HttpServerProcess:
         """The HTTP app alone under uvicorn with the `stack`'s HTTP implementation and loop."""

@@ -208,6 +208,14 @@ class Settings(BaseSettings):
     stream_idle_timeout_seconds: float = Field(
         300.0, gt=0, le=86_400, description="a registered server's stream with no request for this long is ended"
     )
+    # Load shedding at the HTTP door (tokenbroker.http.overload).
+    http_max_inflight: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="HTTP requests the door serves at once (/healthz aside); more are answered at once with 503 "
+        "temporarily_unavailable and Retry-After: 1, so an admitted request waits behind at most this many",
+    )
     reflection: bool = Field(False, description="serve gRPC server reflection (it lists the whole API to anyone)")
     client_auth_failure_burst: int = Field(
         20, ge=1, le=1_000_000, description="failed client authentications per client id before RESOURCE_EXHAUSTED"

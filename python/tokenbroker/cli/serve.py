@@ -215,7 +215,12 @@ def _serve_here(
             from tokenbroker.http.app import build_http_app
             from tokenbroker.http.server import HttpServer
 
-            http = HttpServer(build_http_app(components), http_socket)
+            http = HttpServer(
+                build_http_app(components),
+                http_socket,
+                max_inflight=settings.http_max_inflight,
+                on_shed=lambda: components.metrics.admission_refused("http", "inflight"),
+            )
             await http.start()
             log.info("tokenbroker HTTP serving", http_listen=settings.http_listen, public_url=settings.issuer_url)
             if _cleartext_exposed(settings):

@@ -20,7 +20,7 @@ from tokenbroker.app import Components
 from tokenbroker.dpop_nonce import DpopNonces
 from tokenbroker.errors import StoreUnavailableError
 from tokenbroker.gateway.forward_auth import ForwardAuth
-from tokenbroker.http.errors import NO_STORE, OAuthError, error_response
+from tokenbroker.http.errors import NO_STORE, SECURITY_HEADERS, OAuthError, error_response
 from tokenbroker.http.introspection import Introspection
 from tokenbroker.http.metadata import Endpoints, authorization_server_metadata
 from tokenbroker.http.token_endpoint import CLIENT_CREDENTIALS, JWT_BEARER_GRANT, TokenEndpoint
@@ -42,6 +42,9 @@ def nonces_for(components: Components) -> DpopNonces:
     return DpopNonces.derived(secret, NONCE_PURPOSE, window_seconds=components.settings.dpop_nonce_window_seconds)
 
 
+_SECURITY_HEADERS = tuple((name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items())
+
+
 class _SecurityHeaders:
     """Headers every answer carries: nothing here is for a browser to render or frame."""
 
@@ -55,10 +58,7 @@ class _SecurityHeaders:
 
         async def sending(message: Any) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-content-type-options", b"nosniff"))
-                headers.append((b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", []), *_SECURITY_HEADERS]}
             await send(message)
 
         await self.app(scope, receive, sending)

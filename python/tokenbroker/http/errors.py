@@ -9,6 +9,11 @@ from starlette.responses import JSONResponse
 
 # RFC 6749 section 5.1: responses with tokens or credentials must not be cached.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# On every answer of the door: nothing here is for a browser to render or frame.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
 BASIC_CHALLENGE = 'Basic realm="tokenbroker", charset="UTF-8"'
 
 
@@ -54,4 +59,12 @@ def error_response(exc: OAuthError) -> JSONResponse:
     )
 
 
-__all__ = ["BASIC_CHALLENGE", "NO_STORE", "OAuthError", "error_response", "invalid_client", "invalid_request"]
+__all__ = [
+    "BASIC_CHALLENGE",
+    "NO_STORE",
+    "SECURITY_HEADERS",
+    "OAuthError",
+    "error_response",
+    "invalid_client",
+    "invalid_request",
+]

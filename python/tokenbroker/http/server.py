@@ -12,17 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
+from tokenbroker.config import Settings
 from tokenbroker.http.connections import guarded_protocol
+from tokenbroker.http.overload import Shedding, shedding_protocol
 
 # Bounds on what one client can make the HTTP server hold (uvicorn's own bounds).
 MAX_CONNECTIONS = 1024
 KEEP_ALIVE_SECONDS = 5
+# Requests served at once; more are shed with 503 (tokenbroker.http.overload): the setting's default.
+DEFAULT_MAX_INFLIGHT: int = Settings.model_fields["http_max_inflight"].default
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -78,15 +82,26 @@ def uvicorn_config(app: ASGIApp, *, http: Any, loop: str = "asyncio") -> uvicorn
 
 
 class HttpServer:
-    """The HTTP door on a bound socket: `start()` inside a running loop, `stop()` to end."""
+    """The HTTP door on a bound socket: `start()` inside a running loop, `stop()` to end.
+    At most `max_inflight` requests are served at once; more get 503 at once, and
+    `on_shed()` is called for each (tokenbroker.http.overload)."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket):
+    def __init__(
+        self,
+        app: ASGIApp,
+        sock: socket.socket,
+        *,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        on_shed: Callable[[], None] | None = None,
+    ):
         self._sock = sock
         self.port: int = sock.getsockname()[1]
+        self.shedding = Shedding(max_inflight, on_shed=on_shed)
         # httptools, by measurement (benches/token_endpoint.py, same app and run): it took
         # 0.79x the server CPU per grant of h11; uvloop added nothing. Named, so that what
         # parses requests does not change with what else is installed.
-        config = uvicorn_config(app, http=guarded_protocol())  # httptools, with connection bounds
+        protocol = shedding_protocol(guarded_protocol(), self.shedding)  # httptools, with connection bounds
+        config = uvicorn_config(app, http=protocol)
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
 

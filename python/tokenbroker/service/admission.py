@@ -43,6 +43,23 @@ How (`AdmissionInterceptor`):
   is not refused: its messages are already there when its calls reach a thread. A source may also hold at most
   `max_anonymous_per_source` anonymous streams.
 
+Overload, and what admission cannot shed: a call over its class's bound is refused at once,
+but only once grpc's polling thread reaches it. That one thread (grpcio's sync server)
+takes every call and delivers every message, with the GIL, and a refusal costs it grpc's
+own work for a call (tens of µs; this interceptor's share is about 3 µs). Driven at twice
+the rate it can serve (`benches/overload.py`, 2 cores shared with the load), it falls
+behind: calls wait before admission in grpc core's queue of calls not yet taken (up to
+seconds, measured from the calls' deadlines), core cancels those over its bound of 1,000
+(the caller sees CANCELLED, not RESOURCE_EXHAUSTED), and the workers sit waiting for
+messages it has not delivered yet (a receive livelock: in some 5 s windows nothing was
+answered at all). The likely fix is more polling threads, i.e. more processes (`serve
+--workers N`), or shedding in front (a proxy). `max_queued_rpcs` bounds only the wait for a
+worker (512 calls: about 200 ms at the ~2,500/s measured): lowering it to 64 did not help one
+process (its polling thread was the bottleneck), but with `--workers 2` (Redis) it took the
+admitted p50 at 2x from 663 to 116 ms and the p99 from 1.28 to 0.55 s, all shed as
+RESOURCE_EXHAUSTED (short runs on a busy machine: to be measured again before any default
+changes).
+
 mTLS: the interceptor cannot see the TLS auth context. When the server requires client
 certificates, every connection has already proved a certificate that the configured CA
 signed, so a call without an API key to a method that needs a caller credential counts as
