@@ -46,7 +46,7 @@ CORE_BENCH := cargo bench -p tokenbroker-core --bench core --
 
 
 .PHONY: help venv build build-dev build-native build-any run demo bench bench-cpu test test-rust test-python gateways \
-	test-mcp1 fuzz-http fuzz fuzz-tools chaos soak lint fmt redis clean proto
+	test-mcp1 fuzz-http fuzz fuzz-tools chaos overload soak lint fmt redis clean proto
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -182,8 +182,13 @@ chaos: build redis ## Faults under load (Redis, network, brokers, cluster failov
 		$(PY) -m pytest tests/test_chaos.py -q
 	@cat benches/results/chaos.md
 
+# Exits 1 while a window sees errors other than shedding (today: gRPC at 1x and 2x, see README).
+overload: build ## Overload at 1x and 2x the saturation rate, gRPC and HTTP -> benches/results/overload.md
+	$(PY) benches/overload.py --json benches/results/overload.json --markdown benches/results/overload.md
+
+SOAK_MINUTES ?= 10
 soak: build redis ## 10 minutes of mixed load on two brokers and Redis: errors, RSS slope, p99 (not in CI)
-	$(PY) benches/soak.py --minutes 10 --json benches/results/soak.json --markdown benches/results/soak.md
+	$(PY) benches/soak.py --minutes $(SOAK_MINUTES) --json benches/results/soak.json --markdown benches/results/soak.md
 
 # redis first: a machine that cannot get redis-server fails at once, not after the Rust tests.
 test: redis gateways test-rust test-python test-mcp1 fuzz ## Build, then run the Rust and Python suites (and mcp 1.x), and the fuzzers for 60 s each
@@ -216,7 +221,7 @@ bench: build-native redis ## Benchmarks with same-run baselines -> benches/resul
 
 # mypy runs twice: benches/conftest.py and tests/conftest.py are both the top-level module
 # `conftest` (see [tool.mypy] in pyproject.toml), which one run cannot hold.
-lint: build-any ## ruff, mypy (package, tests, benches), stubtest, clippy, rustfmt
+lint: build-any ## ruff, mypy (package, tests, benches), stubtest, clippy, rustfmt (the fuzz crate too)
 	$(VENV)/bin/ruff check $(PY_PATHS)
 	$(VENV)/bin/ruff format --check $(PY_PATHS)
 	$(VENV)/bin/mypy
@@ -224,6 +229,7 @@ lint: build-any ## ruff, mypy (package, tests, benches), stubtest, clippy, rustf
 	$(PY) -m mypy.stubtest tokenbroker._core
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all --check
+	cd fuzz && cargo clippy --all-targets -- -D warnings && cargo fmt --check  # its own workspace
 
 fmt: ## Format Rust and Python
 	cargo fmt --all

@@ -15,6 +15,7 @@ minute, per broker) and their threads at the start and the end. It exits 1 on an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -47,10 +48,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarise(traffic: Traffic, started: float, minutes: int) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for minute in range(minutes):
         lo, hi = started + 60 * minute, started + 60 * (minute + 1)
         answers = [a for a in traffic.answers if lo <= a.sent < hi]
+        in_minute = [stats for t, stats in traffic.samples if lo <= t < hi]
         errors = [a for a in answers if a.outcome not in (OK, REFUSED)]
         latencies = [a.latency * 1000 for a in answers]
         rows.append(
@@ -60,13 +62,17 @@ def summarise(traffic: Traffic, started: float, minutes: int) -> dict[str, Any]:
                 "errors": len(errors),
                 "p50_ms": round(percentile(latencies, 0.50), 2),
                 "p99_ms": round(percentile(latencies, 0.99), 2),
+                # The brokers' RSS at the minute's last sample, MiB, one per broker.
+                "rss_mib": [round(b[1] / 1024, 1) for b in in_minute[-1]] if in_minute else [],
             }
         )
     brokers = len(traffic.samples[0][1]) if traffic.samples else 0
-    slopes, threads = [], []
+    slopes, late_slopes, threads = [], [], []
     for b in range(brokers):
         points = [((t - started) / 60, s[b][1] / 1024) for t, s in traffic.samples if t - started >= 60 and s[b][1]]
         slopes.append(round(slope(points), 3))
+        late = [(x, y) for x, y in points if x >= minutes / 2]
+        late_slopes.append(round(slope(late), 3))
         threads.append((traffic.samples[0][1][b][0], traffic.samples[-1][1][b][0]))
     rss = [[round(s[b][1] / 1024, 1) for b in range(brokers)] for _, s in (traffic.samples[0], traffic.samples[-1])]
     p99s = [r["p99_ms"] for r in rows if r["answers"]]
@@ -79,6 +85,7 @@ def summarise(traffic: Traffic, started: float, minutes: int) -> dict[str, Any]:
         "failed": sum(1 for a in traffic.answers if a.outcome == FAILED),
         "per_minute": rows,
         "rss_slope_mib_per_minute": slopes,
+        "rss_slope_second_half_mib_per_minute": late_slopes,
         "rss_start_end_mib": rss,
         "threads_start_end": threads,
         "p99_min_max_ms": [min(p99s, default=0), max(p99s, default=0)],
@@ -90,18 +97,21 @@ def markdown(s: dict[str, Any]) -> str:
         f"{s['minutes']} minutes, {s['answers']:,} answers checked, {s['errors']} errors "
         f"({s['unavailable']} UNAVAILABLE, {s['failed']} failed, {len(s['violations'])} rule violations).",
         "",
-        "| minute | answers | errors | p50 | p99 |",
-        "|---:|---:|---:|---:|---:|",
+        "| minute | answers | errors | p50 | p99 | broker RSS (MiB) |",
+        "|---:|---:|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {r['minute']} | {r['answers']:,} | {r['errors']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms |"
+        f"| {r['minute']} | {r['answers']:,} | {r['errors']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms "
+        f"| {' / '.join(f'{x:.0f}' for x in r['rss_mib'])} |"
         for r in s["per_minute"]
     ]
     slopes = ", ".join(f"{x:+.3f}" for x in s["rss_slope_mib_per_minute"])
+    late = ", ".join(f"{x:+.3f}" for x in s["rss_slope_second_half_mib_per_minute"])
     (start, end) = s["rss_start_end_mib"]
     lines += [
         "",
-        f"Broker RSS slope after the first minute: {slopes} MiB/min (one per broker); RSS at start {start} MiB, "
+        f"Broker RSS slope after the first minute: {slopes} MiB/min (one per broker); over the second half: "
+        f"{late} MiB/min; RSS at start {start} MiB, "
         f"at end {end} MiB. Threads start/end: {s['threads_start_end']}. p99 per minute between "
         f"{s['p99_min_max_ms'][0]:.2f} and {s['p99_min_max_ms'][1]:.2f} ms.",
     ]
@@ -126,6 +136,10 @@ def main() -> int:
             started = time.monotonic()
             for minute in range(args.minutes):
                 traffic.run_for(60)
+                # The judge keeps every answer: without this, the load generator's own
+                # garbage collections walk a heap that grows all run and slow the load.
+                gc.collect()
+                gc.freeze()
                 done = [a for a in traffic.answers if a.sent >= started + 60 * minute]
                 bad = sum(1 for a in done if a.outcome not in (OK, REFUSED))
                 print(f"minute {minute + 1}/{args.minutes}: {len(done):,} answers, {bad} errors", file=sys.stderr)
