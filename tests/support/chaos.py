@@ -554,7 +554,8 @@ class Measured:
 
 TABLE_HEADER = (
     "| fault | unavailability window | recovery | answers checked | UNAVAILABLE answers | honest calls refused "
-    "as replays | slowest UNAVAILABLE | broker threads before / peak / after | broker RSS before / after "
+    "as replays | slowest UNAVAILABLE | threads of both brokers before / peak / after | RSS of both brokers "
+    "before / after "
     "| violations |\n"
     "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"
 )
