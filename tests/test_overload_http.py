@@ -20,7 +20,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from tokenbroker.config import ConfigError, Settings
-from tokenbroker.http.overload import Shedding
+from tokenbroker.http.overload import MAX_REFUSALS_PER_CONNECTION, Shedding
 from tokenbroker.http.server import HttpServer, bind
 from tokenbroker_bench.servers import free_port
 
@@ -210,6 +210,51 @@ async def test_a_refused_request_gives_back_nothing_it_never_took(door: Door) ->
     for _ in range(5):
         assert_shed(*await door.get("/"))
     assert door.shedding.inflight == LIMIT
+    door.release.set()
+    await asyncio.gather(*held)
+    assert door.shedding.inflight == 0
+    assert (await door.get("/"))[0] == 200
+
+
+async def test_pipelined_requests_dropped_with_their_connection_hold_no_slot(door: Door) -> None:
+    """Requests queued behind a `Connection: close` one (and a connection reset with
+    requests still queued) never start: they must not keep slots of the bound."""
+    for _ in range(3):
+        reader, writer = await door.connect()
+        queued = b"GET / HTTP/1.1\r\nHost: door\r\n\r\n" * (LIMIT + 3)
+        writer.write(b"GET / HTTP/1.1\r\nHost: door\r\nConnection: close\r\n\r\n" + queued)
+        await reader.read()  # the first answer, then the door closes the connection
+        writer.close()
+    _, writer = await door.connect()
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: door\r\n\r\n" + b"GET / HTTP/1.1\r\nHost: door\r\n\r\n" * 5)
+    await asyncio.sleep(0.2)
+    writer.transport.abort()  # a reset while /slow runs and the rest are queued
+    door.release.set()
+    deadline = time.monotonic() + 5
+    while door.shedding.inflight:
+        assert time.monotonic() < deadline, f"{door.shedding.inflight} slots were never given back"
+        await asyncio.sleep(0.01)
+    assert (await door.get("/"))[0] == 200
+
+
+async def test_many_pipelined_refusals_are_answered_without_recursion_and_then_closed(door: Door) -> None:
+    held = await door.fill()
+    reader, writer = await door.connect()
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: door\r\n\r\n" * 1000)
+        statuses = []
+        while True:
+            try:
+                status, _, _ = await read_answer(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            statuses.append(status)
+        # One connection gets at most MAX_REFUSALS_PER_CONNECTION 503s, then it is closed.
+        assert statuses
+        assert set(statuses) == {503}
+        assert len(statuses) <= MAX_REFUSALS_PER_CONNECTION
+    finally:
+        writer.close()
     door.release.set()
     await asyncio.gather(*held)
     assert door.shedding.inflight == 0

@@ -14,8 +14,9 @@ uvicorn's own limit (`limit_concurrency`, 1,024 connections) answered a plain-te
 saturation, 63 % shed, admitted p50 127 ms and p99 172 ms, 503s p99 113 ms, no errors).
 
 What is bounded, and where: the requests the door has taken on and not yet answered,
-counted from the moment a request is complete (headers and body) to the end of its
-handler, whether its task is running, waiting for the store, or still waiting for its first
+counted from the moment a request is complete (headers and body) and its task started to
+the end of its handler (a pipelined request queued behind another on its connection counts
+once its task starts, so a connection holds at most one slot), whether its task is running, waiting for the store, or still waiting for its first
 turn on the loop; checked in the protocol's `on_headers_complete`, when uvicorn would create
 the next task. Not in an ASGI middleware: a middleware runs only once its request's task
 has its first turn, so the requests queued behind the loop are invisible to it; on the
@@ -115,21 +116,47 @@ class Shedding:
         await send({"type": "http.response.body", "body": self.body})
 
 
-# The state of an admitted request, kept on uvicorn's cycle object.
-_STATE = "_tokenbroker_shedding"
-_WAITING, _COUNTED, _DONE = 1, 2, 3  # its body is still coming / counted / answered
+# The state of an admitted request, kept on uvicorn's cycle object (see `_Slot`).
+_SLOT = "_tokenbroker_slot"
+# Refusals one connection gets before it is closed: a client that pipelines requests and
+# never reads its answers must not make the door buffer 503s for it without end.
+MAX_REFUSALS_PER_CONNECTION = 64
+_EXEMPT_METHODS = (b"GET", b"HEAD")
+
+
+class _Slot:
+    """An admitted request: it holds a slot of the bound while its task runs and its
+    request is complete. Counted when both are true, given back when its task ends, so a
+    request that never starts (queued behind another on a connection that then closed)
+    never holds one, and a connection holds at most one (uvicorn runs its requests one at
+    a time). Found by review: counting queued pipelined requests leaked their slots for
+    good when the connection closed first."""
+
+    __slots__ = ("complete", "counted", "done", "started")
+
+    def __init__(self) -> None:
+        self.started = self.complete = self.counted = self.done = False
 
 
 def shedding_protocol(base: type[HttpToolsProtocol], shedding: Shedding) -> type[HttpToolsProtocol]:
     """`base` (uvicorn's httptools protocol or a subclass, e.g. `guarded_protocol()`) that
     refuses a request at once while `shedding.limit` requests are counted in flight."""
 
+    def take(slot: _Slot) -> None:
+        if slot.started and slot.complete and not slot.done and not slot.counted:
+            slot.counted = True
+            shedding.inflight += 1
+
     class SheddingProtocol(base):  # type: ignore[valid-type,misc]
         _admitting = False  # inside on_headers_complete, for a request to count
+        _refusals = 0  # refusals this connection got
+        _refusing = False  # inside _refuse: a refusal it starts is queued, not recursed into
+        _next_refusal: RequestResponseCycle | None = None
         app: Any  # uvicorn's: the ASGI app it hands each request
 
         def on_headers_complete(self) -> None:
-            exempt = httptools.parse_url(self.url).path in shedding.exempt
+            path = httptools.parse_url(self.url).path
+            exempt = path in shedding.exempt and self.parser.get_method() in _EXEMPT_METHODS
             before = self.cycle
             if exempt or shedding.inflight < shedding.limit:
                 self._admitting = not exempt
@@ -137,8 +164,8 @@ def shedding_protocol(base: type[HttpToolsProtocol], shedding: Shedding) -> type
                     super().on_headers_complete()  # starts the request's task, or queues it (pipelining)
                 finally:
                     self._admitting = False
-                if self.cycle is not before and not exempt and getattr(self.cycle, _STATE, None) is None:
-                    setattr(self.cycle, _STATE, _WAITING)  # a pipelined request, started later
+                if self.cycle is not before and not exempt and getattr(self.cycle, _SLOT, None) is None:
+                    setattr(self.cycle, _SLOT, _Slot())  # a pipelined request, started later
                 return
             # uvicorn builds the request's cycle as usual and hands it the app chosen here.
             app = self.app
@@ -151,44 +178,70 @@ def shedding_protocol(base: type[HttpToolsProtocol], shedding: Shedding) -> type
         def on_message_complete(self) -> None:
             cycle = self.cycle
             super().on_message_complete()
-            if cycle is not None and getattr(cycle, _STATE, None) == _WAITING:
-                setattr(cycle, _STATE, _COUNTED)
-                shedding.inflight += 1
+            slot = getattr(cycle, _SLOT, None) if cycle is not None else None
+            if slot is not None:
+                slot.complete = True
+                take(slot)
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
             if app is shedding.app:
                 self._refuse(cycle)
                 return
-            if self._admitting and cycle is self.cycle:
-                setattr(cycle, _STATE, _WAITING)
-            if getattr(cycle, _STATE, None) is None:  # exempt
+            if self._admitting and cycle is self.cycle and getattr(cycle, _SLOT, None) is None:
+                setattr(cycle, _SLOT, _Slot())
+            slot = getattr(cycle, _SLOT, None)
+            if slot is None:  # exempt
                 super()._start_asgi_task(cycle, app)
                 return
+            slot.started = True
+            take(slot)
 
             async def counted(scope: Scope, receive: Receive, send: Send) -> None:
                 try:
                     await app(scope, receive, send)
                 finally:
-                    if getattr(cycle, _STATE, None) == _COUNTED:
+                    slot.done = True
+                    if slot.counted:
+                        slot.counted = False
                         shedding.inflight -= 1
-                    setattr(cycle, _STATE, _DONE)
 
             super()._start_asgi_task(cycle, counted)
 
         def _refuse(self, cycle: RequestResponseCycle) -> None:
             """No task: the answer is written now and the cycle completed, as
-            `RequestResponseCycle.send` completes a response."""
+            `RequestResponseCycle.send` completes a response. Completing it starts the
+            next pipelined request, which may be refused too: that one is taken by the
+            loop here, not by recursion (hundreds of queued refusals would exhaust the
+            stack). A client that does not read its answers (the transport's buffer is
+            past its high-water mark) or has had MAX_REFUSALS_PER_CONNECTION is closed."""
+            if self._refusing:
+                self._next_refusal = cycle
+                return
+            self._refusing = True
+            try:
+                next_cycle: RequestResponseCycle | None = cycle
+                while next_cycle is not None:
+                    self._next_refusal = None
+                    self._refuse_one(next_cycle)
+                    next_cycle = self._next_refusal
+            finally:
+                self._refusing = False
+                self._next_refusal = None
+
+        def _refuse_one(self, cycle: RequestResponseCycle) -> None:
             shedding.counted()
+            self._refusals += 1
             cycle.response_started = cycle.response_complete = True
             cycle.message_event.set()
             head = cycle.scope["method"] == "HEAD"
             answer = shedding.response(self.server_state.default_headers, keep_alive=cycle.keep_alive, head=head)
             self.transport.write(answer)
-            if not cycle.keep_alive:
+            flooding = self.flow.write_paused or self._refusals >= MAX_REFUSALS_PER_CONNECTION
+            if not cycle.keep_alive or flooding:
                 self.transport.close()
             cycle.on_response()
 
     return SheddingProtocol
 
 
-__all__ = ["HEALTH_PATHS", "RETRY_AFTER_SECONDS", "Shedding", "shedding_protocol"]
+__all__ = ["HEALTH_PATHS", "MAX_REFUSALS_PER_CONNECTION", "RETRY_AFTER_SECONDS", "Shedding", "shedding_protocol"]

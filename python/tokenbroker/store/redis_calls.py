@@ -98,6 +98,7 @@ class RoundTrips:
             else {}
         )
         self._refresh_lock = threading.Lock()
+        self._refreshes = 0  # sync topology refreshes done: waiters reuse the last one's outcome
         self._arefresh: asyncio.Future[Any] | None = None
 
     # Routing by hand (scripts to their slot's node, WAIT to the node written) asks the
@@ -113,11 +114,14 @@ class RoundTrips:
         try:
             return client.get_node_from_key(key)
         except SlotNotCoveredError:
+            seen = self._refreshes
             with self._refresh_lock:
-                try:
-                    return client.get_node_from_key(key)  # another thread's refresh covered it
-                except SlotNotCoveredError:
-                    client.nodes_manager.initialize()
+                if self._refreshes == seen:  # nobody refreshed while this thread waited
+                    try:
+                        client.nodes_manager.initialize()
+                    finally:
+                        self._refreshes += 1
+            # Refreshed (by this thread or another, failed or not): still uncovered, fail.
             return client.get_node_from_key(key)
 
     async def _anode(self, key: str) -> Any:
@@ -130,19 +134,43 @@ class RoundTrips:
             await asyncio.shield(self._arefresh)
             return aclient.get_node_from_key(key)
 
-    def _waits(self, batch: list[Call]) -> list[Call]:
-        """`WAIT min_replicas timeout` after the writes of `batch`: one per node written."""
-        if not self._min_replicas or not any(_is_write(c) for c in batch):
+    def _written_keys(self, batch: list[Call]) -> list[str]:
+        """A key of each write of `batch` that must be waited for ([] when none must)."""
+        if not self._min_replicas:
             return []
+        return [_first_key(c) for c in batch if _is_write(c)]
+
+    def _wait_calls(self, keys_by_node: dict[str, str]) -> list[Call]:
         wait = ("WAIT", self._min_replicas, self._replica_timeout_ms)
+        return [Command(wait, route=key) for key in keys_by_node.values()]
+
+    def _waits(self, batch: list[Call]) -> list[Call]:
+        """`WAIT min_replicas timeout` after the writes of `batch`: one per node written,
+        by the sync client's slot table (the one that routes them)."""
+        keys = self._written_keys(batch)
+        if not keys:
+            return []
         if not self._cluster:
-            return [Command(wait)]
+            return [Command(("WAIT", self._min_replicas, self._replica_timeout_ms))]
         nodes: dict[str, str] = {}
-        for call in batch:
-            if _is_write(call):
-                key = _first_key(call)
-                nodes.setdefault(self._node(key).name, key)
-        return [Command(wait, route=key) for key in nodes.values()]
+        for key in keys:
+            nodes.setdefault(self._node(key).name, key)
+        return self._wait_calls(nodes)
+
+    async def _awaits(self, batch: list[Call]) -> list[Call]:
+        """`_waits` for the asyncio client: grouped by its own slot table, the one that
+        routes the writes (grouped by the sync client's, a node whose slots the two
+        tables disagree on could get no WAIT), and never refreshing on the event loop
+        with the sync client."""
+        keys = self._written_keys(batch)
+        if not keys:
+            return []
+        if not self._cluster:
+            return [Command(("WAIT", self._min_replicas, self._replica_timeout_ms))]
+        nodes: dict[str, str] = {}
+        for key in keys:
+            nodes.setdefault((await self._anode(key)).name, key)
+        return self._wait_calls(nodes)
 
     def _acknowledged(self, replies: list[Any]) -> None:
         """Fails closed when a WAIT saw fewer replicas than `min_replicas`."""
@@ -200,7 +228,7 @@ class RoundTrips:
     async def asend(self, batch: list[Call]) -> list[Any]:
         """`send` on the asyncio client (the store has one whenever it calls this)."""
         assert self._aclient is not None
-        waits = self._waits(batch)
+        waits = await self._awaits(batch)
         if len(batch) == 1 and not waits:
             call = batch[0]
             if isinstance(call, Eval):
@@ -213,7 +241,7 @@ class RoundTrips:
             for name in names:
                 self._ascripts[name].sha = await self._aclient.script_load(self._texts[name])
             again = [batch[i] for i in missing]
-            retried = await self._apipeline(again + self._waits(again))
+            retried = await self._apipeline(again + await self._awaits(again))
         return self._merged(batch, replies, missing, retried)
 
     async def _apipeline(self, batch: list[Call]) -> list[Any]:
