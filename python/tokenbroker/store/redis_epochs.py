@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from tokenbroker._core import random_id
 from tokenbroker.store.redis_calls import Eval, Op
 from tokenbroker.store.redis_connect import SyncClient, connection_address
@@ -108,13 +110,24 @@ class EpochGuard:
                 count,
             )
 
+    def _slotless(self, connection: Any) -> RedisConnectionError:
+        """A cluster node that serves no slot (a replica) holds no epoch to check, and a
+        connection to it is not kept: kept, it would serve the node's slots unchecked once
+        a failover promoted it (found by the chaos suite: a token from before a failover
+        validated on the promoted replica). redis-py discards it and connects anew."""
+        return RedisConnectionError(
+            f"Redis Cluster node {connection_address(connection)} serves no slot (a replica): not used until it does"
+        )
+
     def check(self, connection: Any) -> None:
         nodes = None
         if self._cluster:
             connection.send_command("CLUSTER", "NODES")
             nodes = reply_text(connection.read_response())
         keys = self._keys(nodes)
-        if not keys:  # a cluster node that serves no slot holds no epoch
+        if not keys:
+            if self._cluster:
+                raise self._slotless(connection)
             return
         connection.send_command(*self._command(keys))
         self._done(connection_address(connection), connection.read_response())
@@ -126,6 +139,8 @@ class EpochGuard:
             nodes = reply_text(await connection.read_response())
         keys = self._keys(nodes)
         if not keys:
+            if self._cluster:
+                raise self._slotless(connection)
             return
         await connection.send_command(*self._command(keys))
         self._done(connection_address(connection), await connection.read_response())
