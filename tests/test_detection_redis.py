@@ -254,7 +254,9 @@ def test_revoke_session_inline_revokes_as_revoke_session_does(store: RedisStore)
 
 
 async def test_usage_hours_count_sessions_per_hour(store: RedisStore) -> None:
-    first, second = open_session(store), open_session(store)
+    # Two hours of life: the last check is in the next hour, up to 3,660 s after NOW (a
+    # one-hour session ended before it when NOW fell in an hour's first minute).
+    first, second = open_session(store, ttl=7200), open_session(store, ttl=7200)
     hour = NOW // 3600
     for s in (first, second):
         for i in range(3):
