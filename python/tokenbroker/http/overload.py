@@ -16,14 +16,15 @@ saturation, 63 % shed, admitted p50 127 ms and p99 172 ms, 503s p99 113 ms, no e
 What is bounded, and where: the requests the door has taken on and not yet answered,
 counted from the moment a request is complete (headers and body) and its task started to
 the end of its handler (a pipelined request queued behind another on its connection counts
-once its task starts, so a connection holds at most one slot), whether its task is running, waiting for the store, or still waiting for its first
-turn on the loop; checked in the protocol's `on_headers_complete`, when uvicorn would create
-the next task. Not in an ASGI middleware: a middleware runs only once its request's task
-has its first turn, so the requests queued behind the loop are invisible to it; on the
-memory store a grant never yields to the loop, so a middleware's count of requests "in the
-app" stays at one while hundreds of tasks wait (measured: such a middleware never shed,
-uvicorn's 503s did). A request still sending its body is not counted: it costs the loop
-nothing, and it is bounded already (connections per address, the body's deadline in
+once its task starts, so a connection holds at most one slot), whether its task is
+running, waiting for the store, or still waiting for its first turn on the loop; checked
+in the protocol's `on_headers_complete`, when uvicorn would create the next task. Not in
+an ASGI middleware: a middleware runs only once its request's task has its first turn, so
+the requests queued behind the loop are invisible to it; on the memory store a grant never
+yields to the loop, so a middleware's count of requests "in the app" stays at one while
+hundreds of tasks wait (measured: such a middleware never shed, uvicorn's 503s did). A
+request still sending its body is not counted: it costs the loop nothing, and it is
+bounded already (connections per address, the body's deadline in
 `tokenbroker.http.forms`); counted, 64 slow bodies from one address (its share of
 connections) would fill the bound and have every other client refused.
 
