@@ -221,9 +221,13 @@ class Traffic:
 
     # -- what the test tells the judge ---------------------------------------------------
 
-    def state_lost(self, at: float, clients: frozenset[str] | None = None) -> None:
+    def state_lost(self, clients: frozenset[str] | None = None) -> None:
+        """Call once the state is certainly lost (the kill returned): from now on no token
+        acknowledged before now (of `clients`, or every client) may be valid. Called
+        before the kill, a validation sent in between could rightly be answered valid by
+        the Redis still alive, and be judged a violation."""
         with self._lock:
-            self.losses.append(Loss(at, clients))
+            self.losses.append(Loss(time.monotonic(), clients))
 
     def store_down(self) -> None:
         """Call once the store is certainly unreachable (after the kill returned), and
@@ -346,7 +350,9 @@ class Traffic:
                 return "revoked", "its session's revocation was acknowledged before"
             for loss in self.losses:
                 if loss.at <= sent and loss.covers(live):
-                    return "state_loss", "it was issued before a state loss"
+                    return "state_loss", (
+                        f"it was issued (at {live.issued:.3f}) before a state loss (at {loss.at:.3f})"
+                    )
         return "", ""
 
     def _held(self, rule: str) -> None:
