@@ -16,6 +16,7 @@ libFuzzer wrote, and the other targets still run. Progress goes to stderr as it 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 import resource
@@ -33,6 +34,9 @@ RUST_TARGETS = ("jws_parse", "json_parse", "dpop_proof", "engine_validate")
 PYTHON_TARGETS = ("broker_validate", "http_forms")
 # libFuzzer options for every target: a 10 s input is a hang, 2 GiB a leak.
 OPTIONS = ("-print_final_stats=1", "-timeout=10", "-rss_limit_mb=2048")
+# A finding prints this much of its log, and its reproducer when it is at most this long.
+TAIL_LINES = 60
+MAX_REPRODUCER_PRINTED = 64 * 1024
 
 
 @dataclass
@@ -107,7 +111,26 @@ def run(target: str, kind: str, seconds: int) -> Result:
     result = parse(target, kind, text, time.monotonic() - started, cpu, done.returncode)
     if result.findings:
         print(f"  FINDING in {target}: {result.reproducer} (log: {log_path})", file=sys.stderr)
+        print(finding_report(text, result.reproducer, cwd), file=sys.stderr)
     return result
+
+
+def finding_report(log: str, reproducer: str, cwd: Path) -> str:
+    """What a finding was, for a run whose files are gone with it (CI's clone): the end of
+    the fuzzer's log (the exception or sanitizer report) and the reproducer as base64, so
+    `base64 -d > crash && fuzzer crash` replays it anywhere."""
+    tail = log.splitlines()[-TAIL_LINES:]
+    lines = ["  --- the end of the log ---", *(f"  | {line}" for line in tail)]
+    path = Path(reproducer) if reproducer else None
+    if path is not None and not path.is_absolute():
+        path = cwd / path
+    if path is not None and path.is_file():
+        data = path.read_bytes()
+        if len(data) <= MAX_REPRODUCER_PRINTED:
+            lines.append(f"  reproducer ({len(data)} bytes), base64: {base64.b64encode(data).decode()}")
+        else:
+            lines.append(f"  reproducer: {len(data)} bytes, too long to print")
+    return "\n".join(lines)
 
 
 def markdown(results: list[Result]) -> str:
