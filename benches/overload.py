@@ -24,15 +24,17 @@ an error (there must be none), the generators' send lag, and the CPU the server 
 generators used. The Markdown goes to stdout (and `--markdown`), progress to stderr; the
 exit status is 1 when any window saw an error.
 
-Honesty about the machine: the generators run on the same cores as the server. At 2x they
-send twice the requests of 1x and take CPU the server would otherwise have, so the server
-sheds a little more than a dedicated client machine would make it; the server and
-generator CPU columns show how the cores were shared, and the send lag shows whether the
-generators kept their schedule.
+Honesty about the machine: by default the generators run on the same cores as the server.
+At 2x they send twice the requests of 1x and take CPU the server would otherwise have (a
+refusal costs a Python gRPC client more than a success), so the server sheds more than a
+dedicated client machine would make it. `--server-cpus` and `--generator-cpus` pin them
+apart, as a client machine of its own would be (`make overload` does, on a machine with 2
+CPUs or more); the server and generator CPU columns show how the cores were shared, and
+the send lag shows whether the generators kept their schedule.
 
     .venv/bin/python benches/overload.py [--duration 10] [--warmup 2] [--store memory|redis] \\
         [--doors grpc,http] [--factors 1,2] [--json PATH] [--markdown PATH] \\
-        [--broker-env TOKENBROKER_MAX_QUEUED_RPCS=64 ...]
+        [--server-cpus 0] [--generator-cpus 1] [--broker-env TOKENBROKER_MAX_QUEUED_RPCS=64 ...]
 
 `--broker-env` compares settings: `TOKENBROKER_MAX_QUEUED_RPCS`, `TOKENBROKER_HTTP_MAX_INFLIGHT`,
 or `TOKENBROKER_WORKERS=2` with `--store redis` and `TOKENBROKER_HTTP_LISTEN=127.0.0.1:<port>`
@@ -42,6 +44,7 @@ metrics port). About 3 minutes per store with the defaults (2 min 40 s measured)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -102,10 +105,17 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         metavar="TOKENBROKER_NAME=VALUE",
         help="a setting for the broker under test (repeatable), e.g. TOKENBROKER_MAX_QUEUED_RPCS=64",
     )
+    parser.add_argument(
+        "--server-cpus",
+        help="pin the broker under test (every thread, every worker process) to these CPUs, e.g. 0 or 0-1",
+    )
+    parser.add_argument("--generator-cpus", help="pin the load generators to these CPUs, e.g. 1 or 2-3")
     parser.add_argument("--json", type=Path, help="also write everything measured (no raw samples) here")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown here")
     args = parser.parse_args(argv)
     try:
+        args.server_cpus = _cpus(args.server_cpus, "--server-cpus")
+        args.generator_cpus = _cpus(args.generator_cpus, "--generator-cpus")
         args.doors = _names(args.doors, DOORS)
         args.factors = [float(x) for x in args.factors.split(",") if x.strip()]
         args.grpc_levels = [int(x) for x in args.grpc_levels.split(",") if x.strip()]
@@ -129,6 +139,34 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         env[name] = value
     args.broker_env = env
     return args
+
+
+def _cpus(text: str | None, option: str) -> frozenset[int] | None:
+    """A CPU list ("0", "1-3", "0,2"), each CPU one this process may run on; None: not pinned."""
+    if text is None:
+        return None
+    cpus: set[int] = set()
+    for part in (x.strip() for x in text.split(",")):
+        low, sep, high = part.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"{option} {text!r}: a CPU list such as 0, 1-3 or 0,2")
+        cpus.update(range(int(low), int(high if sep else low) + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise ValueError(f"{option} {text!r}: this machine lets the bench run on CPUs {sorted(allowed)} only")
+    return frozenset(cpus)
+
+
+def pin(process: psutil.Process, cpus: frozenset[int] | None) -> None:
+    """Pins every thread of `process` and of its children (a thread's affinity is its own
+    on Linux; threads started later inherit it from the thread that starts them)."""
+    if cpus is None:
+        return
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread or process that just ended
+            for tid in os.listdir(f"/proc/{p.pid}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(tid), cpus)
 
 
 def _names(text: str, known: dict[str, str]) -> list[str]:
@@ -215,7 +253,7 @@ def _summary(samples: list[float]) -> dict[str, float]:
 class _Generators:
     """k generator processes of one window: started, signed, released together."""
 
-    def __init__(self, jobs: list[Job], workdir: Path) -> None:
+    def __init__(self, jobs: list[Job], workdir: Path, cpus: frozenset[int] | None) -> None:
         self.processes: list[subprocess.Popen[str]] = []
         self.logs: list[IO[str]] = []
         for job in jobs:
@@ -228,6 +266,8 @@ class _Generators:
                 stderr=log,
                 text=True,
             )
+            if cpus is not None:  # before it starts a thread: its threads inherit this
+                os.sched_setaffinity(process.pid, cpus)
             assert process.stdin is not None
             process.stdin.write(json.dumps(asdict(job)) + "\n")
             process.stdin.flush()
@@ -328,7 +368,7 @@ class Bench:
         self.metrics_ports: list[int] = []  # the broker under test's (one per worker process)
 
     def _window(self, door: str, phase: str, jobs: list[Job], server_pid: int) -> Window:
-        generators = _Generators(jobs, self.workdir)
+        generators = _Generators(jobs, self.workdir, self.args.generator_cpus)
         refused0: dict[str, float] = {}
         refused1: dict[str, float] = {}
         try:
@@ -336,6 +376,7 @@ class Bench:
             epoch = time.time() + START_DELAY
             generators.start(epoch)
             server = psutil.Process(server_pid)
+            pin(server, self.args.server_cpus)  # again each window: grpc starts threads as it needs them
             first = jobs[0]
             _sleep_until(epoch + first.warmup)
             cpu0 = _cpu_seconds(server)
@@ -532,8 +573,8 @@ def markdown(meta: dict[str, Any], windows: list[Window], saturation: dict[str, 
         "",
         "Open-loop latencies run from each request's scheduled send time. Admitted/s: admitted answers received "
         "inside the window. Shed: RESOURCE_EXHAUSTED (gRPC), 503 (HTTP), as a share of the requests sent. Errors: "
-        "every other outcome (there must be none). The generators share the server's cores (server and generator "
-        "CPU: percent of one core over the window).",
+        f"every other outcome (there must be none). {_placement(meta)} (server and generator CPU: percent of one "
+        "core over the window).",
         "",
     ]
     for door in DOORS:
@@ -576,6 +617,14 @@ def markdown(meta: dict[str, Any], windows: list[Window], saturation: dict[str, 
     return "\n".join(lines)
 
 
+def _placement(meta: dict[str, Any]) -> str:
+    server, generators = meta.get("server_cpus"), meta.get("generator_cpus")
+    if server is None and generators is None:
+        return "The generators share the server's cores"
+    where = f"The broker runs on CPU {server or 'any'}, the generators on CPU {generators or 'any'}"
+    return where + (" (Redis is not pinned)" if meta["store"] == "redis" else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     started = dt.datetime.now(dt.UTC)
@@ -594,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         "grpcio": grpc.__version__,
         "platform": platform.platform(),
         "store": args.store,
+        "server_cpus": sorted(args.server_cpus) if args.server_cpus is not None else None,
+        "generator_cpus": sorted(args.generator_cpus) if args.generator_cpus is not None else None,
         "broker_env": args.broker_env,
         "doors": args.doors,
         "factors": args.factors,

@@ -24,16 +24,20 @@ JWT = re.compile(r"eyJ[\w-]{8,}\.[\w-]+\.")  # a JWS compact serialization (a to
 def test_overload_bench_runs_end_to_end(tmp_path: Path) -> None:
     out, md = tmp_path / "overload.json", tmp_path / "overload.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBROKER_")}
+    cpus = sorted(os.sched_getaffinity(0))  # the broker on the first, the generators on the last
     command = [
         sys.executable,
         str(SCRIPT),
         *("--duration", "1", "--warmup", "0.3", "--pause", "0.2", "--factors", "0.3"),
         *("--grpc-levels", "4", "--http-levels", "4", "--http-connections", "16"),
+        *("--server-cpus", str(cpus[0]), "--generator-cpus", str(cpus[-1])),
         *("--json", str(out), "--markdown", str(md)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
+    assert (result["meta"]["server_cpus"], result["meta"]["generator_cpus"]) == ([cpus[0]], [cpus[-1]])
+    assert f"The broker runs on CPU [{cpus[0]}], the generators on CPU [{cpus[-1]}]" in md.read_text()
     assert set(result["saturation"]) == {"grpc", "http"}
     windows = {(w["door"], w["phase"]): w for w in result["windows"]}
     assert set(windows) == {(d, p) for d in ("grpc", "http") for p in ("closed c=4", "open 0.3x")}
@@ -65,3 +69,12 @@ def test_the_generators_share_one_schedule() -> None:
     due = sorted(t for job in jobs for t in _due_times(job, origin=10.0))
     assert len(due) == 300
     assert due == pytest.approx([10.0 + n / rate for n in range(300)])
+
+
+@pytest.mark.parametrize("cpus", ["", "x", "1-", "-1", "100000"])
+def test_a_cpu_list_it_cannot_use_is_refused_at_once(cpus: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--server-cpus", cpus], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--server-cpus" in done.stderr

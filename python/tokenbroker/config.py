@@ -188,7 +188,7 @@ class Settings(BaseSettings):
         description="threads for registered MCP servers' unary calls (default: two per CPU, 4 to 64)",
     )
     max_queued_rpcs: int = Field(
-        512, ge=0, le=100_000, description="registered servers' calls waiting for a thread; more: RESOURCE_EXHAUSTED"
+        256, ge=0, le=100_000, description="registered servers' calls waiting for a thread; more: RESOURCE_EXHAUSTED"
     )
     max_streams: int = Field(16, ge=1, le=1024, description="registered servers' open streams (one thread each)")
     anonymous_workers: int = Field(

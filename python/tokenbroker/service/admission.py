@@ -45,20 +45,23 @@ How (`AdmissionInterceptor`):
 
 Overload, and what admission cannot shed: a call over its class's bound is refused at once,
 but only once grpc's polling thread reaches it. That one thread (grpcio's sync server)
-takes every call and delivers every message, with the GIL, and a refusal costs it grpc's
-own work for a call (tens of µs; this interceptor's share is about 3 µs). Driven at twice
-the rate it can serve (`benches/overload.py`, 2 cores shared with the load), it falls
-behind: calls wait before admission in grpc core's queue of calls not yet taken (up to
-seconds, measured from the calls' deadlines), core cancels those over its bound of 1,000
-(the caller sees CANCELLED, not RESOURCE_EXHAUSTED), and the workers sit waiting for
-messages it has not delivered yet (a receive livelock: in some 5 s windows nothing was
-answered at all). The likely fix is more polling threads, i.e. more processes (`serve
---workers N`), or shedding in front (a proxy). `max_queued_rpcs` bounds only the wait for a
-worker (512 calls: about 200 ms at the ~2,500/s measured): lowering it to 64 did not help one
-process (its polling thread was the bottleneck), but with `--workers 2` (Redis) it took the
-admitted p50 at 2x from 663 to 116 ms and the p99 from 1.28 to 0.55 s, all shed as
-RESOURCE_EXHAUSTED (short runs on a busy machine: to be measured again before any default
-changes).
+takes every call and delivers every message, with the GIL, and a refusal costs grpc's own
+work for a call: 85 us of server CPU against 103 us for a do-nothing success, measured on
+one core (this interceptor's share is about 3 us). Past what the process can both serve
+and refuse, calls wait before admission in grpc core's queue of calls not yet taken, and
+core cancels those beyond its bound of 1,000 (the caller sees CANCELLED, not
+RESOURCE_EXHAUSTED). Measured with `benches/overload.py`, the broker pinned to one CPU and
+the generators to the other (`make overload`), at twice the saturation rate:
+
+- Redis store, the defaults: every excess call shed as RESOURCE_EXHAUSTED (shed p99 15 ms),
+  admitted p99 225 ms, no other error. `max_queued_rpcs` is that p99: it bounds the wait
+  for a worker. 512 gave 733 ms (and 1.4 % CANCELLED), 256 225 ms, 128 117 ms, 64 110 ms;
+  128 and below refused a closed loop of 256 calls in flight, which 256 admits.
+- Memory store: the process is CPU-bound (about 250 us a call), so refusing half of twice
+  its rate costs more than it has: about a third of the calls were still CANCELLED by core.
+- Unpinned, the generators take the server's CPU, and a refusal costs a Python client more
+  than a success; the same run collapses (seconds of p99). The cure is CPU for the broker
+  (more cores, `serve --workers N`, or a proxy shedding in front), not a smaller queue.
 
 mTLS: the interceptor cannot see the TLS auth context. When the server requires client
 certificates, every connection has already proved a certificate that the configured CA
@@ -124,7 +127,7 @@ class AdmissionLimits:
     `anonymous_workers` are threads; the `max_queued_*` calls wait for one of them."""
 
     max_workers: int = DEFAULT_MAX_WORKERS
-    max_queued_rpcs: int = 512
+    max_queued_rpcs: int = 256
     max_streams: int = 16
     anonymous_workers: int = 8
     max_queued_anonymous_rpcs: int = 64
