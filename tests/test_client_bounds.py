@@ -395,3 +395,18 @@ def test_an_unapproved_clients_assertions_leave_no_record(tmp_path: Path, status
                 client_id="waiting", client_assertion=make_client_assertion(key, "waiting", ISSUER), audience=AUDIENCE
             )
     assert store.sizes().replay_records == before
+
+
+def test_the_verified_token_cache_holds_the_live_tokens_not_its_capacity_of_dead_ones() -> None:
+    """A soak showed the serve process growing for as long as it took the cache to hold
+    100,000 expired tokens: entries now leave when their token expires."""
+    broker, clock = make_broker(token_cache_capacity=100_000, session_limit=SessionLimit(max_sessions=10_000))
+    for _ in range(3):
+        for _ in range(200):
+            token = broker.issue(client_id="c", audience=AUDIENCE, ttl_seconds=60).access_token
+            assert broker.validate(token, audience=AUDIENCE).valid
+        clock.advance(61 + 5)  # past exp and the leeway: the 200 are dead
+    token = broker.issue(client_id="c", audience=AUDIENCE, ttl_seconds=60).access_token
+    assert broker.validate(token, audience=AUDIENCE).valid
+    assert broker.engine.stats().cached_tokens == 1
+    assert broker.validate(token, audience=AUDIENCE).valid  # the live one is still a hit

@@ -341,7 +341,7 @@ impl Engine {
             .collect();
         let verified = verify_batch_strict(&items);
         for ((i, u), outcome) in pending.into_iter().zip(verified) {
-            claims[i] = Some(outcome.and_then(|()| self.accept(u)));
+            claims[i] = Some(outcome.and_then(|()| self.accept(u, now)));
         }
         let claims: Vec<Result<Arc<AccessClaims>, Rejection>> =
             claims.into_iter().map(|c| c.expect("every request answered")).collect();
@@ -426,7 +426,7 @@ impl Engine {
             Lookup::Cached(claims) => Ok(claims),
             Lookup::Parsed(u) => {
                 verify_ed25519(&u.key, &token[..u.signing_input_len], &u.signature)?;
-                self.accept(u)
+                self.accept(u, now)
             }
         }
     }
@@ -474,11 +474,12 @@ impl Engine {
     }
 
     /// After the signature verified: the claims' shape, then into the cache.
-    fn accept(&self, u: Box<Unverified>) -> Result<Arc<AccessClaims>, Rejection> {
+    fn accept(&self, u: Box<Unverified>, now: u64) -> Result<Arc<AccessClaims>, Rejection> {
         let payload =
             json::parse_object(&u.payload).map_err(|e| reject(Reason::Malformed, format!("token claims: {e}")))?;
         let claims = Arc::new(AccessClaims::from_json(&payload)?);
-        self.cache.insert(u.cache_key, CachedToken { claims: claims.clone(), kid: u.kid, key: u.key.to_bytes() });
+        let cached = CachedToken { claims: claims.clone(), kid: u.kid, key: u.key.to_bytes() };
+        self.cache.insert(u.cache_key, cached, now, self.cfg.leeway_secs);
         Ok(claims)
     }
 
