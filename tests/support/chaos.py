@@ -30,6 +30,7 @@ Plain helpers, no pytest."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import threading
 import time
@@ -85,6 +86,8 @@ FALSE_REPLAY = "false_replay"
 # evicted), lost with a state loss, or its token expired; anything else is a failure.
 HONEST_REFUSALS = frozenset({Reason.SESSION_REVOKED, Reason.SESSION_UNKNOWN, Reason.CLIENT_REVOKED, Reason.EXPIRED})
 KINDS = ("issue", "validate", "replay", "revoke", "token", "assertion_replay")
+# The tokens the traffic validates and revokes: the newest, and some old ones.
+LIVE_POOL = 200
 
 
 @dataclass
@@ -209,8 +212,10 @@ class Traffic:
         self.down: list[list[float]] = []  # [start, end] of store outages (end: inf while down)
         self.samples: list[tuple[float, list[tuple[int, int]]]] = []
         self._live: list[Live] = []
-        self._accepted_proofs: set[str] = set()
-        self._granted_assertions: set[str] = set()
+        # SHA-256 digests, not the proofs and assertions themselves: a soak accepts
+        # millions, and the judge must not slow the load it judges by its own growth.
+        self._accepted_proofs: set[bytes] = set()
+        self._granted_assertions: set[bytes] = set()
         # How often each rule was put to the test and held: an answer that had to be a
         # refusal (or UNAVAILABLE) and was. A fault whose rule was never tested proves nothing.
         self.rules_held: Counter[str] = Counter()
@@ -335,12 +340,16 @@ class Traffic:
             self._record(answer, detail or self._check_bound(answer))
             return
         answer = Answer("issue", broker, sent, time.monotonic(), OK, client=client_id)
-        live = Live(issued.access_token, client_id, issued.session_id, signer, answer.done)
+        self._add_live(Live(issued.access_token, client_id, issued.session_id, signer, answer.done), rng)
+        self._record(answer, self._check_bound(answer))
+
+    def _add_live(self, live: Live, rng: random.Random) -> None:
+        """Into the pool the other calls pick from: bounded (the newest tokens, and some
+        old ones), or picking and revoking slow down as it grows, and the load with them."""
         with self._lock:
             self._live.append(live)
-            if len(self._live) > 200:  # a bounded pool: the newest tokens, and some old ones
-                del self._live[rng.randrange(100)]
-        self._record(answer, self._check_bound(answer))
+            if len(self._live) > LIVE_POOL:
+                del self._live[rng.randrange(LIVE_POOL // 2)]
 
     def _expected_invalid(self, live: Live, sent: float) -> tuple[str, str]:
         """The rule by which a validation sent at `sent` must not be valid, and why
@@ -392,9 +401,10 @@ class Traffic:
         rule, why = self._expected_invalid(live, sent)
         if v.valid:
             with self._lock:
-                if proof in self._accepted_proofs:
+                digest = hashlib.sha256(proof.encode()).digest()
+                if digest in self._accepted_proofs:
                     why = "its proof was already accepted (a replay)"
-                self._accepted_proofs.add(proof)
+                self._accepted_proofs.add(digest)
             if not why and self._down_during(sent, answer.done):
                 why = "the store was down for the whole call (fail closed)"
             if why:
@@ -449,9 +459,7 @@ class Traffic:
         granted = self._post_token(http, broker, form, signer, "token")
         if granted is not None:
             claims = _claims(granted)
-            live = Live(granted, client_id, str(claims["sid"]), signer, time.monotonic())
-            with self._lock:
-                self._live.append(live)
+            self._add_live(Live(granted, client_id, str(claims["sid"]), signer, time.monotonic()), rng)
             other = (broker + 1) % len(self.d.brokers)
             self._post_token(http, other, form, ProofSigner(), "assertion_replay")
 
@@ -471,8 +479,9 @@ class Traffic:
         if response.status_code == 200:
             answer.outcome = OK
             with self._lock:
-                replayed = form["client_assertion"] in self._granted_assertions
-                self._granted_assertions.add(form["client_assertion"])
+                digest = hashlib.sha256(form["client_assertion"].encode()).digest()
+                replayed = digest in self._granted_assertions
+                self._granted_assertions.add(digest)
                 down = any(start + 0.05 < sent and answer.done < end for start, end in self.down)
             if replayed:
                 violation = "a token was granted for an assertion that was already granted"
