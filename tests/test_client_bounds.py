@@ -406,7 +406,9 @@ def test_the_verified_token_cache_holds_the_live_tokens_not_its_capacity_of_dead
             token = broker.issue(client_id="c", audience=AUDIENCE, ttl_seconds=60).access_token
             assert broker.validate(token, audience=AUDIENCE).valid
         clock.advance(61 + 5)  # past exp and the leeway: the 200 are dead
-    token = broker.issue(client_id="c", audience=AUDIENCE, ttl_seconds=60).access_token
-    assert broker.validate(token, audience=AUDIENCE).valid
-    assert broker.engine.stats().cached_tokens == 1
-    assert broker.validate(token, audience=AUDIENCE).valid  # the live one is still a hit
+    # Each insert removes at most 64 of the dead (one insert must not hold the lock for
+    # them all): four new tokens take the last 200 out.
+    fresh = [broker.issue(client_id="c", audience=AUDIENCE, ttl_seconds=60).access_token for _ in range(4)]
+    assert all(broker.validate(token, audience=AUDIENCE).valid for token in fresh)
+    assert broker.engine.stats().cached_tokens == 4
+    assert all(broker.validate(token, audience=AUDIENCE).valid for token in fresh)  # live ones stay valid

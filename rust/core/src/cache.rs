@@ -26,6 +26,11 @@ pub struct CachedToken {
 /// (the second from which an entry is dead, its key), ordered soonest first in a heap.
 type Expiry = Reverse<(u64, [u8; 32])>;
 
+/// Dead entries one insert removes at most: after an idle hour a single insert would
+/// otherwise remove them all while holding the lock every other insert waits for. Any
+/// bound of 2 or more drains faster than inserts add.
+const MAX_REMOVALS_PER_INSERT: usize = 64;
+
 pub struct VerifiedTokenCache {
     entries: quick_cache::sync::Cache<[u8; 32], CachedToken>,
     /// Every entry's expiry, soonest first. At most `max_expiries` (twice the capacity):
@@ -65,14 +70,17 @@ impl VerifiedTokenCache {
         self.entries.insert(key, value);
         let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
         expiries.push(Reverse((dead_from, key)));
+        let mut removed = 0;
         while let Some(&Reverse((at, soonest))) = expiries.peek() {
-            if at > now && expiries.len() <= self.max_expiries {
+            let dead = at <= now;
+            if !(dead && removed < MAX_REMOVALS_PER_INSERT) && expiries.len() <= self.max_expiries {
                 break;
             }
             expiries.pop();
-            if at <= now {
+            if dead {
                 // Another token with the same bytes has the same expiry: nothing live is lost.
                 self.entries.remove(&soonest);
+                removed += 1;
             }
         }
     }
@@ -143,6 +151,21 @@ mod tests {
         assert_eq!(cache.expiries_len(), cache.len());
         assert!(cache.get(&key(51), 1355, 5).is_some(), "exp 1351 lives until 1356");
         assert!(cache.get(&key(50), 1355, 5).is_none());
+    }
+
+    #[test]
+    fn after_an_idle_spell_the_dead_leave_a_bounded_number_per_insert() {
+        let cache = VerifiedTokenCache::new(10_000);
+        for i in 0..1000 {
+            cache.insert(key(i), token(1300), 1000, 5);
+        }
+        cache.insert(key(5000), token(9000), 8000, 5);
+        assert_eq!(cache.len(), 1001 - MAX_REMOVALS_PER_INSERT);
+        for i in 0..20 {
+            cache.insert(key(6000 + i), token(9000), 8000, 5);
+        }
+        assert_eq!(cache.len(), 21, "every dead entry gone after 1000 / 64 more inserts");
+        assert_eq!(cache.expiries_len(), 21);
     }
 
     #[test]
