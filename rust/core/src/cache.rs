@@ -7,7 +7,8 @@
 //! evicts by capacity alone, so without this a broker issuing a few thousand tokens a
 //! minute grew for as long as it took to hold `capacity` dead tokens (about 1 KB each:
 //! 100 MB at the default), which a soak shows as memory that never levels off. Each insert
-//! also drops the entries whose time has passed, soonest first, from a heap of expiries.
+//! also drops entries whose time has passed (soonest first, at most 64), from a heap of
+//! expiries.
 
 use crate::claims::AccessClaims;
 use std::cmp::Reverse;
@@ -60,8 +61,8 @@ impl VerifiedTokenCache {
         Some(hit)
     }
 
-    /// Caches `value` until its token expires (`exp` plus `leeway`), and drops every entry
-    /// dead at `now`.
+    /// Caches `value` until its token expires (`exp` plus `leeway`), and drops entries dead
+    /// at `now`, soonest first, at most `MAX_REMOVALS_PER_INSERT` of them.
     pub fn insert(&self, key: [u8; 32], value: CachedToken, now: u64, leeway: u64) {
         let dead_from = value.claims.exp.saturating_add(leeway);
         if now >= dead_from {
