@@ -35,7 +35,7 @@ from tokenbroker_bench.servers import free_port
 
 from support.broker_process import BrokerProcess, broker_env
 from support.grpc_servers import API_KEY as SUPPORT_API_KEY
-from support.grpc_servers import make_pki, running_broker
+from support.grpc_servers import RunningBroker, default_registry, make_pki, running_broker
 from support.raw_h2_stalls import RawStalls
 
 ISSUER = "https://broker.admission.test"
@@ -231,7 +231,7 @@ def p99(latencies: list[float]) -> float:
     return statistics.quantiles(latencies, n=100)[98]
 
 
-def health_check(process: BrokerProcess) -> Any:
+def health_check(process: BrokerProcess | RunningBroker) -> Any:
     with grpc.insecure_channel(process.target) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
 
@@ -468,6 +468,71 @@ def test_every_admission_is_returned_when_its_call_ends() -> None:
         assert wait_until(lambda: all(c.admitted == 0 for c in admission.classes())), {
             c.name: c.admitted for c in admission.classes()
         }
+
+
+def test_the_server_wide_bound_refuses_at_once_and_no_class_keeps_the_refused_calls() -> None:
+    # max_concurrent_rpcs: grpc itself refuses every call over it, after the interceptors
+    # ran; admission must not have admitted those calls, or their class would stay full.
+    limits = AdmissionLimits(max_workers=2, max_queued_rpcs=8, max_concurrent_rpcs=3)
+    key = (("authorization", f"ApiKey {SUPPORT_API_KEY}"),)
+    with running_broker(admission=limits) as running:
+        admission = running.server.admission
+        assert admission is not None
+        with Stalls(running.target) as stalls:
+            held = stalls.open(VALIDATE, 3, metadata=key)  # 2 on threads, 1 queued: grpc's 3 active calls
+            assert wait_until(lambda: admission.caller.admitted == 3)
+            began = time.monotonic()
+            over = [*stalls.open(VALIDATE, 4, metadata=key), *stalls.open(GET_JWKS, 3)]
+            codes = [code_of(call) for call in over]
+            refused_within = time.monotonic() - began
+            with pytest.raises(grpc.RpcError) as health:
+                health_check(running)  # a trade-off of this setting: health is refused too
+            assert not any(ended(call) for call in held)
+            assert (admission.caller.admitted, admission.anonymous.admitted, admission.health.admitted) == (3, 0, 0)
+        assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 7
+        assert health.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused_within < 2.0  # at once: nothing waited for a message or a thread
+        assert running.metrics.refusals.count(("any", "server_bound")) == 8
+        # The held calls were cancelled by their caller: nothing is admitted, calls pass again.
+        assert wait_until(lambda: all(c.admitted == 0 for c in admission.classes()))
+        with BrokerClient(running.target, timeout=TIMEOUT) as client:
+            assert client.jwks()["keys"]
+        assert health_check(running).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_serve_applies_the_max_concurrent_rpcs_setting(deployment: Deployment) -> None:
+    port = free_port()
+    key = (("authorization", f"ApiKey {API_KEY}"),)
+    with running(deployment, max_concurrent_rpcs=2, metrics_port=port) as broker, Stalls(broker.target) as stalls:
+        stalls.open(VALIDATE, 2, metadata=key)
+        assert wait_until(lambda: _refused_now(broker, key))  # once both held calls are in
+        assert metric(port, 'tokenbroker_admission_refusals_total{call_class="any",reason="server_bound"}') >= 1
+
+
+def _refused_now(broker: BrokerProcess, key: Any) -> bool:
+    """True once a ValidateToken is refused by grpc's own bound (the held calls are in)."""
+    with grpc.insecure_channel(broker.target) as channel:
+        call = channel.unary_unary(VALIDATE, request_serializer=None, response_deserializer=None)
+        try:
+            call(
+                pb.ValidateTokenRequest(token="x", audience=AUDIENCE).SerializeToString(), metadata=key, timeout=TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in str(exc.details())
+    return False
+
+
+def test_the_server_wide_bound_is_off_by_default_and_checked() -> None:
+    assert AdmissionLimits().max_concurrent_rpcs == 0
+    with pytest.raises(ValueError, match="max_concurrent_rpcs"):
+        AdmissionLimits(max_concurrent_rpcs=-1)
+    # A grpcio whose server state is not what the interceptor reads: refused at start.
+    interceptor = AdmissionInterceptor(default_registry(), AdmissionLimits(max_concurrent_rpcs=5))
+    try:
+        with pytest.raises(RuntimeError, match="set max_concurrent_rpcs to 0"):
+            interceptor.bind_server_bound(SimpleNamespace(_state=SimpleNamespace(active_rpc_count=0)))
+    finally:
+        interceptor.close()
 
 
 # -- health answers the truth, whatever holds its threads ---------------------------------------

@@ -208,6 +208,13 @@ class Settings(BaseSettings):
     stream_idle_timeout_seconds: float = Field(
         300.0, gt=0, le=86_400, description="a registered server's stream with no request for this long is ended"
     )
+    max_concurrent_rpcs: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="gRPC calls of every class at once; more are refused by grpc before any class sees them "
+        "(RESOURCE_EXHAUSTED, cheaper under overload; health checks too); 0: only the class bounds",
+    )
     # Load shedding at the HTTP door (tokenbroker.http.overload).
     http_max_inflight: int = Field(
         64,

@@ -25,6 +25,7 @@ from tokenbroker import Broker, Keyring, MemoryStore
 from tokenbroker.errors import AuthenticationError, ClientNotAllowedError
 from tokenbroker.registry import Binding, ClientRecord, ClientStatus, ServerRecord
 from tokenbroker.service import BrokerServer, TlsFiles, build_server
+from tokenbroker.service.admission import AdmissionLimits
 
 ISSUER = "https://broker.test"
 AUDIENCE = "https://mcp-a.test/mcp"
@@ -128,6 +129,7 @@ class RecordingMetrics:
     rpcs: list[tuple[str, str]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     issuances: list[tuple[str, str]] = field(default_factory=list)
+    refusals: list[tuple[str, str]] = field(default_factory=list)  # admission control's
 
     def rpc(self, method: str, code: str, seconds: float) -> None:
         assert seconds >= 0
@@ -138,6 +140,9 @@ class RecordingMetrics:
 
     def issuance(self, decision: str, rule: str) -> None:
         self.issuances.append((decision, rule))
+
+    def admission_refused(self, call_class: str, reason: str) -> None:
+        self.refusals.append((call_class, reason))
 
 
 def default_registry(*, max_sessions: int = 10, server_cert_thumbprint: str | None = None) -> InMemoryRegistry:
@@ -186,8 +191,10 @@ def running_broker(
     tls: TlsFiles | None = None,
     grace: float = 1.0,
     trusted_proxies: Iterable[str] = (),
+    admission: AdmissionLimits | None = None,
 ) -> Iterator[RunningBroker]:
-    """A started broker server on 127.0.0.1:<free port>, stopped on exit."""
+    """A started broker server on 127.0.0.1:<free port>, stopped on exit. `admission`:
+    its bounds (default: `AdmissionLimits()` with 8 workers)."""
     broker = Broker(Keyring.generate(), issuer=ISSUER, store=store if store is not None else MemoryStore())
     registry = registry or default_registry()
     audit, metrics = RecordingAudit(), RecordingMetrics()
@@ -199,8 +206,9 @@ def running_broker(
         metrics=metrics,
         listen="127.0.0.1:0",
         tls=tls,
-        max_workers=8,
+        max_workers=None if admission is not None else 8,
         stream_workers=4,
+        admission=admission,
         reflection=True,
         trusted_proxies=tuple(trusted_proxies),
     )

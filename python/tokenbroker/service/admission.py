@@ -43,25 +43,33 @@ How (`AdmissionInterceptor`):
   is not refused: its messages are already there when its calls reach a thread. A source may also hold at most
   `max_anonymous_per_source` anonymous streams.
 
-Overload, and what admission cannot shed: a call over its class's bound is refused at once,
-but only once grpc's polling thread reaches it. That one thread (grpcio's sync server)
-takes every call and delivers every message, with the GIL, and a refusal costs grpc's own
-work for a call: 85 us of server CPU against 103 us for a do-nothing success, measured on
-one core (this interceptor's share is about 3 us). Past what the process can both serve
-and refuse, calls wait before admission in grpc core's queue of calls not yet taken, and
-core cancels those beyond its bound of 1,000 (the caller sees CANCELLED, not
-RESOURCE_EXHAUSTED). Measured with `benches/overload.py`, the broker pinned to one CPU and
-the generators to the other (`make overload`), at twice the saturation rate:
+Overload: a call over its class's bound is refused at once, but only once grpc's polling
+thread reaches it. That one thread (grpcio's sync server) takes every call and delivers
+every message, with the GIL, and most of its time is grpc core's own work, inside its
+completion queue poll (65 % of its samples at twice the saturation rate, py-spy; this
+interceptor's share was under 1 %). A class refusal is a handler run like any other (two
+batches and their completions), so past what the process can both serve and refuse, calls
+wait in grpc core before anything here sees them, and core cancels some of them itself
+(the caller sees CANCELLED, not RESOURCE_EXHAUSTED; traced with GRPC_TRACE=http,call_error,
+no Python code cancels them; a plain grpcio server without a bound does the same past its
+rate). Measured with `benches/overload.py`, the broker pinned to one CPU and the
+generators to the other (`make overload`), at twice the saturation rate:
 
 - Redis store, the defaults: every excess call shed as RESOURCE_EXHAUSTED (shed p99 15 ms),
   admitted p99 225 ms, no other error. `max_queued_rpcs` is that p99: it bounds the wait
   for a worker. 512 gave 733 ms (and 1.4 % CANCELLED), 256 225 ms, 128 117 ms, 64 110 ms;
   128 and below refused a closed loop of 256 calls in flight, which 256 admits.
-- Memory store: the process is CPU-bound (about 250 us a call), so refusing half of twice
-  its rate costs more than it has: about a third of the calls were still CANCELLED by core.
+- Memory store, the defaults: the process is faster (about 260 us a call), so twice its
+  rate is about 7,500 calls/s, and a third of them were CANCELLED by core.
+- Memory store with `max_concurrent_rpcs` (260, the callers' bound): grpc refuses every
+  call over it before the interceptors' handlers, in one batch (`bind_server_bound`), and
+  every excess call was shed as RESOURCE_EXHAUSTED, admitted p99 under 200 ms, no other
+  error. Its price: the bound is the whole server's, so once that many calls are active,
+  health checks and anonymous calls are refused too (the classes still keep anonymous
+  calls from taking more than their own bound of it). Off by default: health checks then
+  answer whatever the load (or probe `GET /healthz` on the HTTP door, never shed).
 - Unpinned, the generators take the server's CPU, and a refusal costs a Python client more
-  than a success; the same run collapses (seconds of p99). The cure is CPU for the broker
-  (more cores, `serve --workers N`, or a proxy shedding in front), not a smaller queue.
+  than a success; the same run collapses (seconds of p99).
 
 mTLS: the interceptor cannot see the TLS auth context. When the server requires client
 certificates, every connection has already proved a certificate that the configured CA
@@ -136,6 +144,7 @@ class AdmissionLimits:
     health_workers: int = 2
     message_timeout_seconds: float = 2.0
     stream_idle_timeout_seconds: float = 300.0
+    max_concurrent_rpcs: int = 0  # grpc's own bound on every call at once; 0: none
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "max_streams", "anonymous_workers", "max_anonymous_streams", "health_workers"):
@@ -143,6 +152,8 @@ class AdmissionLimits:
                 raise ValueError(f"{name} must be at least 1")
         if min(self.max_queued_rpcs, self.max_queued_anonymous_rpcs) < 0 or self.max_anonymous_per_source < 1:
             raise ValueError("max_queued_* must be at least 0 and max_anonymous_per_source at least 1")
+        if self.max_concurrent_rpcs < 0:
+            raise ValueError("max_concurrent_rpcs must be at least 0 (0: no server-wide bound)")
         if not (self.message_timeout_seconds > 0 and self.stream_idle_timeout_seconds > 0):
             raise ValueError("message_timeout_seconds and stream_idle_timeout_seconds must be positive")
 
@@ -391,6 +402,33 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         # SHA-256 of recently confirmed API keys -> until when (monotonic). Only the pool
         # choice relies on it; the servicer authenticates every call itself.
         self._known_keys: dict[bytes, float] = {}
+        # grpc's server state, when `max_concurrent_rpcs` is set (`bind_server_bound`).
+        self._server_state: Any = None
+
+    def bind_server_bound(self, server: Any) -> None:
+        """With `max_concurrent_rpcs`, for `server` (a `grpc.server(...,
+        maximum_concurrent_rpcs=max_concurrent_rpcs)`, this interceptor its first): grpc
+        refuses a call over that bound itself, the cheap way (one batch on the polling
+        thread, no handler run; see "Overload" for what it changes), but only after the
+        interceptors ran. So this interceptor must not admit such a call,
+        or its class would keep the admission (nothing would release it). It reads grpc's
+        own count, which grpc holds its lock over from its check to the interceptors, so
+        the two decisions are the same. That count is grpcio's private server state:
+        raises `RuntimeError` when this grpcio has none that matches."""
+        bound = self.limits.max_concurrent_rpcs
+        if bound == 0:
+            return
+        state = getattr(server, "_state", None)
+        if not (
+            isinstance(getattr(state, "active_rpc_count", None), int)
+            and getattr(state, "maximum_concurrent_rpcs", None) == bound
+            and hasattr(state, "lock")
+        ):
+            raise RuntimeError(
+                f"max_concurrent_rpcs needs grpcio's server state, which grpcio {grpc.__version__} does not "
+                "expose as expected: set max_concurrent_rpcs to 0 (the call classes' bounds still apply)"
+            )
+        self._server_state = state
 
     def classes(self) -> tuple[_CallClass, ...]:
         return (self.caller, self.caller_stream, self.anonymous, self.anonymous_stream, self.health)
@@ -404,6 +442,12 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
     # -- on the polling thread: classify and admit (no I/O, no blocking) ------------------
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        state = self._server_state
+        if state is not None and state.active_rpc_count >= state.maximum_concurrent_rpcs:
+            # grpc refuses this call (RESOURCE_EXHAUSTED) once the interceptors return a
+            # handler: no admission, nothing classified. Should it not, the handler refuses.
+            self._refused("any", "server_bound")
+            return self._refusals[self.caller.name]
         handler = continuation(handler_call_details)
         if handler is None:
             return None

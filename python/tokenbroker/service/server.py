@@ -200,14 +200,21 @@ def build_server(
     # Admission first: a call it sheds is counted as its refusal, never as an RPC. The
     # metrics interceptor times the rest, audit writes included, as the servicer did.
     observers = (MetricsInterceptor(metrics),) if metrics is not None else ()
-    # Every handler runs on its call class's threads; this pool serves none of them. No
-    # `maximum_concurrent_rpcs`: grpc checks it after the interceptors ran, so a call it
-    # refused would keep the admission its class gave it. The classes bound every call.
+    # Every handler runs on its call class's threads; this pool serves none of them. The
+    # classes bound every call; `maximum_concurrent_rpcs` (`max_concurrent_rpcs`, off by
+    # default) bounds all of them at once, refused by grpc itself in one batch, before any
+    # handler runs (the admission interceptor must know of it: `bind_server_bound`).
     server = grpc.server(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-grpc"),
         interceptors=(interceptor, *observers, AuditInterceptor(audit, metrics)),
         options=[("grpc.so_reuseport", int(reuse_port)), *options],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs or None,
     )
+    try:
+        interceptor.bind_server_bound(server)
+    except BaseException:
+        interceptor.close()
+        raise
     broker_pb2_grpc.add_TokenBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     from tokenbroker.gateway.envoy import add_envoy_authorization  # it imports tokenbroker.service: here, not above
