@@ -182,17 +182,22 @@ chaos: build redis ## Faults under load (Redis, network, brokers, cluster failov
 		$(PY) -m pytest tests/test_chaos.py -q
 	@cat benches/results/chaos.md
 
-# Exits 1 while a window sees errors other than shedding (today: gRPC on the memory store
+# Exits 1 while a window sees errors other than shedding (today: gRPC on the memory store, defaults,
 # at 2x, see README).
 # The broker on CPU 0, the load generators on the others (as a client machine of its own
 # would be), when there are two CPUs or more.
 OVERLOAD_PIN ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo "--server-cpus 0 --generator-cpus 1-$$((n - 1))")
+# The third run: the memory store with grpc's own bound on every call at once, set to the
+# callers' bound with the defaults on one CPU (4 workers + 256 queued).
+OVERLOAD_BOUND ?= 260
 overload: build redis ## Overload at 1x and 2x the saturation rate, gRPC and HTTP -> benches/results/overload*.md
 	@status=0; \
 	$(PY) benches/overload.py $(OVERLOAD_PIN) --json benches/results/overload.json \
 		--markdown benches/results/overload.md || status=1; \
 	$(PY) benches/overload.py $(OVERLOAD_PIN) --store redis --doors grpc \
 		--json benches/results/overload-redis.json --markdown benches/results/overload-redis.md || status=1; \
+	$(PY) benches/overload.py $(OVERLOAD_PIN) --doors grpc --broker-env TOKENBROKER_MAX_CONCURRENT_RPCS=$(OVERLOAD_BOUND) \
+		--json benches/results/overload-bound.json --markdown benches/results/overload-bound.md || status=1; \
 	exit $$status
 
 SOAK_MINUTES ?= 10

@@ -610,8 +610,9 @@ def markdown(meta: dict[str, Any], windows: list[Window], saturation: dict[str, 
         if any(name.startswith("CANCELLED") for w in rows for name in w.errors):
             lines += [
                 "",
-                "CANCELLED: grpc core cancels calls that wait, beyond its bound of 1,000, for grpc's polling thread "
-                'to take them (before admission control sees them: `tokenbroker.service.admission`, "Overload").',
+                "CANCELLED: grpc core cancels calls itself while they wait for grpc's polling thread, before "
+                'admission control sees them (`tokenbroker.service.admission`, "Overload"; '
+                "`max_concurrent_rpcs` has grpc refuse them instead).",
             ]
         lines.append("")
     return "\n".join(lines)
