@@ -473,14 +473,22 @@ def test_every_admission_is_returned_when_its_call_ends() -> None:
 def test_the_server_wide_bound_refuses_at_once_and_no_class_keeps_the_refused_calls() -> None:
     # max_concurrent_rpcs: grpc itself refuses every call over it, after the interceptors
     # ran; admission must not have admitted those calls, or their class would stay full.
-    limits = AdmissionLimits(max_workers=2, max_queued_rpcs=8, max_concurrent_rpcs=3)
+    limits = AdmissionLimits(
+        max_workers=2,
+        max_queued_rpcs=8,
+        anonymous_workers=1,
+        max_queued_anonymous_rpcs=0,
+        max_anonymous_streams=1,
+        health_workers=1,
+        max_concurrent_rpcs=8,  # above the 1 + 0 + 1 + 5 the others may hold
+    )
     key = (("authorization", f"ApiKey {SUPPORT_API_KEY}"),)
     with running_broker(admission=limits) as running:
         admission = running.server.admission
         assert admission is not None
         with Stalls(running.target) as stalls:
-            held = stalls.open(VALIDATE, 3, metadata=key)  # 2 on threads, 1 queued: grpc's 3 active calls
-            assert wait_until(lambda: admission.caller.admitted == 3)
+            held = stalls.open(VALIDATE, 8, metadata=key)  # 2 on threads, 6 queued: grpc's 8 active calls
+            assert wait_until(lambda: admission.caller.admitted == 8)
             began = time.monotonic()
             over = [*stalls.open(VALIDATE, 4, metadata=key), *stalls.open(GET_JWKS, 3)]
             codes = [code_of(call) for call in over]
@@ -488,7 +496,7 @@ def test_the_server_wide_bound_refuses_at_once_and_no_class_keeps_the_refused_ca
             with pytest.raises(grpc.RpcError) as health:
                 health_check(running)  # a trade-off of this setting: health is refused too
             assert not any(ended(call) for call in held)
-            assert (admission.caller.admitted, admission.anonymous.admitted, admission.health.admitted) == (3, 0, 0)
+            assert (admission.caller.admitted, admission.anonymous.admitted, admission.health.admitted) == (8, 0, 0)
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 7
         assert health.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refused_within < 2.0  # at once: nothing waited for a message or a thread
@@ -503,8 +511,16 @@ def test_the_server_wide_bound_refuses_at_once_and_no_class_keeps_the_refused_ca
 def test_serve_applies_the_max_concurrent_rpcs_setting(deployment: Deployment) -> None:
     port = free_port()
     key = (("authorization", f"ApiKey {API_KEY}"),)
-    with running(deployment, max_concurrent_rpcs=2, metrics_port=port) as broker, Stalls(broker.target) as stalls:
-        stalls.open(VALIDATE, 2, metadata=key)
+    settings: dict[str, Any] = {
+        "anonymous_workers": 1,
+        "max_queued_anonymous_rpcs": 0,
+        "max_anonymous_streams": 1,
+        "health_workers": 1,
+        "max_concurrent_rpcs": 8,
+        "metrics_port": port,
+    }
+    with running(deployment, **settings) as broker, Stalls(broker.target) as stalls:
+        stalls.open(VALIDATE, 8, metadata=key)
         assert wait_until(lambda: _refused_now(broker, key))  # once both held calls are in
         assert metric(port, 'tokenbroker_admission_refusals_total{call_class="any",reason="server_bound"}') >= 1
 
@@ -526,11 +542,26 @@ def test_the_server_wide_bound_is_off_by_default_and_checked() -> None:
     assert AdmissionLimits().max_concurrent_rpcs == 0
     with pytest.raises(ValueError, match="max_concurrent_rpcs"):
         AdmissionLimits(max_concurrent_rpcs=-1)
+    # Anonymous stallers and health checks alone must not be able to fill it.
+    assert AdmissionLimits().held_without_caller_credential == 8 + 64 + 8 + 5 * 2
+    with pytest.raises(ValueError, match=r"must be above the 90 calls"):
+        AdmissionLimits(max_concurrent_rpcs=90)
+    assert AdmissionLimits(max_concurrent_rpcs=91).max_concurrent_rpcs == 91
     # A grpcio whose server state is not what the interceptor reads: refused at start.
-    interceptor = AdmissionInterceptor(default_registry(), AdmissionLimits(max_concurrent_rpcs=5))
+    limits = AdmissionLimits(max_concurrent_rpcs=100)
+    interceptor = AdmissionInterceptor(default_registry(), limits)
     try:
         with pytest.raises(RuntimeError, match="set max_concurrent_rpcs to 0"):
             interceptor.bind_server_bound(SimpleNamespace(_state=SimpleNamespace(active_rpc_count=0)))
+        # ... or one where another interceptor runs before admission.
+        pipeline = SimpleNamespace(interceptors=(object(), interceptor))
+        state = SimpleNamespace(
+            active_rpc_count=0, maximum_concurrent_rpcs=100, lock=None, interceptor_pipeline=pipeline
+        )
+        with pytest.raises(RuntimeError, match="set max_concurrent_rpcs to 0"):
+            interceptor.bind_server_bound(SimpleNamespace(_state=state))
+        pipeline.interceptors = (interceptor,)
+        interceptor.bind_server_bound(SimpleNamespace(_state=state))
     finally:
         interceptor.close()
 

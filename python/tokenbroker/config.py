@@ -212,8 +212,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=100_000,
-        description="gRPC calls of every class at once; more are refused by grpc before any class sees them "
-        "(RESOURCE_EXHAUSTED, cheaper under overload; health checks too); 0: only the class bounds",
+        description="gRPC calls active at once in this process, of every class (running or waiting for a "
+        "thread); more are refused by grpc before any handler runs (RESOURCE_EXHAUSTED, cheaper under "
+        "overload; health checks too); above the anonymous and health bounds' sum; 0: only the class bounds",
     )
     # Load shedding at the HTTP door (tokenbroker.http.overload).
     http_max_inflight: int = Field(

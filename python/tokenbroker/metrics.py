@@ -105,8 +105,8 @@ class Metrics:
 
     def admission_refused(self, call_class: str, reason: str) -> None:
         """A call refused or dropped by admission control: `call_class` ("caller",
-        "anonymous", "health", ...), `reason` ("bound", "per_source", "message_timeout",
-        "unauthenticated")."""
+        "anonymous", "health", ..., "any" for grpc's own bound), `reason` ("bound",
+        "per_source", "message_timeout", "unauthenticated", "server_bound")."""
         self._child(self.admission_refusals, call_class, reason).inc()
 
     def watch_redis_clock(self, store: Any) -> None:
