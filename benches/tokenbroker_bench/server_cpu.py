@@ -28,6 +28,8 @@ BATCH_REDIS = "batch-redis"
 # targets: <= 5 % on gRPC unary).
 BEARER_UNWATCHED = "bearer-no-detection"
 DPOP_UNWATCHED = "dpop-no-detection"
+# Detection's share of the Redis batch path (its signals run inside the store's script).
+BATCH_REDIS_UNWATCHED = "batch-redis-no-detection"
 
 # The issue's targets (section 7).
 BEARER_CPU_RATIO_MAX = 1.15
@@ -102,11 +104,20 @@ ROWS: dict[str, RowSpec] = {
             dpop=True,
             rate_min=BATCH_REDIS_RATE_MIN,
         ),
+        RowSpec(
+            BATCH_REDIS_UNWATCHED,
+            "tokenbroker, ValidateTokenBatch, DPoP, Redis store, detection off",
+            "broker",
+            "redis",
+            "batch",
+            dpop=True,
+            detection=False,
+        ),
     )
 }
 # The order rows run in within a repetition. The do-nothing server runs second: it is sent
 # the bearer row's requests (the same bytes on the wire), so the bearer broker issues them.
-RUN_ORDER = (BEARER, NOOP, BEARER_UNWATCHED, DPOP, DPOP_UNWATCHED, BATCH_MEMORY, BATCH_REDIS)
+RUN_ORDER = (BEARER, NOOP, BEARER_UNWATCHED, DPOP, DPOP_UNWATCHED, BATCH_MEMORY, BATCH_REDIS, BATCH_REDIS_UNWATCHED)
 
 
 def parse_rows(text: str) -> tuple[str, ...]:
