@@ -36,10 +36,11 @@ the send lag shows whether the generators kept their schedule.
         [--doors grpc,http] [--factors 1,2] [--json PATH] [--markdown PATH] \\
         [--server-cpus 0] [--generator-cpus 1] [--broker-env TOKENBROKER_MAX_QUEUED_RPCS=64 ...]
 
-`--broker-env` compares settings: `TOKENBROKER_MAX_QUEUED_RPCS`, `TOKENBROKER_HTTP_MAX_INFLIGHT`,
-or `TOKENBROKER_WORKERS=2` with `--store redis` and `TOKENBROKER_HTTP_LISTEN=127.0.0.1:<port>`
-(the server CPU then sums the workers, and the refusal counters are read from each worker's
-metrics port). About 3 minutes per store with the defaults (2 min 40 s measured)."""
+`--broker-env` compares settings: `TOKENBROKER_MAX_QUEUED_RPCS`, `TOKENBROKER_MAX_CONCURRENT_RPCS`,
+`TOKENBROKER_HTTP_MAX_INFLIGHT`, or `TOKENBROKER_WORKERS=2` with `--store redis` and
+`TOKENBROKER_HTTP_LISTEN=127.0.0.1:<port>` (the server CPU then sums the workers, and the
+refusal counters are read from each worker's metrics port). About 3 minutes per store with
+the defaults (2 min 40 s measured)."""
 
 from __future__ import annotations
 
