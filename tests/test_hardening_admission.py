@@ -521,7 +521,7 @@ def test_serve_applies_the_max_concurrent_rpcs_setting(deployment: Deployment) -
     }
     with running(deployment, **settings) as broker, Stalls(broker.target) as stalls:
         stalls.open(VALIDATE, 8, metadata=key)
-        assert wait_until(lambda: _refused_now(broker, key))  # once both held calls are in
+        assert wait_until(lambda: _refused_now(broker, key))  # once the 8 held calls are in
         assert metric(port, 'tokenbroker_admission_refusals_total{call_class="any",reason="server_bound"}') >= 1
 
 
