@@ -349,7 +349,22 @@ class Traffic:
         with self._lock:
             self._live.append(live)
             if len(self._live) > LIVE_POOL:
-                del self._live[rng.randrange(LIVE_POOL // 2)]
+                del self._live[self._evictable(rng)]
+
+    def _evictable(self, rng: random.Random) -> int:
+        """An index among the oldest half of the pool to drop (under the lock): one that no
+        state loss covers, while any of them is not. Tokens from before a loss are what
+        the state_loss rule is judged on, and none can be issued again: while the store is
+        out, the other masters' clients' grants would otherwise push them all out before
+        a validation after recovery picks one (the rule then goes untested)."""
+        half = LIVE_POOL // 2
+        start = rng.randrange(half)
+        if self.losses:
+            for step in range(half):
+                index = (start + step) % half
+                if not any(loss.covers(self._live[index]) for loss in self.losses):
+                    return index
+        return start
 
     def _expected_invalid(self, live: Live, sent: float) -> tuple[str, str]:
         """The rule by which a validation sent at `sent` must not be valid, and why
