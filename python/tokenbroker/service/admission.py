@@ -128,6 +128,9 @@ _API_KEY_SCHEME = API_KEY_SCHEME.lower()
 _MAX_CACHED_HANDLERS = 256
 _MAX_KNOWN_KEYS = 1024
 _KNOWN_KEY_SECONDS = 1.0
+# Health checks that may wait for a health thread, per thread: a load balancer's checks
+# arrive one at a time, and a short queue absorbs a burst.
+HEALTH_QUEUED_PER_WORKER = 4
 DEFAULT_MAX_WORKERS = default_max_workers()
 
 
@@ -174,7 +177,7 @@ class AdmissionLimits:
             self.anonymous_workers
             + self.max_queued_anonymous_rpcs
             + self.max_anonymous_streams
-            + 5 * self.health_workers
+            + (1 + HEALTH_QUEUED_PER_WORKER) * self.health_workers
         )
 
     @classmethod
@@ -402,10 +405,12 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-
         self.anonymous_stream = _CallClass(
             "anonymous-stream", limits.max_anonymous_streams, 0, "max_anonymous_streams", anonymous=True
         )
-        # A load balancer's checks arrive one at a time: a short queue absorbs a burst (the
-        # 5 x health_workers of `AdmissionLimits.held_without_caller_credential`).
         self.health = _CallClass(
-            "health", limits.health_workers, 4 * limits.health_workers, "health_workers", anonymous=True
+            "health",
+            limits.health_workers,
+            HEALTH_QUEUED_PER_WORKER * limits.health_workers,
+            "health_workers",
+            anonymous=True,
         )
         self._inline = _InlineExecutor()
         self._refusals = {
